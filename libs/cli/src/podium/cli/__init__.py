@@ -1,0 +1,1 @@
+"""The ``podium`` command: run the platform locally, send messages, watch and inspect."""

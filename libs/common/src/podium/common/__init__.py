@@ -1,0 +1,1 @@
+"""Podium's shared contracts and runtime: events, subjects, streams, settings, services."""

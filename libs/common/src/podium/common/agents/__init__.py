@@ -1,0 +1,107 @@
+"""Agent runtimes behind one small interface.
+
+A runtime turns an :class:`AgentCall` (a prompt for a session, in a working
+directory) into an :class:`AgentAnswer`. It never raises for an agent-side
+failure: a crash, a timeout, a budget or turn limit all come back as an answer
+with ``ok=False`` and an ``outcome`` that says which. Cancelling ``run`` (a
+kill) terminates the agent's whole process group.
+
+- ``claude``: the Claude Code CLI (``claude -p``), see :mod:`.claude`.
+- ``offline``: a deterministic built-in agent for running without credentials,
+  see :mod:`.offline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from podium.common.config import AgentSettings
+
+log = logging.getLogger(__name__)
+
+Role = Literal["conductor", "worker"]
+Outcome = Literal[
+    "ok",
+    "max_turns",
+    "max_budget",
+    "execution_error",
+    "timeout",
+    "crashed",
+    "session_lost",
+]
+
+
+@dataclass(frozen=True)
+class AgentCall:
+    """One turn of an agent session."""
+
+    role: Role
+    #: Stable key of the session's owner (conversation id or task id): selects the
+    #: session's private config directory.
+    key: str
+    prompt: str
+    workdir: Path
+    #: Session to resume; None starts a new one.
+    session_id: str | None = None
+    system_prompt: str = ""
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class AgentAnswer:
+    """What one turn produced."""
+
+    text: str
+    session_id: str
+    outcome: Outcome = "ok"
+    error: str = ""
+    cost_usd: float = 0.0
+    num_turns: int = 0
+    duration_ms: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Whether the turn succeeded."""
+        return self.outcome == "ok"
+
+
+class AgentRuntime(Protocol):
+    """Runs agent turns."""
+
+    kind: str
+
+    async def run(self, call: AgentCall) -> AgentAnswer:
+        """Run one turn. Cancelling kills the agent's process group."""
+
+
+def claude_credentials_present(environ: dict[str, str] | None = None) -> bool:
+    """Whether the environment carries credentials the Claude Code CLI can use."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("ANTHROPIC_API_KEY") or env.get("CLAUDE_CODE_OAUTH_TOKEN"))
+
+
+def build_runtime(settings: AgentSettings, state_dir: Path, service: str) -> AgentRuntime:
+    """The runtime ``PODIUM_AGENT`` selects; ``auto`` picks claude only with credentials."""
+    kind = settings.agent
+    if kind == "auto":
+        kind = "claude" if claude_credentials_present() else "offline"
+    if kind == "claude":
+        from podium.common.agents.claude import ClaudeRuntime  # noqa: PLC0415
+
+        return ClaudeRuntime(settings, state_dir / "claude")
+    from podium.common.agents.offline import OfflineRuntime  # noqa: PLC0415
+
+    banner = "=" * 72
+    log.warning(
+        "%s\nOFFLINE AGENT: podium-%s is using the built-in deterministic agent, not Claude.\n"
+        "Set ANTHROPIC_API_KEY (and PODIUM_AGENT=claude) for real agents.\n%s",
+        banner,
+        service,
+        banner,
+        extra={"agent": "offline"},
+    )
+    return OfflineRuntime(state_dir / "offline", delay_s=settings.offline_delay_s)

@@ -1,0 +1,172 @@
+"""A deterministic built-in agent, for running Podium without Claude credentials.
+
+It plays both roles well enough to exercise the whole loop, and nothing more:
+
+- conductor: a new email/SMS/API message → ``SPAWN_WORKER`` with its text; a
+  worker's COMPLETE with details → accept and answer the requester
+  (``SEND_EMAIL`` for email, ``SEND_SMS`` for SMS, ``REPLY`` for the API);
+  COMPLETE without details → ``TELL_WORKER`` once to ask for them; NEEDS_INPUT
+  → ``TELL_WORKER`` with a default answer; FAILED → an apology to the requester.
+- worker: writes ``result.md`` in its working directory (the request, a word
+  count and a digest, plus one section per follow-up) and ends with the
+  ``Status:`` / ``Summary:`` / ``Details:`` report.
+
+Sessions are real enough to resume: each keeps its prompts in a JSON file, and
+a turn's answer depends on the session's history (the follow-up count).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from pathlib import Path
+
+from podium.common.agents import AgentAnswer, AgentCall
+from podium.common.protocol import Block, parse_blocks
+
+
+class OfflineRuntime:
+    """The ``offline`` agent runtime."""
+
+    kind = "offline"
+
+    def __init__(self, sessions_dir: Path, *, delay_s: float = 0.0) -> None:
+        self.sessions_dir = sessions_dir
+        self.delay_s = delay_s
+
+    async def run(self, call: AgentCall) -> AgentAnswer:
+        """Answer one turn deterministically from the prompt and the session's history."""
+        started = time.monotonic()
+        session_id = call.session_id or str(uuid.uuid4())
+        history = self._load(session_id)
+        if call.session_id and history is None:
+            return AgentAnswer(
+                text="",
+                session_id=session_id,
+                outcome="session_lost",
+                error=f"No conversation found with session ID: {session_id}",
+            )
+        prompts = history or []
+        if self.delay_s:
+            try:
+                async with asyncio.timeout(call.timeout_s):
+                    await asyncio.sleep(self.delay_s)
+            except TimeoutError:
+                return AgentAnswer(
+                    text="",
+                    session_id=session_id,
+                    outcome="timeout",
+                    error=f"no answer within {call.timeout_s}s",
+                )
+        if call.role == "conductor":
+            text = conduct(call.prompt)
+        else:
+            text = work(call.prompt, call.workdir, turn=len(prompts))
+        self._save(session_id, [*prompts, call.prompt])
+        return AgentAnswer(
+            text=text,
+            session_id=session_id,
+            num_turns=1,
+            duration_ms=int((time.monotonic() - started) * 1000),
+        )
+
+    def _path(self, session_id: str) -> Path:
+        return self.sessions_dir / f"{session_id}.json"
+
+    def _load(self, session_id: str) -> list[str] | None:
+        try:
+            data = json.loads(self._path(session_id).read_text())
+        except FileNotFoundError:
+            return None
+        return [str(p) for p in data["prompts"]]
+
+    def _save(self, session_id: str, prompts: list[str]) -> None:
+        path = self._path(session_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"session_id": session_id, "prompts": prompts}))
+        tmp.replace(path)
+
+
+def conduct(prompt: str) -> str:
+    """The offline conductor's answer to one turn."""
+    blocks = parse_blocks(prompt)
+    if not blocks:
+        return "NO_ACTION: nothing I recognise in this turn"
+    block = blocks[0]
+    if block.kind in ("EMAIL", "SMS", "API"):
+        if not block.body.strip():
+            return "NO_ACTION: the message is empty"
+        return f"SPAWN_WORKER: {block.body.strip()}"
+    if block.kind == "WORKER":
+        request = blocks[1] if len(blocks) > 1 else None
+        return _judge(block, request)
+    return "NO_ACTION: unexpected input"
+
+
+def _judge(report: Block, request: Block | None) -> str:
+    status = report.fields.get("Status", "").upper()
+    summary = report.fields.get("Summary", "")
+    if status == "NEEDS_INPUT":
+        return f"TELL_WORKER: {report.task_id} | Use your best judgement and carry on."
+    if status == "CANCELLED":
+        return f"NO_ACTION: task {report.task_id} was cancelled"
+    if status == "COMPLETE" and not report.body.strip():
+        return f"TELL_WORKER: {report.task_id} | Please include the full result under Details."
+    if status == "COMPLETE":
+        answer = f"{summary}\n\n{report.body.strip()}"
+    else:
+        answer = f"Sorry, I could not complete your request: {summary}"
+    return _answer(request, answer)
+
+
+def _answer(request: Block | None, text: str) -> str:
+    if request is not None and request.kind == "EMAIL" and request.fields.get("From"):
+        subject = request.fields.get("Subject", "") or "your request"
+        if not subject.lower().startswith("re:"):
+            subject = f"Re: {subject}"
+        return f"SEND_EMAIL: {request.fields['From']} | {subject} | {text}"
+    if request is not None and request.kind == "SMS" and request.fields.get("From"):
+        return f"SEND_SMS: {request.fields['From']} | {text}"
+    return f"REPLY: {text}"
+
+
+def work(prompt: str, workdir: Path, *, turn: int) -> str:
+    """The offline worker's answer: write result.md, then report."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = workdir / "result.md"
+    request = _task_text(prompt)
+    if turn == 0 or not result.exists():
+        digest = hashlib.sha256(request.encode()).hexdigest()[:12]
+        content = (
+            "# Result\n\n"
+            f"Request: {request}\n\n"
+            f"Words in the request: {len(request.split())}\n"
+            f"Digest: {digest}\n"
+        )
+    else:
+        content = result.read_text() + f"\n## Revision {turn}\n\n{request}\n"
+    result.write_text(content)
+    summary = f"Wrote result.md for: {_shorten(request, 80)}"
+    if turn:
+        summary = f"Revised result.md (revision {turn})"
+    return (
+        f"I wrote {result.name} in my workspace.\n\n"
+        f"Status: COMPLETE\nSummary: {summary}\nDetails:\n{content}"
+    )
+
+
+def _task_text(prompt: str) -> str:
+    # The worker prompt puts the task between TASK markers; a follow-up is plain text.
+    start, end = prompt.find("<task>"), prompt.find("</task>")
+    if start != -1 and end > start:
+        return prompt[start + len("<task>") : end].strip()
+    return prompt.strip()
+
+
+def _shorten(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"

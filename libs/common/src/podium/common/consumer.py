@@ -1,0 +1,350 @@
+"""The pull-consumer loop every service uses, with the redelivery policy in one place.
+
+What happens to a message is decided here, by the type of what the handler
+raises (see :mod:`podium.common.errors`):
+
+=====================  =========================================================
+handler outcome        action
+=====================  =========================================================
+returns                ``ack``
+``Retry(delay_s)``     ``nak(delay_s)``; dead-lettered once ``max_deliver`` is hit
+``Reject(reason)``     ``term`` + dead letter (the message can never succeed)
+undecodable payload    ``term`` + dead letter (a poison message)
+any other exception    ``nak`` with exponential backoff, dead-lettered at the end
+shutdown cancellation  ``nak`` at once, so another replica takes it
+=====================  =========================================================
+
+While a handler runs, ``in_progress`` is sent every third of ``ack_wait`` so
+JetStream does not redeliver work that is still going on. Messages that share
+an ``order_key`` (a conversation) are handled strictly one after another, in
+the order they were fetched; others run concurrently up to ``concurrency``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.errors import FetchTimeoutError
+
+from podium.common import logs, subjects
+from podium.common.bus import publish
+from podium.common.errors import Reject, Retry
+from podium.common.events import AnyEvent, DeadLetter, decode, event_type
+from podium.common.ids import stable_id
+from podium.common.metrics import Metrics
+from podium.common.streams import ConsumerSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a handler may want to know about the message besides its event."""
+
+    subject: str
+    stream_seq: int
+    num_delivered: int
+    msg: Msg
+
+    async def in_progress(self) -> None:
+        """Tell JetStream the message is still being worked on (resets ack_wait)."""
+        with contextlib.suppress(Exception):
+            await self.msg.in_progress()
+
+
+Handler = Callable[[AnyEvent, Delivery], Awaitable[None]]
+
+
+class Lanes:
+    """Per-key ordering and handler slots; consumers of one service may share them."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.slots = asyncio.Semaphore(concurrency)
+        # Last task per order key: the next message with that key waits for it.
+        self.tails: dict[str, asyncio.Task[None]] = {}
+
+
+OrderKey = Callable[[AnyEvent], str | None]
+
+
+class PullConsumer:
+    """Fetches from one durable pull consumer and runs a handler per message."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        spec: ConsumerSpec,
+        handler: Handler,
+        *,
+        service: str,
+        metrics: Metrics,
+        concurrency: int = 16,
+        max_held: int | None = None,
+        order_key: OrderKey | None = None,
+        fetch_timeout_s: float = 1.0,
+        lanes: Lanes | None = None,
+    ) -> None:
+        self.js = js
+        self.spec = spec
+        self.handler = handler
+        self.service = service
+        self.metrics = metrics
+        self.concurrency = concurrency
+        self.order_key = order_key
+        self.fetch_timeout_s = fetch_timeout_s
+        # Handlers running at once, and messages held (fetched, not yet settled):
+        # held ones include those waiting behind an earlier message of their key.
+        self.lanes = lanes or Lanes(concurrency)
+        self.max_held = max_held or concurrency * 4
+        self._room = asyncio.Event()
+        self._room.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    @property
+    def name(self) -> str:
+        """The durable consumer's name."""
+        return self.spec.durable
+
+    def start(self) -> None:
+        """Start fetching in the background."""
+        self._loop_task = asyncio.create_task(self._run(), name=f"consume:{self.name}")
+
+    @property
+    def in_flight(self) -> int:
+        """Messages being handled now."""
+        return len(self._tasks)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop fetching, let in-flight handlers finish up to ``timeout_s``, cancel the rest.
+
+        Cancelled handlers nak their message, so nothing is lost: another
+        replica (or this one, restarted) handles it.
+        """
+        self._stopping.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        # Drop the pull subscription now: a pending fetch would hold up nc.drain().
+        await self._unsubscribe()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning(
+                    "drain timeout: cancelled in-flight handlers",
+                    extra={"consumer": self.name, "cancelled": len(pending)},
+                )
+                await asyncio.wait(pending, timeout=5)
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            while len(self._tasks) >= self.max_held:
+                self._room.clear()
+                await self._room.wait()
+            free = self.max_held - len(self._tasks)
+            try:
+                if self._sub is None:
+                    self._sub = await self.js.pull_subscribe_bind(
+                        durable=self.spec.durable, stream=self.spec.stream
+                    )
+                msgs = await self._sub.fetch(max(1, min(free, 256)), timeout=self.fetch_timeout_s)
+                failures = 0
+            except (FetchTimeoutError, NatsTimeoutError, TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except ConnectionClosedError:
+                return
+            except Exception as err:  # noqa: BLE001 - keep consuming through server trouble
+                failures += 1
+                log.warning("fetch failed", extra={"consumer": self.name, "error": repr(err)})
+                # After a server restart a pull subscription can stop for good
+                # (nats.py #504): bind a new one.
+                if self._sub is not None and failures >= 3:
+                    await self._unsubscribe()
+                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
+                continue
+            for msg in msgs:
+                self._dispatch(msg)
+
+    async def _unsubscribe(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def _dispatch(self, msg: Msg) -> None:
+        event: AnyEvent | None
+        try:
+            event = decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            event = None
+            poison_reason = f"undecodable: {err}"
+        predecessor: asyncio.Task[None] | None = None
+        key = self.order_key(event) if (event is not None and self.order_key) else None
+        if key is not None:
+            predecessor = self.lanes.tails.get(key)
+        task = asyncio.create_task(
+            self._handle(msg, event, predecessor, poison_reason if event is None else "")
+        )
+        self._tasks.add(task)
+        self.metrics.in_flight.labels(self.name).inc()
+        task.add_done_callback(self._done)
+        if key is not None:
+            self.lanes.tails[key] = task
+            task.add_done_callback(functools.partial(self._forget_tail, key))
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.metrics.in_flight.labels(self.name).dec()
+        self._room.set()
+
+    def _forget_tail(self, key: str, task: asyncio.Task[None]) -> None:
+        if self.lanes.tails.get(key) is task:
+            del self.lanes.tails[key]
+
+    async def _handle(
+        self,
+        msg: Msg,
+        event: AnyEvent | None,
+        predecessor: asyncio.Task[None] | None,
+        poison_reason: str,
+    ) -> None:
+        meta = msg.metadata
+        delivery = Delivery(
+            subject=msg.subject,
+            stream_seq=meta.sequence.stream,
+            num_delivered=meta.num_delivered,
+            msg=msg,
+        )
+        if delivery.num_delivered > 1:
+            self.metrics.redeliveries.labels(self.name).inc()
+        if event is None:
+            await self._dead_letter(msg, delivery, poison_reason, kind="poison")
+            self.metrics.events_in.labels(self.name, "unknown", "dead_letter").inc()
+            return
+        kind = event_type(event)
+        heartbeat = asyncio.create_task(self._heartbeat(delivery))
+        context = logs.bound(
+            correlation_id=event.correlation_id,
+            event_id=event.event_id,
+            conversation_id=event.conversation_id,
+        )
+        try:
+            with context:
+                if predecessor is not None:
+                    # Strict per-key order: wait for the earlier message, whatever its fate.
+                    await asyncio.wait({predecessor})
+                async with self.lanes.slots:
+                    started = time.perf_counter()
+                    outcome = await self._run_handler(event, delivery)
+                    self.metrics.handle_seconds.labels(self.name, kind).observe(
+                        time.perf_counter() - started
+                    )
+                self.metrics.events_in.labels(self.name, kind, outcome).inc()
+        except asyncio.CancelledError:
+            # Cancelled before it was settled (shutdown): hand it back at once.
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            raise
+        finally:
+            heartbeat.cancel()
+
+    async def _run_handler(self, event: AnyEvent, delivery: Delivery) -> str:
+        msg = delivery.msg
+        last_try = delivery.num_delivered >= self.spec.max_deliver
+        try:
+            await self.handler(event, delivery)
+        except Reject as err:
+            log.warning("rejected", extra={"consumer": self.name, "reason": err.reason})
+            await self._dead_letter(msg, delivery, err.reason, kind="rejected")
+            return "rejected"
+        except Retry as err:
+            if last_try:
+                await self._dead_letter(msg, delivery, f"gave up: {err.reason}", kind="exhausted")
+                return "dead_letter"
+            log.info(
+                "retry later",
+                extra={"consumer": self.name, "reason": err.reason, "delay_s": err.delay_s},
+            )
+            await msg.nak(delay=err.delay_s)
+            return "retry"
+        except Exception as err:
+            log.exception("handler failed", extra={"consumer": self.name})
+            if last_try:
+                await self._dead_letter(msg, delivery, f"gave up: {err!r}", kind="exhausted")
+                return "dead_letter"
+            await msg.nak(delay=min(2.0 ** (delivery.num_delivered - 1), 60.0))
+            return "error"
+        await msg.ack()
+        return "ok"
+
+    async def _heartbeat(self, delivery: Delivery) -> None:
+        interval = max(self.spec.ack_wait_s / 3, 0.5)
+        while True:
+            await asyncio.sleep(interval)
+            await delivery.in_progress()
+
+    async def _dead_letter(self, msg: Msg, delivery: Delivery, reason: str, *, kind: str) -> None:
+        """Record ``msg`` in the DEADLETTER stream, then terminate it.
+
+        The record is written first: if that fails the message is nak'ed and
+        comes back, so a dead letter is never lost between the two steps.
+        """
+        try:
+            text = msg.data.decode("utf-8")
+            payload, encoding = text, "utf-8"
+        except UnicodeDecodeError:
+            payload, encoding = base64.b64encode(msg.data).decode(), "base64"
+        headers = dict(msg.headers or {})
+        correlation = headers.get(subjects.HDR_CORRELATION, "")
+        record = DeadLetter(
+            event_id=stable_id("deadletter", self.spec.stream, str(delivery.stream_seq)),
+            correlation_id=correlation,
+            conversation_id="",
+            service=self.service,
+            stream=self.spec.stream,
+            consumer=self.name,
+            subject=delivery.subject,
+            stream_seq=delivery.stream_seq,
+            deliveries=delivery.num_delivered,
+            reason=reason[:2000],
+            headers=headers,
+            payload=payload,
+            payload_encoding=encoding,  # type: ignore[arg-type]
+        )
+        try:
+            await publish(self.js, subjects.dead_letter(self.service, self.spec.stream), record)
+        except Exception:
+            log.exception("could not record dead letter; will retry", extra={"consumer": self.name})
+            await msg.nak(delay=5.0)
+            return
+        await msg.term()
+        self.metrics.dead_letters.labels(self.name, kind).inc()
+        log.error(
+            "dead letter",
+            extra={
+                "consumer": self.name,
+                "subject": delivery.subject,
+                "stream_seq": delivery.stream_seq,
+                "reason": reason[:500],
+            },
+        )

@@ -1,0 +1,189 @@
+"""Every event on Podium's bus, as msgspec Structs.
+
+Events are JSON on the wire (readable with ``nats stream view``) and form one
+tagged union, :data:`AnyEvent`, discriminated by the ``type`` field and decoded
+by the single module-level :data:`DECODER`. Schema evolution: append fields
+with defaults, never rename or retype one; ``SCHEMA_VERSION`` goes into the
+``Podium-Schema`` header, and ``tests/test_events.py`` keeps payloads written
+by earlier versions decoding.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+Channel = Literal["email", "sms", "api"]
+CHANNELS: tuple[Channel, ...] = ("email", "sms", "api")
+
+TaskStatus = Literal["COMPLETE", "FAILED", "NEEDS_INPUT", "CANCELLED"]
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware (UTC)."""
+    return datetime.now(UTC)
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Fields every event carries.
+
+    ``event_id`` is unique per logical event and doubles as the JetStream
+    ``Nats-Msg-Id``; ``correlation_id`` follows one request through every hop
+    (it is the id of the inbound event that started it all).
+    """
+
+    event_id: str
+    correlation_id: str
+    conversation_id: str
+    at: datetime = msgspec.field(default_factory=utcnow)
+
+
+class Media(msgspec.Struct, frozen=True, kw_only=True):
+    """An attachment or MMS media item, referenced by URL or stored object name."""
+
+    url: str = ""
+    content_type: str = ""
+    filename: str = ""
+    size: int = 0
+
+
+class InboundMessage(Event, frozen=True, kw_only=True, tag="inbound.message"):
+    """A message from the outside world (email, SMS or API), as ingress received it."""
+
+    channel: Channel
+    sender: str
+    recipients: list[str] = []
+    subject: str = ""
+    text: str
+    # The provider's own id: email Message-ID, Twilio MessageSid, API Idempotency-Key.
+    message_id: str = ""
+    in_reply_to: str = ""
+    references: list[str] = []
+    media: list[Media] = []
+    # API clients: the name of the token used and the client's thread id.
+    client: str = ""
+    thread_id: str = ""
+
+
+class TaskRequested(Event, frozen=True, kw_only=True, tag="task.requested"):
+    """The conductor asks a worker to do a piece of work."""
+
+    task_id: str
+    instructions: str
+    original_request: str = ""
+    timeout_s: float = 0.0
+
+
+class TaskFollowup(Event, frozen=True, kw_only=True, tag="task.followup"):
+    """The conductor tells a worker something about a task (an answer, a fix to make)."""
+
+    task_id: str
+    message: str
+    timeout_s: float = 0.0
+
+
+class TaskResult(Event, frozen=True, kw_only=True, tag="task.result"):
+    """What a worker reports after a turn on a task."""
+
+    task_id: str
+    status: TaskStatus
+    summary: str
+    details: str = ""
+    # False when the agent did not end with the Status/Summary/Details report.
+    structured: bool = True
+    session_id: str = ""
+    cost_usd: float = 0.0
+    duration_ms: int = 0
+    # The task or follow-up event this result answers.
+    answers: str = ""
+
+
+class SendEmail(Event, frozen=True, kw_only=True, tag="command.email"):
+    """Send one email. ``command_id`` makes the send idempotent."""
+
+    command_id: str
+    to: list[str]
+    subject: str
+    body: str
+    in_reply_to: str = ""
+    references: list[str] = []
+
+
+class SendSms(Event, frozen=True, kw_only=True, tag="command.sms"):
+    """Send one SMS (the transport splits long text)."""
+
+    command_id: str
+    to: str
+    body: str
+    sender: str = ""
+
+
+class ApiReply(Event, frozen=True, kw_only=True, tag="command.api"):
+    """Deliver a reply to an API client's thread."""
+
+    command_id: str
+    client: str
+    thread_id: str
+    body: str
+
+
+class KillTask(Event, frozen=True, kw_only=True, tag="control.kill"):
+    """Stop a task's agent wherever it runs (core NATS, not stored)."""
+
+    task_id: str
+    reason: str = ""
+
+
+class DeadLetter(Event, frozen=True, kw_only=True, tag="deadletter"):
+    """A message that could never be handled, kept for an operator to inspect."""
+
+    service: str
+    stream: str
+    consumer: str
+    subject: str
+    stream_seq: int
+    deliveries: int
+    reason: str
+    headers: dict[str, str] = {}
+    # The original payload, as text when it was UTF-8, otherwise base64 (see encoding).
+    payload: str = ""
+    payload_encoding: Literal["utf-8", "base64"] = "utf-8"
+
+
+AnyEvent = (
+    InboundMessage
+    | TaskRequested
+    | TaskFollowup
+    | TaskResult
+    | SendEmail
+    | SendSms
+    | ApiReply
+    | KillTask
+    | DeadLetter
+)
+
+Command = SendEmail | SendSms | ApiReply
+
+DECODER = msgspec.json.Decoder(AnyEvent)
+ENCODER = msgspec.json.Encoder()
+
+
+def encode(event: Event) -> bytes:
+    """The JSON bytes of ``event`` (its ``type`` tag included)."""
+    return ENCODER.encode(event)
+
+
+def decode(data: bytes) -> AnyEvent:
+    """Decode any Podium event; raises ``msgspec.DecodeError`` / ``ValidationError``."""
+    event: AnyEvent = DECODER.decode(data)
+    return event
+
+
+def event_type(event: Event) -> str:
+    """The tag of an event's class (the value of its ``type`` field)."""
+    tag = type(event).__struct_config__.tag
+    return str(tag)

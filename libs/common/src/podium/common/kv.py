@@ -1,0 +1,86 @@
+"""Typed access to KV buckets, with optimistic concurrency.
+
+Values are msgspec Structs stored as JSON. ``mutate`` is the only way state is
+changed in place: read (value, revision), compute the new value, write it only
+if the revision has not moved, and retry on a lost race. No blind overwrites.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from podium.common.errors import Conflict
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+class Store(Generic[T]):
+    """A KV bucket holding values of one Struct type."""
+
+    def __init__(self, kv: KeyValue, type_: type[T]) -> None:
+        self.kv = kv
+        self.type = type_
+        self._decoder = msgspec.json.Decoder(type_)
+        self._encoder = msgspec.json.Encoder()
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, bucket: str, type_: type[T]) -> Store[T]:
+        """Bind to an existing (provisioned) bucket."""
+        return cls(await js.key_value(bucket), type_)
+
+    async def get(self, key: str) -> tuple[T, int] | None:
+        """(value, revision), or None when the key does not exist."""
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return self._decoder.decode(entry.value), entry.revision or 0
+
+    async def create(self, key: str, value: T) -> int:
+        """Write ``value`` only if ``key`` does not exist; raises :class:`Conflict`."""
+        try:
+            return int(await self.kv.create(key, self._encoder.encode(value)))
+        except KeyWrongLastSequenceError as err:
+            raise Conflict(key) from err
+
+    async def update(self, key: str, value: T, revision: int) -> int:
+        """Write ``value`` only if ``key`` is still at ``revision``; raises :class:`Conflict`."""
+        try:
+            return int(await self.kv.update(key, self._encoder.encode(value), last=revision))
+        except KeyWrongLastSequenceError as err:
+            raise Conflict(key) from err
+
+    async def mutate(
+        self, key: str, change: Callable[[T | None], T | None], *, attempts: int = 20
+    ) -> T | None:
+        """Apply ``change`` to the current value with compare-and-set, retrying lost races.
+
+        ``change`` receives the current value (None if absent) and returns the
+        new value, or None to leave the key untouched. It may run several
+        times, so it must not have side effects.
+        """
+        for attempt in range(attempts):
+            current = await self.get(key)
+            new = change(current[0] if current else None)
+            if new is None:
+                return current[0] if current else None
+            try:
+                if current is None:
+                    await self.create(key, new)
+                else:
+                    await self.update(key, new, current[1])
+            except Conflict:
+                await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))  # noqa: S311
+                continue
+            return new
+        raise Conflict(key)

@@ -1,0 +1,110 @@
+"""Prometheus metrics every service shares (consumers, publishes, agent turns).
+
+Each service builds one ``Metrics`` object around its own ``CollectorRegistry``
+(never the global default), so tests can run several services in one process.
+Service-specific metrics live in the service's own ``metrics.py`` and take the
+same registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "podium"
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+)
+
+
+class Metrics:
+    """The metrics common to every Podium service."""
+
+    def __init__(self, registry: CollectorRegistry, service: str) -> None:
+        self.registry = registry
+        self.service = service
+        self.info = Gauge(
+            f"{PREFIX}_service_info",
+            "Constant 1, labelled with the service and agent runtime",
+            ["service", "agent"],
+            registry=registry,
+        )
+        self.events_in = Counter(
+            f"{PREFIX}_events_in_total",
+            "Events taken from a consumer, by type and outcome",
+            ["consumer", "type", "outcome"],
+            registry=registry,
+        )
+        self.events_out = Counter(
+            f"{PREFIX}_events_out_total",
+            "Events published, by type",
+            ["type"],
+            registry=registry,
+        )
+        self.handle_seconds = Histogram(
+            f"{PREFIX}_handler_seconds",
+            "Time to handle one event, by consumer and type",
+            ["consumer", "type"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.redeliveries = Counter(
+            f"{PREFIX}_redeliveries_total",
+            "Events received again after an earlier delivery",
+            ["consumer"],
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            f"{PREFIX}_dead_letters_total",
+            "Events terminated and recorded as dead letters",
+            ["consumer", "reason"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_in_flight",
+            "Events being handled now",
+            ["consumer"],
+            registry=registry,
+        )
+        self.agent_turns = Counter(
+            f"{PREFIX}_agent_turns_total",
+            "Agent calls, by role, runtime and outcome",
+            ["role", "runtime", "outcome"],
+            registry=registry,
+        )
+        self.agent_seconds = Histogram(
+            f"{PREFIX}_agent_turn_seconds",
+            "Wall-clock time of one agent call",
+            ["role", "runtime"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.agent_cost = Counter(
+            f"{PREFIX}_agent_cost_usd_total",
+            "Agent spend reported by the runtime, in USD",
+            ["role", "runtime"],
+            registry=registry,
+        )
+        self.blocked = Counter(
+            f"{PREFIX}_policy_blocked_total",
+            "Actions refused by policy, by action and reason",
+            ["action", "reason"],
+            registry=registry,
+        )

@@ -1,0 +1,151 @@
+"""The text protocol between Podium and its agents.
+
+What the conductor agent receives, one block per turn (the seed's formats)::
+
+    [EMAIL]                      [SMS]                  [API]
+    From: …                      From: …                From: …
+    To: …                        Message: …             Thread: …
+    Subject: …                   ---                    Message: …
+    Body:                                               ---
+    …
+    ---
+
+    [WORKER:<task id>]
+    Status: COMPLETE|FAILED|NEEDS_INPUT|CANCELLED
+    Summary: …
+    Details:
+    …
+    ---
+
+What it answers: commands at the start of a line, each running to the next
+command or the end (parsed by ``podium.conductor.commands``). What a worker
+agent ends its answer with: ``Status:`` / ``Summary:`` / ``Details:`` lines
+(parsed by ``podium.worker.report``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+COMMAND_NAMES = (
+    "SPAWN_WORKER",
+    "SEND_EMAIL",
+    "SEND_SMS",
+    "KILL_WORKER",
+    "TELL_WORKER",
+    "REPLY",
+    "NO_ACTION",
+    "ESCALATE",
+)
+
+END = "---"
+
+
+def _clean(value: str) -> str:
+    # A header value must stay on one line: untrusted text cannot forge a field.
+    return " ".join(value.split())
+
+
+def email_block(sender: str, to: str, subject: str, body: str) -> str:
+    """An inbound email as the conductor sees it."""
+    return (
+        f"[EMAIL]\nFrom: {_clean(sender)}\nTo: {_clean(to)}\nSubject: {_clean(subject)}\n"
+        f"Body:\n{fence(body)}\n{END}"
+    )
+
+
+def sms_block(sender: str, text: str) -> str:
+    """An inbound SMS as the conductor sees it."""
+    return f"[SMS]\nFrom: {_clean(sender)}\nMessage: {fence(text)}\n{END}"
+
+
+def api_block(sender: str, thread: str, text: str) -> str:
+    """An inbound API message as the conductor sees it."""
+    return f"[API]\nFrom: {_clean(sender)}\nThread: {_clean(thread)}\nMessage: {fence(text)}\n{END}"
+
+
+def worker_block(task_id: str, status: str, summary: str, details: str, extra: str = "") -> str:
+    """A worker's report as the conductor sees it, with any context the conductor adds."""
+    block = (
+        f"[WORKER:{task_id}]\nStatus: {status}\nSummary: {_clean(summary)}\n"
+        f"Details:\n{fence(details)}\n"
+    )
+    block += END
+    return f"{block}\n{extra}" if extra else block
+
+
+def fence(text: str) -> str:
+    """Neutralise lines of untrusted text that could pass for protocol structure.
+
+    A line that is exactly ``---`` would end the block early, and a line
+    starting with a bracketed tag could pass for a new block; both get a
+    leading ``> `` so the agent sees them as quoted content.
+    """
+    out = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped == END or _BLOCK_TAG.match(stripped):
+            out.append("> " + line)
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+_BLOCK_TAG = re.compile(r"^\[(EMAIL|SMS|API|WORKER:[^\]]*|SYSTEM|POLICY)\]")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One parsed input block (used by the offline agent)."""
+
+    kind: str  # EMAIL, SMS, API or WORKER
+    task_id: str
+    fields: dict[str, str]
+    body: str
+
+
+_FIELD = re.compile(r"^([A-Za-z][A-Za-z -]*):\s?(.*)$")
+
+
+def parse_blocks(text: str) -> list[Block]:
+    """Parse every input block in ``text``, in order."""
+    blocks = []
+    lines = text.strip().splitlines()
+    i = 0
+    while i < len(lines):
+        if _BLOCK_TAG.match(lines[i].strip()):
+            block, i = _parse_at(lines, i)
+            blocks.append(block)
+        else:
+            i += 1
+    return blocks
+
+
+def _parse_at(lines: list[str], start: int) -> tuple[Block, int]:
+    tag = lines[start].strip()[1:-1]
+    kind, _, task_id = tag.partition(":")
+    fields: dict[str, str] = {}
+    body_lines: list[str] = []
+    in_body = False
+    end = start + 1
+    while end < len(lines):
+        line = lines[end]
+        end += 1
+        if line.strip() == END:
+            break
+        if in_body:
+            body_lines.append(line)
+            continue
+        match = _FIELD.match(line)
+        if not match:
+            continue
+        name, value = match.group(1), match.group(2)
+        if name in ("Body", "Details", "Message"):
+            in_body = True
+            if value:
+                body_lines.append(value)
+        else:
+            fields[name] = value
+    body = "\n".join(body_lines).strip()
+    return Block(kind=kind, task_id=task_id, fields=fields, body=body), end

@@ -1,0 +1,209 @@
+"""The service runtime: connect, provision, serve, and stop gracefully.
+
+Every service's ``main()`` reads its settings, builds its ``Service`` and calls
+:func:`run`. The runtime owns what all four have in common:
+
+1. JSON logging, a ``/healthz`` ``/readyz`` ``/metrics`` side port;
+2. connecting to NATS (retrying until it answers) and idempotent provisioning;
+3. on SIGTERM/SIGINT: stop taking work, let in-flight work finish up to
+   ``PODIUM_DRAIN_TIMEOUT_S``, cancel the rest (their messages are nak'ed and
+   redelivered elsewhere), then drain the NATS connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aiohttp import web
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from podium.common import logs
+from podium.common.bus import connect
+from podium.common.config import CommonSettings
+from podium.common.metrics import Metrics
+from podium.common.streams import TOPOLOGY, missing_streams, provision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What a running service gets from the runtime."""
+
+    name: str
+    nc: Client
+    js: JetStreamContext
+    metrics: Metrics
+    registry: CollectorRegistry
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Service(Protocol):
+    """A Podium service, driven by :func:`run`."""
+
+    name: str
+    #: Streams that must exist for the service to be ready.
+    streams: Sequence[str]
+
+    async def start(self, ctx: Context) -> None:
+        """Start consuming/serving; return once started."""
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop taking work; wait for in-flight work up to ``timeout_s``; cancel the rest."""
+
+    def ready(self) -> bool:
+        """Whether the service itself is ready (beyond NATS and streams)."""
+
+
+class HealthServer:
+    """The HTTP side port: liveness, readiness and Prometheus metrics."""
+
+    def __init__(self, service: Service, registry: CollectorRegistry, host: str, port: int) -> None:
+        self.service = service
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self.ctx: Context | None = None
+        self._runner: web.AppRunner | None = None
+        self._ready_cache: tuple[float, bool, str] = (0.0, False, "starting")
+
+    async def start(self) -> None:
+        """Listen; with port 0, ``self.port`` becomes the port picked."""
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server  # noqa: SLF001 - aiohttp has no public accessor for the bound port
+        if server is not None and self.port == 0:
+            sockets = getattr(server, "sockets", None) or []
+            if sockets:
+                self.port = sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "service": self.service.name})
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        ready, reason = await self.readiness()
+        return web.json_response(
+            {"ready": ready, "reason": reason, "service": self.service.name},
+            status=200 if ready else 503,
+        )
+
+    async def readiness(self) -> tuple[bool, str]:
+        """(ready, reason): NATS connected, streams present, service ready, not stopping."""
+        ctx = self.ctx
+        if ctx is None:
+            return False, "connecting to NATS"
+        if ctx.stopping.is_set():
+            return False, "stopping"
+        if not ctx.nc.is_connected:
+            return False, "NATS disconnected"
+        if not self.service.ready():
+            return False, "service not ready"
+        checked_at, ok, reason = self._ready_cache
+        # Checking streams costs a request per stream: cache the answer briefly.
+        if time.monotonic() - checked_at > 5.0:
+            try:
+                missing = await missing_streams(ctx.js, tuple(self.service.streams))
+            except Exception as err:  # noqa: BLE001 - any failure means not ready
+                ok, reason = False, f"stream check failed: {err!r}"
+            else:
+                ok = not missing
+                reason = "ok" if ok else "missing streams: " + ", ".join(missing)
+            self._ready_cache = (time.monotonic(), ok, reason)
+        return ok, reason
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def connect_until_ready(
+    settings: CommonSettings, name: str, stop: asyncio.Event
+) -> Client | None:
+    """Connect to NATS, retrying with backoff until it answers or ``stop`` is set."""
+    delay = 0.25
+    while not stop.is_set():
+        try:
+            return await connect(settings, name=name)
+        except Exception as err:  # noqa: BLE001 - any connect failure is retried
+            log.warning(
+                "NATS not reachable, retrying",
+                extra={"nats_url": settings.nats_url, "error": repr(err), "retry_in_s": delay},
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        delay = min(delay * 2, 5.0)
+    return None
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def run(
+    service: Service,
+    settings: CommonSettings,
+    *,
+    registry: CollectorRegistry | None = None,
+    metrics: Metrics | None = None,
+    stop: asyncio.Event | None = None,
+    signals: bool = True,
+    health: HealthServer | None = None,
+) -> None:
+    """Run ``service`` until SIGTERM/SIGINT (or ``stop`` is set), then stop gracefully."""
+    stop = stop or asyncio.Event()
+    if signals:
+        install_signal_handlers(stop)
+    registry = registry or CollectorRegistry()
+    metrics = metrics or Metrics(registry, service.name)
+    health = health or HealthServer(service, registry, settings.health_host, settings.health_port)
+    await health.start()
+    log.info("health port listening", extra={"port": health.port})
+    try:
+        nc = await connect_until_ready(settings, f"podium-{service.name}", stop)
+        if nc is None:
+            return
+        js = nc.jetstream()
+        if settings.provision:
+            await provision(js, TOPOLOGY, replicas=settings.stream_replicas)
+        ctx = Context(service.name, nc, js, metrics, registry, stopping=asyncio.Event())
+        await service.start(ctx)
+        health.ctx = ctx
+        log.info("started", extra={"nats_url": settings.nats_url})
+        await stop.wait()
+        log.info("stopping", extra={"drain_timeout_s": settings.drain_timeout_s})
+        ctx.stopping.set()
+        await service.stop(settings.drain_timeout_s)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.drain(), timeout=10)
+        log.info("stopped")
+    finally:
+        await health.stop()
+
+
+def configure_logging(service: str, settings: CommonSettings) -> None:
+    """JSON logs for ``service`` at the configured level."""
+    logs.configure(service, settings.log_level)

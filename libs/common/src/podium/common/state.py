@@ -1,0 +1,109 @@
+"""What the KV buckets hold: conversation state, worker task state, outbox records.
+
+Like events, these are contracts shared by services (the ingress reads a
+conversation the conductor writes), so they live here. Evolve them the same
+way: append fields with defaults.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+from podium.common.events import Channel, TaskResult, utcnow
+
+TaskState = Literal["queued", "running", "needs_input", "complete", "failed", "cancelled"]
+FINISHED: frozenset[str] = frozenset({"complete", "failed", "cancelled"})
+
+# Bounds that keep a long conversation's record small.
+MAX_HANDLED = 200
+MAX_REFERENCES = 20
+MAX_OUTBOUND = 100
+
+
+class TaskInfo(msgspec.Struct, kw_only=True):
+    """A task as the conductor tracks it."""
+
+    task_id: str
+    instructions: str
+    state: TaskState = "queued"
+    summary: str = ""
+    #: How many times the conductor has sent the worker back (validation rounds).
+    rounds: int = 0
+    created_at: datetime = msgspec.field(default_factory=utcnow)
+    updated_at: datetime = msgspec.field(default_factory=utcnow)
+
+
+class Outbound(msgspec.Struct, kw_only=True):
+    """A message the conductor asked the notifier to send."""
+
+    command_id: str
+    kind: Literal["email", "sms", "api", "operator"]
+    to: list[str]
+    subject: str = ""
+    body: str = ""
+    at: datetime = msgspec.field(default_factory=utcnow)
+
+
+class Conversation(msgspec.Struct, kw_only=True):
+    """One conversation (email thread, SMS number pair, API thread): the conductor's memory."""
+
+    conversation_id: str
+    channel: Channel
+    #: The conductor agent's session (always the id from the latest result).
+    session_id: str = ""
+    #: Who we may write to: everyone who wrote to us in this conversation.
+    participants: list[str] = []
+    #: Where replies go: the latest sender.
+    reply_to: str = ""
+    #: The address or number they wrote to (our sender for replies).
+    our_address: str = ""
+    subject: str = ""
+    last_message_id: str = ""
+    references: list[str] = []
+    client: str = ""
+    thread_id: str = ""
+    #: The request that started the conversation, as the conductor first saw it.
+    original_request: str = ""
+    tasks: dict[str, TaskInfo] = {}
+    outbound: list[Outbound] = []
+    #: Problems to tell the conductor agent on its next turn (rejected commands…).
+    notes: list[str] = []
+    #: Ids of events already handled, so a redelivery never runs a turn twice.
+    handled: list[str] = []
+    turns: int = 0
+    created_at: datetime = msgspec.field(default_factory=utcnow)
+    updated_at: datetime = msgspec.field(default_factory=utcnow)
+
+
+class TaskRecord(msgspec.Struct, kw_only=True):
+    """A task as workers track it (``tasks`` bucket)."""
+
+    task_id: str
+    conversation_id: str
+    correlation_id: str = ""
+    state: TaskState = "queued"
+    session_id: str = ""
+    workdir: str = ""
+    #: The task or follow-up event last run to completion, and what it produced.
+    last_event_id: str = ""
+    last_result: TaskResult | None = None
+    cancel_requested: bool = False
+    updated_at: datetime = msgspec.field(default_factory=utcnow)
+
+
+OutboxState = Literal["sending", "sent", "retry", "failed", "ambiguous"]
+
+
+class OutboxRecord(msgspec.Struct, kw_only=True):
+    """The notifier's record of one command: sent at most once."""
+
+    command_id: str
+    state: OutboxState
+    transport: str
+    attempts: int = 1
+    provider_id: str = ""
+    error: str = ""
+    updated_at: datetime = msgspec.field(default_factory=utcnow)

@@ -1,0 +1,209 @@
+"""Stream, consumer and bucket definitions, and idempotent provisioning.
+
+Streams use Limits retention with an age limit (not WorkQueue) so operators can
+inspect and replay them with the NATS CLI; consumers are durable pull
+consumers with explicit ack. ``provision`` creates or updates all of it and is
+safe to run any number of times, by every service at start and by
+``podium provision``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from podium.common import subjects
+
+log = logging.getLogger(__name__)
+
+DAY = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One JetStream stream."""
+
+    name: str
+    subjects: tuple[str, ...]
+    description: str
+    max_age_s: float = 7 * DAY
+    # How long a Nats-Msg-Id is remembered: covers provider retries (Twilio retries
+    # within minutes; replays after an outage come later and are handled by state).
+    duplicate_window_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """One durable pull consumer."""
+
+    stream: str
+    durable: str
+    filter_subjects: tuple[str, ...]
+    description: str
+    ack_wait_s: float = 30.0
+    max_deliver: int = 10
+    max_ack_pending: int = 1000
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    """One KV bucket."""
+
+    name: str
+    description: str
+    history: int = 1
+    ttl_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Everything ``provision`` creates."""
+
+    streams: tuple[StreamSpec, ...]
+    consumers: tuple[ConsumerSpec, ...]
+    buckets: tuple[BucketSpec, ...]
+    object_stores: tuple[str, ...] = field(default=())
+
+
+INBOUND = StreamSpec("INBOUND", (subjects.INBOUND_ALL,), "Messages received by ingress")
+TASKS = StreamSpec("TASKS", (subjects.TASKS_ALL,), "Tasks and follow-ups for workers")
+RESULTS = StreamSpec("RESULTS", (subjects.RESULTS_ALL,), "Worker results for the conductor")
+COMMANDS = StreamSpec("COMMANDS", (subjects.COMMANDS_ALL,), "Outbound email/SMS/API replies")
+DEADLETTER = StreamSpec(
+    "DEADLETTER",
+    (subjects.DEADLETTER_ALL,),
+    "Messages a service could never handle",
+    max_age_s=30 * DAY,
+)
+
+CONDUCTOR_INBOUND = ConsumerSpec(
+    "INBOUND",
+    "conductor-inbound",
+    (subjects.INBOUND_ALL,),
+    "Conductor: inbound messages",
+    ack_wait_s=60.0,
+)
+CONDUCTOR_RESULTS = ConsumerSpec(
+    "RESULTS",
+    "conductor-results",
+    (subjects.RESULTS_ALL,),
+    "Conductor: worker results",
+    ack_wait_s=60.0,
+)
+WORKER_TASKS = ConsumerSpec(
+    "TASKS",
+    "worker-tasks",
+    (subjects.TASKS_ALL,),
+    "Workers: tasks and follow-ups",
+    # Long tasks stay claimed through heartbeats (in_progress) every ack_wait/3.
+    ack_wait_s=60.0,
+    max_deliver=5,
+)
+NOTIFIER_COMMANDS = ConsumerSpec(
+    "COMMANDS",
+    "notifier-commands",
+    (subjects.COMMANDS_ALL,),
+    "Notifier: outbound commands",
+)
+
+CONVERSATIONS = BucketSpec("conversations", "Conversation state: session, participants, tasks")
+TASK_STATE = BucketSpec("tasks", "Worker-side task state: session id, workdir, last outcome")
+OUTBOX = BucketSpec("outbox", "Notifier outbox: one record per command id", ttl_s=30 * DAY)
+
+TOPOLOGY = Topology(
+    streams=(INBOUND, TASKS, RESULTS, COMMANDS, DEADLETTER),
+    consumers=(CONDUCTOR_INBOUND, CONDUCTOR_RESULTS, WORKER_TASKS, NOTIFIER_COMMANDS),
+    buckets=(CONVERSATIONS, TASK_STATE, OUTBOX),
+)
+
+# BadRequest error code for "stream name already in use with a different configuration".
+_STREAM_NAME_IN_USE = 10058
+
+
+def stream_config(spec: StreamSpec, *, replicas: int = 1) -> StreamConfig:
+    """The nats-py configuration of a stream."""
+    return StreamConfig(
+        name=spec.name,
+        description=spec.description,
+        subjects=list(spec.subjects),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=spec.max_age_s,
+        duplicate_window=spec.duplicate_window_s,
+        num_replicas=replicas,
+    )
+
+
+def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
+    """The nats-py configuration of a durable pull consumer."""
+    filters = list(spec.filter_subjects)
+    return ConsumerConfig(
+        durable_name=spec.durable,
+        description=spec.description,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=spec.ack_wait_s,
+        max_deliver=spec.max_deliver,
+        max_ack_pending=spec.max_ack_pending,
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) > 1 else None,
+    )
+
+
+async def ensure_stream(js: JetStreamContext, spec: StreamSpec, *, replicas: int = 1) -> None:
+    """Create ``spec``'s stream, or bring an existing one to this configuration."""
+    config = stream_config(spec, replicas=replicas)
+    try:
+        await js.add_stream(config)
+    except BadRequestError as err:
+        if err.err_code != _STREAM_NAME_IN_USE:
+            raise
+        await js.update_stream(config)
+        log.info("stream updated", extra={"stream": spec.name})
+
+
+async def provision(
+    js: JetStreamContext, topology: Topology = TOPOLOGY, *, replicas: int = 1
+) -> None:
+    """Create or update every stream, consumer, bucket and object store. Idempotent."""
+    for stream in topology.streams:
+        await ensure_stream(js, stream, replicas=replicas)
+    for consumer in topology.consumers:
+        # CONSUMER.CREATE without an action is create-or-update on the server.
+        await js.add_consumer(consumer.stream, consumer_config(consumer))
+    for bucket in topology.buckets:
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=bucket.name,
+                description=bucket.description,
+                history=bucket.history,
+                ttl=bucket.ttl_s or None,
+                replicas=replicas,
+                storage=StorageType.FILE,
+            )
+        )
+    for store in topology.object_stores:
+        await js.create_object_store(store)
+
+
+async def missing_streams(js: JetStreamContext, names: tuple[str, ...]) -> list[str]:
+    """The names among ``names`` that do not exist on the server (for readiness)."""
+    missing = []
+    for name in names:
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            missing.append(name)
+    return missing

@@ -1,0 +1,1 @@
+"""Podium's private test support: real servers for fixtures, fakes of paid provider APIs."""

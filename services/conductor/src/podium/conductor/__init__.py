@@ -1,0 +1,1 @@
+"""Podium conductor: the agent in the loop — triage, delegation, validation, replies."""

@@ -1,0 +1,34 @@
+"""Conductor settings, read from the environment at start."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from podium.common.config import AgentSettings, setting
+
+
+class ConductorSettings(AgentSettings, frozen=True, kw_only=True):
+    """Settings of ``podium-conductor``."""
+
+    concurrency: Annotated[
+        int, setting("Conversations whose turns may run at the same time.", ge=1, le=1024)
+    ] = 32
+    operator_email: Annotated[
+        str, setting("Where escalations go (a human operator); empty = log them only.")
+    ] = ""
+    outbound_allowlist: Annotated[
+        list[str],
+        setting(
+            "Addresses, @domains and numbers the conductor may write to besides a "
+            "conversation's own participants (comma-separated)."
+        ),
+    ] = []
+    max_workers_per_conversation: Annotated[
+        int, setting("Tasks of one conversation that may be open at once.", ge=1)
+    ] = 3
+    max_validation_rounds: Annotated[
+        int, setting("Times a worker may be sent back to fix its result before escalation.", ge=0)
+    ] = 3
+    task_timeout_s: Annotated[
+        float, setting("Deadline of a worker task; past it the worker kills it (FAILED).", gt=0)
+    ] = 1800.0

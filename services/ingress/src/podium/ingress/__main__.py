@@ -1,0 +1,26 @@
+"""``python -m podium.ingress``: run the ingress service."""
+
+from __future__ import annotations
+
+import asyncio
+
+from podium.common.config import load_or_exit
+from podium.common.runtime import configure_logging, run
+from podium.ingress.config import IngressSettings
+from podium.ingress.service import IngressService
+
+
+async def amain(settings: IngressSettings, stop: asyncio.Event | None = None) -> None:
+    """Run the ingress until SIGTERM/SIGINT or ``stop``."""
+    await run(IngressService(settings), settings, stop=stop)
+
+
+def main() -> None:
+    """Entry point: settings from the environment, then run."""
+    settings = load_or_exit(IngressSettings, "ingress")
+    configure_logging("ingress", settings)
+    asyncio.run(amain(settings))
+
+
+if __name__ == "__main__":
+    main()

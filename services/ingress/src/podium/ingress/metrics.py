@@ -1,0 +1,44 @@
+"""Ingress metrics (on top of the common set)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from podium.common.metrics import LATENCY_BUCKETS, PREFIX
+
+
+class IngressMetrics:
+    """Every metric the ingress owns."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            f"{PREFIX}_ingress_requests_total",
+            "HTTP requests, by route and status",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            f"{PREFIX}_ingress_request_seconds",
+            "HTTP request latency, by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.accepted = Counter(
+            f"{PREFIX}_ingress_accepted_total",
+            "Inbound messages stored, by channel and duplicate",
+            ["channel", "duplicate"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            f"{PREFIX}_ingress_refused_total",
+            "Requests refused, by route and reason",
+            ["route", "reason"],
+            registry=registry,
+        )
+        self.ignored = Counter(
+            f"{PREFIX}_ingress_ignored_total",
+            "Inbound messages deliberately not forwarded (auto-replies, lists, bounces…)",
+            ["channel", "reason"],
+            registry=registry,
+        )

@@ -1,0 +1,93 @@
+"""The ingress service: a public aiohttp server in front of JetStream."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiohttp import web
+
+from podium.common import streams
+from podium.common.kv import Store
+from podium.common.runtime import Context
+from podium.common.state import Conversation, OutboxRecord
+from podium.ingress.config import IngressSettings
+from podium.ingress.handlers import Deps, Handlers, error_response
+from podium.ingress.metrics import IngressMetrics
+
+log = logging.getLogger(__name__)
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own errors (404, 405, 413…) in Podium's JSON error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        code = err.reason.lower().replace(" ", "_")
+        return error_response(err.status, code, err.reason)
+
+
+class IngressService:
+    """Serves the API and webhooks; every accepted message is stored in INBOUND first."""
+
+    name = "ingress"
+    streams: Sequence[str] = (streams.INBOUND.name,)
+
+    def __init__(self, settings: IngressSettings) -> None:
+        self.settings = settings
+        self.port = settings.port
+        self._runner: web.AppRunner | None = None
+
+    def build_app(self, deps: Deps) -> web.Application:
+        """The public application (separate from the health side port)."""
+        app = web.Application(
+            client_max_size=max(self.settings.api_max_bytes, self.settings.webhook_max_bytes),
+            middlewares=[json_errors],
+        )
+        app.add_routes(Handlers(deps).routes())
+        return app
+
+    async def start(self, ctx: Context) -> None:
+        """Bind the buckets and start listening."""
+        deps = Deps(
+            settings=self.settings,
+            js=ctx.js,
+            metrics=IngressMetrics(ctx.registry),
+            conversations=await Store.open(ctx.js, streams.CONVERSATIONS.name, Conversation),
+            outbox=await Store.open(ctx.js, streams.OUTBOX.name, OutboxRecord),
+        )
+        if not self.settings.twilio_auth_token:
+            log.warning("PODIUM_TWILIO_AUTH_TOKEN is not set: Twilio signatures are NOT checked")
+        if not self.settings.sendgrid_basic_auth:
+            log.warning(
+                "PODIUM_SENDGRID_BASIC_AUTH is not set: SendGrid webhook is NOT authenticated"
+            )
+        self._runner = web.AppRunner(
+            self.build_app(deps),
+            access_log=None,
+            # How long requests in flight may still run once SIGTERM arrives.
+            shutdown_timeout=self.settings.drain_timeout_s,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        await site.start()
+        for sock in getattr(site._server, "sockets", None) or []:  # noqa: SLF001
+            self.port = sock.getsockname()[1]
+            break
+        log.info(
+            "ingress listening", extra={"port": self.port, "public_url": self.settings.base_url()}
+        )
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop accepting connections; requests in flight finish (up to ``timeout_s``)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def ready(self) -> bool:
+        """Ready once the public server is listening."""
+        return self._runner is not None

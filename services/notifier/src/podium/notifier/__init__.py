@@ -1,0 +1,1 @@
+"""Podium notifier: email, SMS and API replies out, exactly once per command."""

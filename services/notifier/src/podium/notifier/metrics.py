@@ -1,0 +1,32 @@
+"""Notifier metrics (on top of the common set)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from podium.common.metrics import LATENCY_BUCKETS, PREFIX
+
+
+class NotifierMetrics:
+    """Every metric the notifier owns."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.sends = Counter(
+            f"{PREFIX}_notifier_sends_total",
+            "Send attempts, by channel, transport and outcome",
+            ["channel", "transport", "outcome"],
+            registry=registry,
+        )
+        self.send_seconds = Histogram(
+            f"{PREFIX}_notifier_send_seconds",
+            "Time of one send, by transport",
+            ["transport"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.skipped = Counter(
+            f"{PREFIX}_notifier_duplicates_total",
+            "Commands not sent again because the outbox shows them sent",
+            ["channel"],
+            registry=registry,
+        )

@@ -1,0 +1,1 @@
+"""Podium worker: runs agent tasks in their own working directories and reports results."""

@@ -1,0 +1,21 @@
+"""Worker settings, read from the environment at start."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from podium.common.config import AgentSettings, setting
+
+
+class WorkerSettings(AgentSettings, frozen=True, kw_only=True):
+    """Settings of ``podium-worker``."""
+
+    slots: Annotated[
+        int, setting("Tasks this worker runs at once (each is one agent process).", ge=1, le=256)
+    ] = 4
+    workspace_root: Annotated[str, setting("Where per-task working directories are created.")] = (
+        ".podium/workspaces"
+    )
+    default_task_timeout_s: Annotated[
+        float, setting("Deadline of a task that does not carry its own.", gt=0)
+    ] = 1800.0

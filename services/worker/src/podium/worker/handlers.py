@@ -1,0 +1,276 @@
+"""A worker's turn on a task: run the agent in the task's directory, report the result.
+
+A new task gets its own working directory and a new agent session; a
+follow-up (TELL_WORKER) resumes that session in that directory. The task's
+record in the ``tasks`` bucket remembers the session, the directory and the
+last result, so a redelivered message republishes the same result (same id,
+de-duplicated) instead of running the agent again.
+
+A kill (``control.tasks.<id>.kill``) cancels the agent call, which kills its
+process group; the task ends CANCELLED. A deadline ends it FAILED. A shutdown
+cancels it too, but then the message is nak'ed so another worker runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from podium.common import subjects
+from podium.common.agents import AgentAnswer, AgentCall, AgentRuntime
+from podium.common.bus import publish
+from podium.common.consumer import Delivery
+from podium.common.errors import Reject
+from podium.common.events import (
+    AnyEvent,
+    KillTask,
+    TaskFollowup,
+    TaskRequested,
+    TaskResult,
+    TaskStatus,
+    decode,
+    event_type,
+    utcnow,
+)
+from podium.common.ids import stable_id
+from podium.common.kv import Store
+from podium.common.metrics import Metrics
+from podium.common.state import TaskRecord, TaskState
+from podium.worker.config import WorkerSettings
+from podium.worker.metrics import WorkerMetrics
+from podium.worker.prompts import ROLE, followup_prompt, task_prompt
+from podium.worker.report import parse_report
+
+log = logging.getLogger(__name__)
+
+_STATE: dict[TaskStatus, TaskState] = {
+    "COMPLETE": "complete",
+    "FAILED": "failed",
+    "NEEDS_INPUT": "needs_input",
+    "CANCELLED": "cancelled",
+}
+
+
+class Worker:
+    """Handles TASKS events and kill requests."""
+
+    def __init__(
+        self,
+        *,
+        settings: WorkerSettings,
+        js: JetStreamContext,
+        runtime: AgentRuntime,
+        tasks: Store[TaskRecord],
+        metrics: Metrics,
+        own_metrics: WorkerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.js = js
+        self.runtime = runtime
+        self.tasks = tasks
+        self.metrics = metrics
+        self.own = own_metrics
+        self.workspaces = Path(settings.workspace_root).resolve()
+        # Agent calls running here, by task id, and why one was killed.
+        self.running: dict[str, asyncio.Task[AgentAnswer]] = {}
+        self.killed: dict[str, str] = {}
+
+    async def handle(self, event: AnyEvent, delivery: Delivery) -> None:
+        """Entry point for the TASKS consumer."""
+        match event:
+            case TaskRequested() | TaskFollowup():
+                await self.turn(event)
+            case _:
+                raise Reject(f"the worker does not handle {event_type(event)} events")
+
+    async def on_kill(self, msg: Msg) -> None:
+        """A kill request (core NATS): stop the task's agent if it runs here."""
+        try:
+            event = decode(msg.data)
+        except Exception:  # noqa: BLE001 - a bad control message is logged, never fatal
+            log.warning("undecodable kill request", extra={"subject": msg.subject})
+            return
+        if not isinstance(event, KillTask):
+            return
+        self.kill(event.task_id, event.reason or "killed")
+
+    def kill(self, task_id: str, reason: str) -> bool:
+        """Cancel the agent call of ``task_id`` if it runs here; True if it did."""
+        call = self.running.get(task_id)
+        if call is None or call.done():
+            return False
+        self.killed[task_id] = reason
+        call.cancel()
+        self.own.kills.labels("kill").inc()
+        log.info("task killed", extra={"task_id": task_id, "reason": reason})
+        return True
+
+    async def turn(self, event: TaskRequested | TaskFollowup) -> None:
+        """Run one turn of a task and publish its result."""
+        task_id = event.task_id
+        found = await self.tasks.get(task_id)
+        record = found[0] if found else None
+        if record and record.last_event_id == event.event_id and record.last_result:
+            log.info("turn already done; publishing its result again")
+            await self._publish(record.last_result)
+            return
+        if record and record.cancel_requested:
+            await self._finish(
+                event,
+                record,
+                status="CANCELLED",
+                summary="cancelled before it ran",
+                details="",
+                answer=None,
+            )
+            return
+        if isinstance(event, TaskFollowup):
+            if record is None or not record.workdir or not record.session_id:
+                raise Reject(f"follow-up for task {task_id}, which has no session to resume")
+            workdir, session_id = Path(record.workdir), record.session_id
+            prompt = followup_prompt(event.message)
+        else:
+            workdir, session_id = self.workspaces / task_id, None
+            prompt = task_prompt(event.instructions, event.original_request)
+            record = TaskRecord(
+                task_id=task_id,
+                conversation_id=event.conversation_id,
+                correlation_id=event.correlation_id,
+                workdir=str(workdir),
+            )
+        record.state = "running"
+        await self._save(record)
+        call = AgentCall(
+            role="worker",
+            key=task_id,
+            prompt=prompt,
+            workdir=workdir,
+            session_id=session_id,
+            system_prompt=ROLE,
+            timeout_s=event.timeout_s or self.settings.default_task_timeout_s,
+        )
+        answer = await self._run_agent(task_id, call)
+        kind = "task" if isinstance(event, TaskRequested) else "followup"
+        if answer is None:
+            reason = self.killed.pop(task_id, "killed")
+            self.own.tasks.labels(kind, "CANCELLED").inc()
+            await self._finish(
+                event,
+                record,
+                status="CANCELLED",
+                summary=f"task cancelled: {reason}",
+                details="",
+                answer=None,
+            )
+            return
+        if answer.ok:
+            report = parse_report(answer.text)
+            status, summary, details = report.status, report.summary, report.details
+            structured = report.structured
+        else:
+            status = "FAILED"
+            summary = _failure_summary(answer)
+            details, structured = answer.error, True
+        self.own.tasks.labels(kind, status).inc()
+        await self._finish(
+            event,
+            record,
+            status=status,
+            summary=summary,
+            details=details,
+            answer=answer,
+            structured=structured,
+        )
+
+    async def _run_agent(self, task_id: str, call: AgentCall) -> AgentAnswer | None:
+        """The agent's answer, or None if the task was killed meanwhile."""
+        inner = asyncio.create_task(self.runtime.run(call), name=f"agent:{task_id}")
+        self.running[task_id] = inner
+        self.own.busy.inc()
+        try:
+            answer = await inner
+        except asyncio.CancelledError:
+            if task_id in self.killed and not _current_task_cancelling():
+                return None
+            raise
+        finally:
+            self.own.busy.dec()
+            self.running.pop(task_id, None)
+        self.metrics.agent_turns.labels("worker", self.runtime.kind, answer.outcome).inc()
+        self.metrics.agent_seconds.labels("worker", self.runtime.kind).observe(
+            answer.duration_ms / 1000
+        )
+        self.metrics.agent_cost.labels("worker", self.runtime.kind).inc(answer.cost_usd)
+        return answer
+
+    async def _finish(
+        self,
+        event: TaskRequested | TaskFollowup,
+        record: TaskRecord,
+        *,
+        status: TaskStatus,
+        summary: str,
+        details: str,
+        answer: AgentAnswer | None,
+        structured: bool = True,
+    ) -> None:
+        result = TaskResult(
+            event_id=stable_id("result", event.event_id),
+            correlation_id=event.correlation_id,
+            conversation_id=event.conversation_id,
+            task_id=event.task_id,
+            status=status,
+            summary=summary,
+            details=details,
+            structured=structured,
+            session_id=answer.session_id if answer else record.session_id,
+            cost_usd=answer.cost_usd if answer else 0.0,
+            duration_ms=answer.duration_ms if answer else 0,
+            answers=event.event_id,
+        )
+        record.state = _STATE[status]
+        if answer is not None and answer.session_id:
+            record.session_id = answer.session_id
+        record.last_event_id = event.event_id
+        record.last_result = result
+        await self._save(record)
+        await self._publish(result)
+
+    async def _save(self, record: TaskRecord) -> None:
+        record.updated_at = utcnow()
+
+        def change(current: TaskRecord | None) -> TaskRecord:
+            # The conductor may have asked for a cancel meanwhile: keep that.
+            if current is not None and current.cancel_requested:
+                record.cancel_requested = True
+            return record
+
+        await self.tasks.mutate(record.task_id, change)
+
+    async def _publish(self, result: TaskResult) -> None:
+        await publish(self.js, subjects.result(result.conversation_id, result.task_id), result)
+        self.metrics.events_out.labels(event_type(result)).inc()
+        log.info(
+            "task result published",
+            extra={"task_id": result.task_id, "status": result.status},
+        )
+
+
+def _current_task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _failure_summary(answer: AgentAnswer) -> str:
+    return {
+        "timeout": "the task ran past its deadline and was stopped",
+        "max_turns": "the agent hit its turn limit",
+        "max_budget": "the agent hit its budget limit",
+        "execution_error": "the agent reported an error",
+        "crashed": "the agent process failed",
+        "session_lost": "the task's agent session could not be resumed",
+    }.get(answer.outcome, f"the agent failed ({answer.outcome})")

@@ -1,0 +1,80 @@
+"""The worker service: task slots fed by the TASKS consumer, plus kill requests."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from nats.aio.subscription import Subscription
+
+from podium.common import streams, subjects
+from podium.common.agents import AgentRuntime, build_runtime
+from podium.common.consumer import PullConsumer
+from podium.common.events import AnyEvent
+from podium.common.kv import Store
+from podium.common.runtime import Context
+from podium.common.state import TaskRecord
+from podium.worker.config import WorkerSettings
+from podium.worker.handlers import Worker
+from podium.worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+def by_task(event: AnyEvent) -> str | None:
+    """Order key: turns of one task never overlap on a worker."""
+    return getattr(event, "task_id", None)
+
+
+class WorkerService:
+    """Runs up to ``slots`` tasks at once; never holds a task it has no slot for."""
+
+    name = "worker"
+    streams: Sequence[str] = (streams.TASKS.name, streams.RESULTS.name)
+
+    def __init__(self, settings: WorkerSettings, runtime: AgentRuntime | None = None) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.consumer: PullConsumer | None = None
+        self._kills: Subscription | None = None
+
+    async def start(self, ctx: Context) -> None:
+        """Subscribe to kill requests, then start taking tasks."""
+        runtime = self.runtime or build_runtime(
+            self.settings, Path(self.settings.state_dir), self.name
+        )
+        ctx.metrics.info.labels(self.name, runtime.kind).set(1)
+        worker = Worker(
+            settings=self.settings,
+            js=ctx.js,
+            runtime=runtime,
+            tasks=await Store.open(ctx.js, streams.TASK_STATE.name, TaskRecord),
+            metrics=ctx.metrics,
+            own_metrics=WorkerMetrics(ctx.registry, self.settings.slots),
+        )
+        self._kills = await ctx.nc.subscribe(subjects.KILL_ALL, cb=worker.on_kill)
+        self.consumer = PullConsumer(
+            ctx.js,
+            streams.WORKER_TASKS,
+            worker.handle,
+            service=self.name,
+            metrics=ctx.metrics,
+            concurrency=self.settings.slots,
+            # Hold no more than we can run: a task waiting here is a task another
+            # worker could have started.
+            max_held=self.settings.slots,
+            order_key=by_task,
+        )
+        self.consumer.start()
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop taking tasks; let running ones finish up to ``timeout_s``, then hand them back."""
+        if self.consumer is not None:
+            await self.consumer.stop(timeout_s)
+        if self._kills is not None:
+            await self._kills.unsubscribe()
+
+    def ready(self) -> bool:
+        """Ready once consuming."""
+        return self.consumer is not None
