@@ -7,6 +7,7 @@ and the NATS API to look at streams, consumers and state.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -105,15 +106,14 @@ async def demo(url: str, timeout_s: float) -> int:
         ("charsets", json.dumps({"from": "UTF-8", "subject": "UTF-8", "text": "UTF-8"})),
     ):
         form.add_field(name, value)
-    auth = None
+    http_headers: dict[str, str] = {}
     if basic := os.environ.get("PODIUM_SENDGRID_BASIC_AUTH"):
-        user, _, password = basic.partition(":")
-        auth = aiohttp.BasicAuth(user, password)
+        http_headers["Authorization"] = "Basic " + base64.b64encode(basic.encode()).decode()
     _out(f"→ email from {sender}: {subject!r}\n  {text}")
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http,
-            http.post(f"{url}/webhooks/sendgrid/inbound", data=form, auth=auth) as resp,
+            http.post(f"{url}/webhooks/sendgrid/inbound", data=form, headers=http_headers) as resp,
         ):
             body = await resp.json(content_type=None)
             if resp.status != 200:

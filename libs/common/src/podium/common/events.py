@@ -11,7 +11,7 @@ by earlier versions decoding.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TypedDict
 
 import msgspec
 
@@ -40,6 +40,14 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     correlation_id: str
     conversation_id: str
     at: datetime = msgspec.field(default_factory=utcnow)
+
+
+class EventIds(TypedDict):
+    """The id fields of an event, to pass on to the events it causes (``**ids``)."""
+
+    event_id: str
+    correlation_id: str
+    conversation_id: str
 
 
 class Media(msgspec.Struct, frozen=True, kw_only=True):

@@ -14,7 +14,6 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -28,6 +27,7 @@ from podium.common.events import (
     AnyEvent,
     ApiReply,
     Event,
+    EventIds,
     InboundMessage,
     KillTask,
     SendEmail,
@@ -67,14 +67,6 @@ _STATUS_STATE: dict[str, TaskState] = {
     "NEEDS_INPUT": "needs_input",
     "CANCELLED": "cancelled",
 }
-
-
-class Ids(TypedDict):
-    """The id fields of an event a command produces."""
-
-    event_id: str
-    correlation_id: str
-    conversation_id: str
 
 
 @dataclass
@@ -195,6 +187,16 @@ class Conductor:
             for index, command in enumerate(parsed.commands):
                 self._apply(conv, event, index, command, effects)
         await self._publish(effects)
+        log.info(
+            "turn done",
+            extra={
+                "trigger": trigger,
+                "outcome": answer.outcome,
+                "published": [event_type(e) for _, e in effects.stored],
+                "kills": len(effects.kills),
+                "notes": len(conv.notes),
+            },
+        )
         conv.handled = [*conv.handled, event.event_id][-MAX_HANDLED:]
         conv.turns += 1
         conv.updated_at = utcnow()
@@ -292,7 +294,7 @@ class Conductor:
         """Turn one command into effects, or a note when policy refuses it."""
         name = type(command).__name__
         effect_id = stable_id(event.event_id, "effect", str(index))
-        base = Ids(
+        base = EventIds(
             event_id=effect_id,
             correlation_id=event.correlation_id,
             conversation_id=conv.conversation_id,
@@ -414,7 +416,7 @@ class Conductor:
         conv.notes.append(f"{action} refused ({reason}): {detail}")
         log.warning("action blocked", extra={"action": action, "reason": reason})
 
-    def _reply(self, conv: Conversation, base: Ids, text: str, effects: Effects) -> None:
+    def _reply(self, conv: Conversation, base: EventIds, text: str, effects: Effects) -> None:
         command_id = base["event_id"]
         if conv.channel == "email":
             subject = conv.subject or "your message"
@@ -441,7 +443,7 @@ class Conductor:
     def _email(
         self,
         conv: Conversation,
-        base: Ids,
+        base: EventIds,
         *,
         to: list[str],
         subject: str,
@@ -468,7 +470,9 @@ class Conductor:
             conv, Outbound(command_id=command_id, kind="email", to=to, subject=subject, body=body)
         )
 
-    def _sms(self, conv: Conversation, base: Ids, *, to: str, text: str, effects: Effects) -> None:
+    def _sms(
+        self, conv: Conversation, base: EventIds, *, to: str, text: str, effects: Effects
+    ) -> None:
         command_id, number = base["event_id"], to
         sender = conv.our_address if conv.channel == "sms" else ""
         effects.stored.append(

@@ -156,6 +156,10 @@ class SmtpTransport:
                 timeout=s.smtp_timeout_s,
             )
         except aiosmtplib.SMTPRecipientsRefused as err:
+            codes = [r.code for r in err.recipients]
+            if codes and all(400 <= code < 500 for code in codes):
+                # Greylisting, mailbox busy: the server asks us to come back later.
+                raise TransientSendError(f"recipients deferred: {err}") from err
             raise PermanentSendError(f"recipients refused: {err}") from err
         except aiosmtplib.SMTPResponseException as err:
             if 400 <= err.code < 500:

@@ -153,8 +153,9 @@ class Worker:
             system_prompt=ROLE,
             timeout_s=event.timeout_s or self.settings.default_task_timeout_s,
         )
-        answer = await self._run_agent(task_id, call)
         kind = "task" if isinstance(event, TaskRequested) else "followup"
+        log.info("task started", extra={"task_id": task_id, "kind": kind, "workdir": str(workdir)})
+        answer = await self._run_agent(task_id, call)
         if answer is None:
             reason = self.killed.pop(task_id, "killed")
             self.own.tasks.labels(kind, "CANCELLED").inc()

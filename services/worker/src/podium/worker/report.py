@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from podium.common.events import TaskStatus
 
-_STATUS = re.compile(r"^\s*[*_`]*status[*_`]*\s*:\s*[*_`]*\s*([A-Za-z_ ]+?)[*_`]*\s*$", re.I)
-_SUMMARY = re.compile(r"^\s*[*_`]*summary[*_`]*\s*:\s*(.*)$", re.I)
-_DETAILS = re.compile(r"^\s*[*_`]*details[*_`]*\s*:\s*(.*)$", re.I)
+_STATUS = re.compile(r"^\s*[*_`]*status[*_`]*\s*:[*_`]*\s*([A-Za-z_ ]+?)[*_`]*\s*$", re.I)
+_SUMMARY = re.compile(r"^\s*[*_`]*summary[*_`]*\s*:[*_`]*\s*(.*)$", re.I)
+_DETAILS = re.compile(r"^\s*[*_`]*details[*_`]*\s*:[*_`]*\s*(.*)$", re.I)
 
 _ALIASES: dict[str, TaskStatus] = {
     "COMPLETE": "COMPLETE",

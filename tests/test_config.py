@@ -1,0 +1,72 @@
+"""Settings: typed, from the environment, and a bad one stops the service by name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from podium.common.config import CommonSettings, Secret, load
+from podium.common.errors import ConfigError
+from podium.ingress.config import IngressSettings
+from podium.notifier.config import NotifierSettings
+
+TOKEN = "local:abcdefghijklmnopqrstuvwxyz"
+
+
+def test_defaults_and_conversions() -> None:
+    settings = load(
+        IngressSettings,
+        {
+            "PODIUM_API_TOKENS": TOKEN,
+            "PODIUM_PORT": "8181",
+            "PODIUM_OWN_ADDRESSES": "a@x.org, b@x.org",
+        },
+    )
+    assert settings.port == 8181
+    assert settings.own_addresses == ["a@x.org", "b@x.org"]
+    assert settings.tokens() == {"local": "abcdefghijklmnopqrstuvwxyz"}
+    assert settings.nats_url == "nats://127.0.0.1:4222"
+
+
+def test_every_problem_is_named_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(IngressSettings, {"PODIUM_PORT": "eighty", "PODIUM_LOG_LEVEL": "LOUD"})
+    text = str(caught.value)
+    assert "PODIUM_API_TOKENS is required" in text
+    assert "PODIUM_PORT='eighty' is invalid" in text
+    assert "PODIUM_LOG_LEVEL='LOUD' is invalid" in text
+
+
+def test_constraints_and_cross_field_rules() -> None:
+    with pytest.raises(ConfigError, match="PODIUM_HEALTH_PORT"):
+        load(CommonSettings, {"PODIUM_HEALTH_PORT": "70000"})
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        load(IngressSettings, {"PODIUM_API_TOKENS": "short"})
+    with pytest.raises(ConfigError, match="user:password"):
+        load(IngressSettings, {"PODIUM_API_TOKENS": TOKEN, "PODIUM_SENDGRID_BASIC_AUTH": "x"})
+
+
+def test_secrets_never_show_themselves() -> None:
+    settings = load(NotifierSettings, {"PODIUM_SMTP_PASSWORD": "hunter2-very-secret"})
+    assert settings.smtp_password.reveal() == "hunter2-very-secret"
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in str(Secret("hunter2"))
+    with pytest.raises(ConfigError) as caught:
+        load(NotifierSettings, {"PODIUM_SMTP_PORT": "nope", "PODIUM_SMTP_PASSWORD": "hunter2"})
+    assert "hunter2" not in str(caught.value)
+
+
+def test_a_service_without_a_required_setting_stops_at_start_naming_it() -> None:
+    env = {"PATH": "/usr/bin:/bin", "PODIUM_PORT": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "podium.ingress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "PODIUM_API_TOKENS is required" in proc.stderr

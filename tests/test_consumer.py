@@ -1,0 +1,196 @@
+"""The consumer loop: ack/nak/term policy, dead letters, ordering, and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import defaultdict
+
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
+
+from podium.common import streams, subjects
+from podium.common.bus import publish
+from podium.common.consumer import Delivery, PullConsumer
+from podium.common.errors import Reject, Retry
+from podium.common.events import AnyEvent, DeadLetter, InboundMessage, decode
+from podium.common.metrics import Metrics
+
+SPEC = dataclasses.replace(streams.CONDUCTOR_INBOUND, ack_wait_s=2.0, max_deliver=3)
+
+
+def message(n: int, conversation: str = "api-c1") -> InboundMessage:
+    return InboundMessage(
+        event_id=f"e{n}",
+        correlation_id=f"e{n}",
+        conversation_id=conversation,
+        channel="api",
+        sender="tester",
+        text=f"message {n}",
+    )
+
+
+async def dead_letters(js: JetStreamContext, timeout: float = 5.0) -> list[DeadLetter]:
+    found: list[DeadLetter] = []
+    sub = await js.pull_subscribe(subjects.DEADLETTER_ALL, stream="DEADLETTER")
+    try:
+        for msg in await sub.fetch(10, timeout=timeout):
+            event = decode(msg.data)
+            assert isinstance(event, DeadLetter)
+            found.append(event)
+    except TimeoutError:
+        pass
+    return found
+
+
+def consumer(
+    js: JetStreamContext, handler: object, **kwargs: object
+) -> tuple[PullConsumer, Metrics]:
+    metrics = Metrics(CollectorRegistry(), "test")
+    return (
+        PullConsumer(js, SPEC, handler, service="test", metrics=metrics, **kwargs),  # type: ignore[arg-type]
+        metrics,
+    )
+
+
+@pytest.fixture
+async def jsc(js: JetStreamContext) -> JetStreamContext:
+    await js.add_consumer(SPEC.stream, streams.consumer_config(SPEC))
+    return js
+
+
+async def test_poison_message_is_dead_lettered_and_consuming_goes_on(
+    jsc: JetStreamContext, nc: Client
+) -> None:
+    handled: list[str] = []
+    done = asyncio.Event()
+
+    async def handler(event: AnyEvent, delivery: Delivery) -> None:
+        handled.append(event.event_id)
+        if len(handled) == 2:
+            done.set()
+
+    c, _ = consumer(jsc, handler)
+    c.start()
+    await publish(jsc, "inbound.api.api-c1", message(1))
+    await jsc.publish(
+        "inbound.api.api-c1", b"\xff\xfenot an event", headers={"Nats-Msg-Id": "poison"}
+    )
+    await publish(jsc, "inbound.api.api-c1", message(2))
+    await asyncio.wait_for(done.wait(), 10)
+    await c.stop(5)
+    assert handled == ["e1", "e2"]
+    letters = await dead_letters(jsc)
+    assert len(letters) == 1
+    assert letters[0].payload_encoding == "base64"
+    assert "undecodable" in letters[0].reason
+    assert letters[0].stream_seq == 2
+    info = await jsc.consumer_info(SPEC.stream, SPEC.durable)
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_reject_terminates_at_once_and_retry_comes_back(jsc: JetStreamContext) -> None:
+    seen: dict[str, int] = defaultdict(int)
+    done = asyncio.Event()
+
+    async def handler(event: AnyEvent, delivery: Delivery) -> None:
+        seen[event.event_id] += 1
+        if event.event_id == "e1":
+            raise Reject("never going to work")
+        if event.event_id == "e2" and seen["e2"] < 2:
+            raise Retry("not yet", delay_s=0.2)
+        done.set()
+
+    c, _ = consumer(jsc, handler)
+    c.start()
+    await publish(jsc, "inbound.api.a", message(1, "a"))
+    await publish(jsc, "inbound.api.b", message(2, "b"))
+    await asyncio.wait_for(done.wait(), 10)
+    await asyncio.sleep(0.5)
+    await c.stop(5)
+    assert seen == {"e1": 1, "e2": 2}
+    letters = await dead_letters(jsc)
+    assert [d.reason for d in letters] == ["never going to work"]
+
+
+async def test_a_crashing_handler_is_retried_then_dead_lettered(jsc: JetStreamContext) -> None:
+    attempts: list[int] = []
+
+    async def handler(event: AnyEvent, delivery: Delivery) -> None:
+        attempts.append(delivery.num_delivered)
+        raise RuntimeError("bug")
+
+    c, metrics = consumer(jsc, handler)
+    c.start()
+    await publish(jsc, "inbound.api.a", message(1, "a"))
+    letters = await dead_letters(jsc, timeout=15)
+    await c.stop(5)
+    assert attempts == [1, 2, 3]
+    assert len(letters) == 1 and "gave up" in letters[0].reason
+    assert metrics.dead_letters.labels(SPEC.durable, "exhausted")._value.get() == 1
+
+
+async def test_same_key_is_serial_and_ordered_other_keys_run_in_parallel(
+    jsc: JetStreamContext,
+) -> None:
+    running: dict[str, int] = defaultdict(int)
+    peak: dict[str, int] = defaultdict(int)
+    order: dict[str, list[str]] = defaultdict(list)
+    overall_peak = 0
+    total = 0
+    done = asyncio.Event()
+
+    async def handler(event: AnyEvent, delivery: Delivery) -> None:
+        nonlocal overall_peak, total
+        key = event.conversation_id
+        running[key] += 1
+        peak[key] = max(peak[key], running[key])
+        overall_peak = max(overall_peak, sum(running.values()))
+        await asyncio.sleep(0.05)
+        order[key].append(event.event_id)
+        running[key] -= 1
+        total += 1
+        if total == 30:
+            done.set()
+
+    c, _ = consumer(jsc, handler, concurrency=8, order_key=lambda e: e.conversation_id)
+    c.start()
+    for n in range(30):
+        conv = f"c{n % 3}"
+        await publish(jsc, f"inbound.api.{conv}", message(n, conv))
+    await asyncio.wait_for(done.wait(), 20)
+    await c.stop(5)
+    assert all(p == 1 for p in peak.values())
+    assert overall_peak > 1
+    for n in range(3):
+        assert order[f"c{n}"] == [f"e{i}" for i in range(30) if i % 3 == n]
+
+
+async def test_stop_hands_unfinished_work_back_for_redelivery(jsc: JetStreamContext) -> None:
+    started = asyncio.Event()
+
+    async def slow(event: AnyEvent, delivery: Delivery) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    c, _ = consumer(jsc, slow)
+    c.start()
+    await publish(jsc, "inbound.api.a", message(1, "a"))
+    await asyncio.wait_for(started.wait(), 10)
+    await c.stop(0.2)
+
+    got: list[int] = []
+    done = asyncio.Event()
+
+    async def quick(event: AnyEvent, delivery: Delivery) -> None:
+        got.append(delivery.num_delivered)
+        done.set()
+
+    c2, _ = consumer(jsc, quick)
+    c2.start()
+    # Nak'ed at shutdown: back well before ack_wait would have expired.
+    await asyncio.wait_for(done.wait(), 1.5)
+    await c2.stop(5)
+    assert got == [2]

@@ -1,0 +1,86 @@
+"""Events: one tagged union, JSON on the wire, yesterday's payloads still decode."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+
+from podium.common.events import (
+    ApiReply,
+    DeadLetter,
+    EventIds,
+    InboundMessage,
+    KillTask,
+    SendEmail,
+    SendSms,
+    TaskFollowup,
+    TaskRequested,
+    TaskResult,
+    decode,
+    encode,
+    event_type,
+)
+
+IDS = EventIds(event_id="e1", correlation_id="c1", conversation_id="api-1")
+
+EXAMPLES = [
+    InboundMessage(**IDS, channel="email", sender="a@example.com", text="hi", subject="s"),
+    TaskRequested(**IDS, task_id="t1", instructions="do it"),
+    TaskFollowup(**IDS, task_id="t1", message="more"),
+    TaskResult(**IDS, task_id="t1", status="COMPLETE", summary="done", details="x"),
+    SendEmail(**IDS, command_id="k1", to=["a@example.com"], subject="Re: s", body="b"),
+    SendSms(**IDS, command_id="k2", to="+15550100", body="b"),
+    ApiReply(**IDS, command_id="k3", client="c", thread_id="th", body="b"),
+    KillTask(**IDS, task_id="t1"),
+    DeadLetter(
+        **IDS,
+        service="worker",
+        stream="TASKS",
+        consumer="worker-tasks",
+        subject="tasks.t1",
+        stream_seq=3,
+        deliveries=5,
+        reason="r",
+    ),
+]
+
+
+@pytest.mark.parametrize("event", EXAMPLES, ids=lambda e: event_type(e))
+def test_round_trip_keeps_every_field(event: object) -> None:
+    data = encode(event)  # type: ignore[arg-type]
+    assert json.loads(data)["type"] == event_type(event)  # type: ignore[arg-type]
+    assert decode(data) == event
+
+
+# Payloads as schema version 1 wrote them. They must keep decoding: evolve events by
+# appending fields with defaults only.
+YESTERDAY = [
+    b'{"type":"inbound.message","event_id":"e","correlation_id":"e","conversation_id":"sms-1",'
+    b'"at":"2026-11-01T10:00:00Z","channel":"sms","sender":"+15550100","text":"hello"}',
+    b'{"type":"task.requested","event_id":"e","correlation_id":"e","conversation_id":"c",'
+    b'"at":"2026-11-01T10:00:00Z","task_id":"t1","instructions":"x"}',
+    b'{"type":"task.result","event_id":"e","correlation_id":"e","conversation_id":"c",'
+    b'"at":"2026-11-01T10:00:00Z","task_id":"t1","status":"NEEDS_INPUT","summary":"q"}',
+    b'{"type":"command.email","event_id":"e","correlation_id":"e","conversation_id":"c",'
+    b'"at":"2026-11-01T10:00:00Z","command_id":"k","to":["a@b.c"],"subject":"s","body":"b"}',
+]
+
+
+@pytest.mark.parametrize("payload", YESTERDAY)
+def test_payloads_of_schema_1_still_decode(payload: bytes) -> None:
+    event = decode(payload)
+    assert event.event_id == "e"
+
+
+def test_unknown_type_and_bad_fields_are_refused() -> None:
+    with pytest.raises(msgspec.ValidationError):
+        decode(b'{"type":"fax.received","event_id":"e"}')
+    with pytest.raises(msgspec.ValidationError):
+        decode(
+            b'{"type":"task.result","event_id":"e","correlation_id":"e","conversation_id":"c",'
+            b'"task_id":"t","status":"MAYBE","summary":"s"}'
+        )
+    with pytest.raises(msgspec.DecodeError):
+        decode(b"\x00\xff not json")
