@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import aiohttp
 
-from podium.cli.natsserver import NatsServer
+from podium.cli.natsserver import NatsServer, free_port
 from podium.common.agents import claude_credentials_present
 
 SERVICES = ("ingress", "conductor", "worker", "notifier")
@@ -33,11 +33,19 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 @dataclass
 class Layout:
-    """Where ``podium up`` keeps its files, and the ports it uses."""
+    """Where ``podium up`` keeps its files, and the ports it uses.
+
+    ``health_base`` 0 gives each service a free port (tests run several at once).
+    """
 
     home: Path
     ingress_port: int = 8080
     health_base: int = 9090
+    health_ports: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for i, service in enumerate(SERVICES):
+            self.health_ports[service] = self.health_base + i if self.health_base else free_port()
 
     @property
     def token_file(self) -> Path:
@@ -51,7 +59,7 @@ class Layout:
 
     def health_port(self, service: str) -> int:
         """The health/metrics port of ``service``."""
-        return self.health_base + SERVICES.index(service)
+        return self.health_ports[service]
 
 
 def nats_answers(url: str, timeout_s: float = 1.0) -> bool:

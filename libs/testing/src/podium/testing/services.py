@@ -165,8 +165,9 @@ class Process:
         return None
 
     def health_port(self) -> int | None:
-        """The health/metrics port the process logged."""
-        return self.logged_port("health port listening")
+        """The health/metrics port: as configured, or as logged when it was 0."""
+        configured = int(self.env.get("PODIUM_HEALTH_PORT", "0"))
+        return configured or self.logged_port("health port listening")
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Wait until the process's /readyz answers 200."""

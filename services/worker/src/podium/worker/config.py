@@ -10,7 +10,7 @@ from podium.common.config import AgentSettings, setting
 class WorkerSettings(AgentSettings, frozen=True, kw_only=True):
     """Settings of ``podium-worker``."""
 
-    slots: Annotated[
+    worker_slots: Annotated[
         int, setting("Tasks this worker runs at once (each is one agent process).", ge=1, le=256)
     ] = 4
     workspace_root: Annotated[str, setting("Where per-task working directories are created.")] = (

@@ -51,7 +51,7 @@ class WorkerService:
             runtime=runtime,
             tasks=await Store.open(ctx.js, streams.TASK_STATE.name, TaskRecord),
             metrics=ctx.metrics,
-            own_metrics=WorkerMetrics(ctx.registry, self.settings.slots),
+            own_metrics=WorkerMetrics(ctx.registry, self.settings.worker_slots),
         )
         self._kills = await ctx.nc.subscribe(subjects.KILL_ALL, cb=worker.on_kill)
         self.consumer = PullConsumer(
@@ -60,10 +60,10 @@ class WorkerService:
             worker.handle,
             service=self.name,
             metrics=ctx.metrics,
-            concurrency=self.settings.slots,
+            concurrency=self.settings.worker_slots,
             # Hold no more than we can run: a task waiting here is a task another
             # worker could have started.
-            max_held=self.settings.slots,
+            max_held=self.settings.worker_slots,
             order_key=by_task,
         )
         self.consumer.start()

@@ -1,0 +1,73 @@
+# syntax=docker/dockerfile:1.7
+# One multi-target file, one image per service:
+#   docker build --target ingress   -t podium/ingress .
+#   docker build --target conductor -t podium/conductor .   (and worker, notifier)
+# Reproducible from uv.lock; non-root; conductor and worker carry the Claude Code CLI.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
+
+# --- dependencies and the service's packages, installed into /app/.venv -------------
+FROM ${PYTHON_IMAGE} AS build
+COPY --from=uv /uv /usr/local/bin/uv
+ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never
+WORKDIR /app
+ARG SERVICE
+# Every member's pyproject.toml: uv needs the whole workspace to read the lock.
+COPY pyproject.toml uv.lock ./
+COPY libs/common/pyproject.toml libs/common/
+COPY libs/cli/pyproject.toml libs/cli/
+COPY libs/testing/pyproject.toml libs/testing/
+COPY services/ingress/pyproject.toml services/ingress/
+COPY services/conductor/pyproject.toml services/conductor/
+COPY services/worker/pyproject.toml services/worker/
+COPY services/notifier/pyproject.toml services/notifier/
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --no-install-workspace --package podium-${SERVICE}
+COPY libs/ libs/
+COPY services/ services/
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --no-editable --package podium-${SERVICE}
+
+# --- the Claude Code CLI (a native binary in its platform package) ---------------------
+FROM node:20-bookworm-slim AS claude
+WORKDIR /opt/claude
+COPY tools/claude/package.json tools/claude/package-lock.json ./
+RUN npm ci --no-audit --no-fund --omit=dev \
+ && cp "$(readlink -f node_modules/.bin/claude)" /usr/local/bin/claude
+
+# --- runtime bases ---------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+RUN useradd --uid 10001 --user-group --home-dir /var/lib/podium --create-home podium
+ENV PATH=/app/.venv/bin:$PATH PYTHONUNBUFFERED=1 \
+    PODIUM_STATE_DIR=/var/lib/podium/state PODIUM_WORKSPACE_ROOT=/var/lib/podium/workspaces
+WORKDIR /var/lib/podium
+USER 10001
+EXPOSE 9090
+
+FROM runtime AS agent-runtime
+USER root
+RUN apt-get update && apt-get install -y --no-install-recommends git ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=claude /usr/local/bin/claude /usr/local/bin/claude
+USER 10001
+ENV PODIUM_CLAUDE_BIN=/usr/local/bin/claude
+
+# --- one target per service ------------------------------------------------------------
+FROM runtime AS ingress
+COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
+EXPOSE 8080
+ENTRYPOINT ["python", "-m", "podium.ingress"]
+
+FROM runtime AS notifier
+COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
+ENTRYPOINT ["python", "-m", "podium.notifier"]
+
+FROM agent-runtime AS conductor
+COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
+ENTRYPOINT ["python", "-m", "podium.conductor"]
+
+FROM agent-runtime AS worker
+COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
+ENTRYPOINT ["python", "-m", "podium.worker"]

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Set up the project on a fresh machine and run it or its tests.
+#   scripts/dev.sh setup   uv (if missing) + the locked virtual environment (+ the Claude CLI)
+#   scripts/dev.sh up      setup, then `podium up`
+#   scripts/dev.sh test    setup, then ruff, mypy --strict and the whole pytest suite
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+UV_VERSION="0.13.9"
+export UV_PYTHON_DOWNLOADS=never  # use the machine's Python (>= 3.11); no downloads
+
+uv_bin() {
+  if command -v uv >/dev/null 2>&1; then
+    command -v uv
+    return
+  fi
+  if [ ! -x .tools/uv/bin/uv ]; then
+    echo "installing uv ${UV_VERSION} into .tools/uv" >&2
+    python3 -m venv .tools/uv
+    .tools/uv/bin/pip install --quiet --disable-pip-version-check "uv==${UV_VERSION}"
+  fi
+  echo "$PWD/.tools/uv/bin/uv"
+}
+
+setup() {
+  UV="$(uv_bin)"
+  "$UV" sync --frozen --all-packages
+}
+
+setup_claude() {
+  # The real Claude Code CLI, pinned in tools/claude, for the agent tests.
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "npm not found: tests that need the Claude Code CLI will be skipped" >&2
+    return
+  fi
+  if [ ! -x tools/claude/node_modules/.bin/claude ]; then
+    (cd tools/claude && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+}
+
+case "${1:-}" in
+  setup)
+    setup
+    setup_claude
+    ;;
+  up)
+    setup
+    shift
+    exec .venv/bin/podium up "$@"
+    ;;
+  test)
+    setup
+    setup_claude
+    shift
+    .venv/bin/ruff check .
+    .venv/bin/ruff format --check .
+    .venv/bin/mypy
+    exec .venv/bin/pytest "$@"
+    ;;
+  *)
+    echo "usage: $0 setup|up|test" >&2
+    exit 2
+    ;;
+esac
