@@ -177,6 +177,7 @@ class Conductor:
             )
         else:
             conv.session_id = answer.session_id
+            log.debug("agent turn", extra={"prompt": prompt[:4000], "answer": answer.text[:4000]})
             parsed = cmds.parse(answer.text)
             if not parsed.commands and not parsed.rejected:
                 conv.notes.append("your answer held no command; answer with commands only")

@@ -123,6 +123,8 @@ class Handlers:
             log.warning("could not store inbound event", extra={"error": repr(err)})
             raise HttpError(503, "unavailable", "could not store the message; retry later") from err
         duplicate = bool(ack.duplicate)
+        # Bodies are personal data: DEBUG only.
+        log.debug("inbound text", extra={"event_id": event.event_id, "text": event.text[:4000]})
         self.deps.metrics.accepted.labels(event.channel, str(duplicate).lower()).inc()
         log.info(
             "inbound stored",

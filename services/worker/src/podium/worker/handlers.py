@@ -168,6 +168,7 @@ class Worker:
                 answer=None,
             )
             return
+        log.debug("agent answer", extra={"task_id": task_id, "answer": answer.text[:4000]})
         if answer.ok:
             report = parse_report(answer.text)
             status, summary, details = report.status, report.summary, report.details
