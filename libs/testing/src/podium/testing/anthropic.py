@@ -334,6 +334,16 @@ class MessagesCall:
         return "\n".join(b.get("text", "") for b in _blocks(system) if b.get("type") == "text")
 
     @property
+    def cwd(self) -> str:
+        """The CLI's working directory, from "Primary working directory: …" in the system
+        prompt ("" if absent): where a scripted ``Write`` should put its file."""
+        for line in self.system.splitlines():
+            _, found, rest = line.partition("Primary working directory:")
+            if found:
+                return rest.strip()
+        return ""
+
+    @property
     def messages(self) -> list[dict[str, Any]]:
         """The raw ``messages`` list (may hold ``system``-role entries)."""
         messages = self.raw.get("messages")
