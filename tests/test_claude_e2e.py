@@ -136,7 +136,7 @@ async def test_full_loop_with_the_real_cli(
     assert reply["body"] == "Done: hello.txt contains hello."
 
     # The worker's scripted Write really ran, in the task's own directory.
-    (written,) = (platform_root / "workspaces").glob("*/hello.txt")
+    (written,) = (platform_root / "workspaces").glob("tasks/*/hello.txt")
     assert written.read_text() == "hello\n"
 
     # The conductor's second turn resumed its session: same session, full history.

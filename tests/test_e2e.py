@@ -112,7 +112,7 @@ async def test_api_message_travels_the_whole_loop(platform: Platform, platform_r
     assert reply["correlation_id"] == sent["event_id"]
     assert "Words in the request: 7" in reply["body"]
     # The worker really ran in its own working directory and wrote its result there.
-    (result,) = (platform_root / "workspaces").glob("*/result.md")
+    (result,) = (platform_root / "workspaces").glob("tasks/*/result.md")
     assert "Count the words in this request" in result.read_text()
 
     async with (

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from podium.common.procs import die_with_parent
+
 
 def nats_server_binary() -> str:
     """Path of the nats-server binary installed with the project."""
@@ -96,7 +98,7 @@ class NatsServer:
             cmd,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
+            preexec_fn=_sigterm_with_parent,  # noqa: PLW1509 - only calls prctl
         )
         try:
             wait_for_port("127.0.0.1", self.port, timeout_s)
@@ -134,19 +136,10 @@ class NatsServer:
         self.stop()
 
 
-def _die_with_parent() -> None:
-    """In the child: ask Linux to SIGTERM us when our parent dies, even by SIGKILL.
-
-    An embedded server must not outlive ``podium up`` or a test run, or the
-    next run would find it answering on the port, serving a deleted store.
-    """
-    if sys.platform != "linux":
-        return
-    import ctypes  # noqa: PLC0415
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+def _sigterm_with_parent() -> None:
+    # An embedded server must not outlive ``podium up`` or a test run, or the next
+    # run would find it answering on the port, serving a deleted store.
+    die_with_parent(signal.SIGTERM)
 
 
 def env_without_nats() -> dict[str, str]:

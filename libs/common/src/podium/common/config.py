@@ -61,6 +61,7 @@ def setting(description: str, **constraints: Any) -> msgspec.Meta:
 
 
 AgentKind = Literal["auto", "claude", "offline"]
+PermissionMode = Literal["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
@@ -93,13 +94,18 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
         setting("On SIGTERM, how long in-flight work may finish before it is cancelled.", gt=0),
     ] = 25.0
     log_level: Annotated[LogLevel, setting("Log level (DEBUG logs message bodies).")] = "INFO"
-    state_dir: Annotated[str, setting("Local directory for agent sessions and workspaces.")] = (
-        ".podium/state"
-    )
+    state_dir: Annotated[
+        str,
+        setting("This replica's private directory (agent config dirs, offline sessions)."),
+    ] = ".podium/state"
 
 
 class AgentSettings(CommonSettings, frozen=True, kw_only=True):
-    """Settings of services that run agents (conductor, worker), besides the common ones."""
+    """Settings of services that run agents (conductor, worker), besides the common ones.
+
+    Each role's service reads its own copy, so every setting is per role; the
+    conductor and worker settings classes give some of them different defaults.
+    """
 
     agent: Annotated[
         AgentKind,
@@ -108,8 +114,42 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
             "auto (claude when ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN is set, else offline)."
         ),
     ] = "auto"
+    workspace_root: Annotated[
+        str,
+        setting(
+            "Root of agent working directories (conversations/<id>, tasks/<id>). Keep the "
+            "same path on every replica: a session resumes only from the same directory."
+        ),
+    ] = ".podium/workspaces"
     claude_bin: Annotated[str, setting("The Claude Code CLI executable.")] = "claude"
-    claude_model: Annotated[str, setting("Model for agent sessions (empty = CLI default).")] = ""
+    claude_model: Annotated[str, setting("--model for agent sessions (empty = CLI default).")] = ""
+    claude_permission_mode: Annotated[
+        PermissionMode,
+        setting("--permission-mode. bypassPermissions also sets IS_SANDBOX=1 (needed as root)."),
+    ] = "acceptEdits"
+    claude_tools: Annotated[
+        str,
+        setting('--tools: built-in tools available ("default" = all, "" = none, or "Read,Edit").'),
+    ] = "default"
+    claude_allowed_tools: Annotated[
+        str, setting("--allowedTools: tools that run without asking (comma-separated).")
+    ] = ""
+    claude_disallowed_tools: Annotated[
+        str, setting("--disallowedTools: tools that never run (comma-separated).")
+    ] = ""
+    claude_system_prompt_mode: Annotated[
+        Literal["append", "replace"],
+        setting("The role prompt goes in with --append-system-prompt or --system-prompt."),
+    ] = "append"
+    claude_role_prompt_file: Annotated[
+        str, setting("A file whose text replaces the built-in role prompt (empty = built-in).")
+    ] = ""
+    claude_mcp_config: Annotated[
+        str, setting("--mcp-config file of MCP servers (only those are used: --strict-mcp-config).")
+    ] = ""
+    claude_max_retries: Annotated[
+        int, setting("CLAUDE_CODE_MAX_RETRIES: API retries inside one call.", ge=0, le=15)
+    ] = 2
     agent_timeout_s: Annotated[
         float,
         setting("Wall-clock limit of one agent call; the process group is killed past it.", gt=0),
@@ -117,6 +157,36 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
     agent_max_turns: Annotated[
         int, setting("--max-turns for one agent call (0 = CLI default).", ge=0)
     ] = 0
+    agent_max_budget_usd: Annotated[
+        float, setting("--max-budget-usd for one agent call (0 = no limit).", ge=0)
+    ] = 0.0
+    agent_pool_size: Annotated[
+        int,
+        setting(
+            "Warm sessions kept as live CLI processes (about 175 MB each); the least recently "
+            "used is evicted. 0 = spawn the CLI for every turn.",
+            ge=0,
+        ),
+    ] = 8
+    agent_idle_timeout_s: Annotated[
+        float, setting("A warm session idle this long is closed.", gt=0)
+    ] = 600.0
+    agent_portable_sessions: Annotated[
+        bool,
+        setting(
+            "Store each session's transcript (and a worker's workspace) in JetStream after "
+            "every turn, so another replica can resume it."
+        ),
+    ] = True
+    agent_workspace_max_bytes: Annotated[
+        int, setting("Largest worker workspace archived for another replica (bytes).", ge=0)
+    ] = 50 * 1024 * 1024
+    agent_lease_ttl_s: Annotated[
+        float, setting("A session's lease lapses this long after its holder stops renewing.", gt=1)
+    ] = 30.0
+    agent_lease_wait_s: Annotated[
+        float, setting("How long a turn waits for another replica to free its session.", ge=0)
+    ] = 60.0
     offline_delay_s: Annotated[
         float,
         setting("Offline agent only: seconds each turn takes (to rehearse slow agents).", ge=0),

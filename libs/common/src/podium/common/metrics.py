@@ -91,8 +91,8 @@ class Metrics:
         )
         self.agent_seconds = Histogram(
             f"{PREFIX}_agent_turn_seconds",
-            "Wall-clock time of one agent call",
-            ["role", "runtime"],
+            "Wall-clock time of one agent call, cold (process started) or warm",
+            ["role", "runtime", "mode"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
@@ -100,6 +100,24 @@ class Metrics:
             f"{PREFIX}_agent_cost_usd_total",
             "Agent spend reported by the runtime, in USD",
             ["role", "runtime"],
+            registry=registry,
+        )
+        self.agent_tokens = Counter(
+            f"{PREFIX}_agent_tokens_total",
+            "Tokens reported by the agent runtime, by kind (input, output, cache_read…)",
+            ["role", "kind"],
+            registry=registry,
+        )
+        self.agent_sessions = Counter(
+            f"{PREFIX}_agent_session_events_total",
+            "Session events: restored, not_stored, lost, busy, lease_wait",
+            ["role", "event"],
+            registry=registry,
+        )
+        self.agent_live = Gauge(
+            f"{PREFIX}_agent_live_processes",
+            "Agent processes kept alive (warm sessions)",
+            ["role"],
             registry=registry,
         )
         self.blocked = Counter(

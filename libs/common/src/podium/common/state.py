@@ -91,6 +91,30 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     last_event_id: str = ""
     last_result: TaskResult | None = None
     cancel_requested: bool = False
+    #: What the task asks, to restart it afresh should its session be lost.
+    instructions: str = ""
+    updated_at: datetime = msgspec.field(default_factory=utcnow)
+
+
+class SessionRecord(msgspec.Struct, kw_only=True):
+    """An agent session as every replica sees it (``sessions`` bucket, key ``<role>.<key>``).
+
+    The record is the session's lease (one holder at a time, until
+    ``lease_until``) and its history's version: ``generation`` counts the turns
+    whose transcript is in the object store, so a replica whose local copy is
+    older restores it before resuming.
+    """
+
+    key: str
+    session_id: str = ""
+    generation: int = 0
+    holder: str = ""
+    #: Unix time after which the lease lapses if the holder has not renewed it.
+    lease_until: float = 0.0
+    workdir: str = ""
+    #: Object names of the stored transcript and workspace archive ("" = none stored).
+    transcript: str = ""
+    workspace: str = ""
     updated_at: datetime = msgspec.field(default_factory=utcnow)
 
 

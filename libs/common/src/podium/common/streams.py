@@ -9,7 +9,9 @@ safe to run any number of times, by every service at start and by
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
@@ -18,6 +20,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     KeyValueConfig,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -121,11 +124,17 @@ NOTIFIER_COMMANDS = ConsumerSpec(
 CONVERSATIONS = BucketSpec("conversations", "Conversation state: session, participants, tasks")
 TASK_STATE = BucketSpec("tasks", "Worker-side task state: session id, workdir, last outcome")
 OUTBOX = BucketSpec("outbox", "Notifier outbox: one record per command id", ttl_s=30 * DAY)
+SESSIONS = BucketSpec(
+    "sessions", "Agent sessions: lease, latest session id, transcript generation", ttl_s=30 * DAY
+)
+#: Object store of agent transcripts and worker workspaces, so sessions move between replicas.
+TRANSCRIPTS = "transcripts"
 
 TOPOLOGY = Topology(
     streams=(INBOUND, TASKS, RESULTS, COMMANDS, DEADLETTER),
     consumers=(CONDUCTOR_INBOUND, CONDUCTOR_RESULTS, WORKER_TASKS, NOTIFIER_COMMANDS),
-    buckets=(CONVERSATIONS, TASK_STATE, OUTBOX),
+    buckets=(CONVERSATIONS, TASK_STATE, OUTBOX, SESSIONS),
+    object_stores=(TRANSCRIPTS,),
 )
 
 # BadRequest error code for "stream name already in use with a different configuration".
@@ -184,18 +193,40 @@ async def provision(
         # CONSUMER.CREATE without an action is create-or-update on the server.
         await js.add_consumer(consumer.stream, consumer_config(consumer))
     for bucket in topology.buckets:
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=bucket.name,
-                description=bucket.description,
-                history=bucket.history,
-                ttl=bucket.ttl_s or None,
-                replicas=replicas,
-                storage=StorageType.FILE,
+        with _existing_is_fine(bucket.name):
+            await js.create_key_value(
+                KeyValueConfig(
+                    bucket=bucket.name,
+                    description=bucket.description,
+                    history=bucket.history,
+                    ttl=bucket.ttl_s or None,
+                    replicas=replicas,
+                    storage=StorageType.FILE,
+                )
             )
-        )
     for store in topology.object_stores:
-        await js.create_object_store(store)
+        with _existing_is_fine(store):
+            await js.create_object_store(
+                bucket=store,
+                config=ObjectStoreConfig(
+                    bucket=store,
+                    description="Agent transcripts and workspaces",
+                    storage=StorageType.FILE,
+                    replicas=replicas,
+                    ttl=30 * DAY,
+                )
+            )
+
+
+@contextlib.contextmanager
+def _existing_is_fine(name: str) -> Iterator[None]:
+    """A bucket that exists with other settings is kept as it is (and said so)."""
+    try:
+        yield
+    except BadRequestError as err:
+        if err.err_code != _STREAM_NAME_IN_USE:
+            raise
+        log.warning("bucket exists with different settings; left as is", extra={"bucket": name})
 
 
 async def missing_streams(js: JetStreamContext, names: tuple[str, ...]) -> list[str]:

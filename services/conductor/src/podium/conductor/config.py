@@ -4,11 +4,26 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from podium.common.config import AgentSettings, setting
+from podium.common.config import AgentSettings, PermissionMode, setting
 
 
 class ConductorSettings(AgentSettings, frozen=True, kw_only=True):
     """Settings of ``podium-conductor``."""
+
+    # The conductor decides and delegates; it answers with commands, not tool calls.
+    claude_tools: Annotated[
+        str,
+        setting('--tools for the conductor: "" (none) by default; the conductor only decides.'),
+    ] = ""
+    claude_permission_mode: Annotated[
+        PermissionMode, setting("--permission-mode for the conductor.")
+    ] = "default"
+    agent_max_turns: Annotated[
+        int, setting("--max-turns for one conductor call (0 = CLI default).", ge=0)
+    ] = 3
+    agent_timeout_s: Annotated[float, setting("Wall-clock limit of one conductor turn.", gt=0)] = (
+        180.0
+    )
 
     concurrency: Annotated[
         int, setting("Conversations whose turns may run at the same time.", ge=1, le=1024)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from podium.common import subjects
-from podium.common.agents import AgentAnswer, AgentCall, AgentRuntime
+from podium.common.agents import AgentAnswer, AgentCall
+from podium.common.agents.sessions import Agents
 from podium.common.bus import publish
 from podium.common.consumer import Delivery
 from podium.common.errors import Conflict, Reject, Retry
@@ -86,23 +86,24 @@ class Conductor:
         settings: ConductorSettings,
         nc: Client,
         js: JetStreamContext,
-        runtime: AgentRuntime,
+        agents: Agents,
         conversations: Store[Conversation],
         tasks: Store[TaskRecord],
         metrics: Metrics,
         own_metrics: ConductorMetrics,
         max_deliver: int,
+        role_prompt: str = ROLE,
     ) -> None:
         self.settings = settings
         self.nc = nc
         self.js = js
-        self.runtime = runtime
+        self.agents = agents
         self.conversations = conversations
         self.tasks = tasks
         self.metrics = metrics
         self.own = own_metrics
         self.max_deliver = max_deliver
-        self.workdirs = Path(settings.state_dir) / "conductor"
+        self.role_prompt = role_prompt
 
     async def handle(self, event: AnyEvent, delivery: Delivery) -> None:
         """Entry point for both consumers."""
@@ -211,36 +212,22 @@ class Conductor:
             role="conductor",
             key=conv.conversation_id,
             prompt=prompt,
-            workdir=self.workdirs / conv.conversation_id,
+            workdir=self.agents.workdir(conv.conversation_id),
             session_id=conv.session_id or None,
-            system_prompt=ROLE,
+            system_prompt=self.role_prompt,
             timeout_s=self.settings.agent_timeout_s,
         )
         self.own.active_turns.inc()
         try:
-            answer = await self.runtime.run(call)
+            answer = await self.agents.run(call)
             if answer.outcome == "session_lost":
+                # The session cannot be resumed anywhere: start a new one that is told
+                # what happened so far (logged and counted by the session keeper too).
                 log.warning("conductor session lost; starting afresh with a summary")
-                self.metrics.agent_turns.labels(
-                    "conductor", self.runtime.kind, "session_lost"
-                ).inc()
-                call = AgentCall(
-                    role=call.role,
-                    key=call.key,
-                    prompt=lost_session_summary(conv) + prompt,
-                    workdir=call.workdir,
-                    session_id=None,
-                    system_prompt=call.system_prompt,
-                    timeout_s=call.timeout_s,
-                )
-                answer = await self.runtime.run(call)
+                call = replace(call, prompt=lost_session_summary(conv) + prompt, session_id=None)
+                answer = await self.agents.run(call)
         finally:
             self.own.active_turns.dec()
-        self.metrics.agent_turns.labels("conductor", self.runtime.kind, answer.outcome).inc()
-        self.metrics.agent_seconds.labels("conductor", self.runtime.kind).observe(
-            answer.duration_ms / 1000
-        )
-        self.metrics.agent_cost.labels("conductor", self.runtime.kind).inc(answer.cost_usd)
         self.own.turns.labels(trigger, answer.outcome).inc()
         if answer.ok:
             return answer

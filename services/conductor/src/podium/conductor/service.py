@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from podium.common import streams
-from podium.common.agents import AgentRuntime, build_runtime
+from podium.common.agents import AgentRuntime, build_runtime, role_prompt
+from podium.common.agents.sessions import Agents
 from podium.common.consumer import Lanes, PullConsumer
 from podium.common.events import AnyEvent
 from podium.common.kv import Store
@@ -17,6 +18,7 @@ from podium.common.state import Conversation, TaskRecord
 from podium.conductor.config import ConductorSettings
 from podium.conductor.handlers import Conductor
 from podium.conductor.metrics import ConductorMetrics
+from podium.conductor.prompts import ROLE
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class ConductorService:
         self.settings = settings
         self.runtime = runtime
         self.consumers: list[PullConsumer] = []
+        self.agents: Agents | None = None
 
     async def start(self, ctx: Context) -> None:
         """Open the buckets and start both consumers."""
@@ -43,11 +46,16 @@ class ConductorService:
             self.settings, Path(self.settings.state_dir), self.name
         )
         ctx.metrics.info.labels(self.name, runtime.kind).set(1)
+        self.agents = Agents(
+            runtime, role="conductor", settings=self.settings, metrics=ctx.metrics, js=ctx.js
+        )
+        await self.agents.start()
         conductor = Conductor(
             settings=self.settings,
             nc=ctx.nc,
             js=ctx.js,
-            runtime=runtime,
+            agents=self.agents,
+            role_prompt=role_prompt(self.settings.claude_role_prompt_file, ROLE),
             conversations=await Store.open(ctx.js, streams.CONVERSATIONS.name, Conversation),
             tasks=await Store.open(ctx.js, streams.TASK_STATE.name, TaskRecord),
             metrics=ctx.metrics,
@@ -82,6 +90,8 @@ class ConductorService:
     async def stop(self, timeout_s: float) -> None:
         """Stop fetching; finish turns in flight up to ``timeout_s``."""
         await asyncio.gather(*(consumer.stop(timeout_s) for consumer in self.consumers))
+        if self.agents is not None:
+            await self.agents.close()
 
     def ready(self) -> bool:
         """Ready once consuming."""

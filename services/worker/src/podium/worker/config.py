@@ -13,9 +13,6 @@ class WorkerSettings(AgentSettings, frozen=True, kw_only=True):
     worker_slots: Annotated[
         int, setting("Tasks this worker runs at once (each is one agent process).", ge=1, le=256)
     ] = 4
-    workspace_root: Annotated[str, setting("Where per-task working directories are created.")] = (
-        ".podium/workspaces"
-    )
     default_task_timeout_s: Annotated[
         float, setting("Deadline of a task that does not carry its own.", gt=0)
     ] = 1800.0

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
+from dataclasses import replace
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from podium.common import subjects
-from podium.common.agents import AgentAnswer, AgentCall, AgentRuntime
+from podium.common.agents import AgentAnswer, AgentCall
+from podium.common.agents.sessions import Agents
 from podium.common.bus import publish
 from podium.common.consumer import Delivery
-from podium.common.errors import Reject
+from podium.common.errors import Reject, Retry
 from podium.common.events import (
     AnyEvent,
     KillTask,
@@ -63,18 +64,19 @@ class Worker:
         *,
         settings: WorkerSettings,
         js: JetStreamContext,
-        runtime: AgentRuntime,
+        agents: Agents,
         tasks: Store[TaskRecord],
         metrics: Metrics,
         own_metrics: WorkerMetrics,
+        role_prompt: str = ROLE,
     ) -> None:
         self.settings = settings
         self.js = js
-        self.runtime = runtime
+        self.agents = agents
         self.tasks = tasks
         self.metrics = metrics
         self.own = own_metrics
-        self.workspaces = Path(settings.workspace_root).resolve()
+        self.role_prompt = role_prompt
         # Agent calls running here, by task id, and why one was killed.
         self.running: dict[str, asyncio.Task[AgentAnswer]] = {}
         self.killed: dict[str, str] = {}
@@ -128,19 +130,21 @@ class Worker:
                 answer=None,
             )
             return
+        workdir = self.agents.workdir(task_id)
         if isinstance(event, TaskFollowup):
-            if record is None or not record.workdir or not record.session_id:
+            if record is None or not record.session_id:
                 raise Reject(f"follow-up for task {task_id}, which has no session to resume")
-            workdir, session_id = Path(record.workdir), record.session_id
+            session_id: str | None = record.session_id
             prompt = followup_prompt(event.message)
         else:
-            workdir, session_id = self.workspaces / task_id, None
+            session_id = None
             prompt = task_prompt(event.instructions, event.original_request)
             record = TaskRecord(
                 task_id=task_id,
                 conversation_id=event.conversation_id,
                 correlation_id=event.correlation_id,
                 workdir=str(workdir),
+                instructions=event.instructions,
             )
         record.state = "running"
         await self._save(record)
@@ -150,12 +154,20 @@ class Worker:
             prompt=prompt,
             workdir=workdir,
             session_id=session_id,
-            system_prompt=ROLE,
+            system_prompt=self.role_prompt,
             timeout_s=event.timeout_s or self.settings.default_task_timeout_s,
         )
         kind = "task" if isinstance(event, TaskRequested) else "followup"
         log.info("task started", extra={"task_id": task_id, "kind": kind, "workdir": str(workdir)})
         answer = await self._run_agent(task_id, call)
+        if answer is not None and answer.outcome == "session_lost":
+            # Nowhere to resume from: start the task again, told what it is and what
+            # the conductor just said (the session keeper logged and counted the loss).
+            log.warning("task session lost; restarting it with a summary")
+            restart = task_prompt(record.instructions, "") + "\n" + prompt
+            answer = await self._run_agent(task_id, replace(call, prompt=restart, session_id=None))
+        if answer is not None and answer.outcome == "busy":
+            raise Retry(f"task {task_id}'s session is held by another worker", delay_s=5.0)
         if answer is None:
             reason = self.killed.pop(task_id, "killed")
             self.own.tasks.labels(kind, "CANCELLED").inc()
@@ -190,7 +202,7 @@ class Worker:
 
     async def _run_agent(self, task_id: str, call: AgentCall) -> AgentAnswer | None:
         """The agent's answer, or None if the task was killed meanwhile."""
-        inner = asyncio.create_task(self.runtime.run(call), name=f"agent:{task_id}")
+        inner = asyncio.create_task(self.agents.run(call), name=f"agent:{task_id}")
         self.running[task_id] = inner
         self.own.busy.inc()
         try:
@@ -202,11 +214,6 @@ class Worker:
         finally:
             self.own.busy.dec()
             self.running.pop(task_id, None)
-        self.metrics.agent_turns.labels("worker", self.runtime.kind, answer.outcome).inc()
-        self.metrics.agent_seconds.labels("worker", self.runtime.kind).observe(
-            answer.duration_ms / 1000
-        )
-        self.metrics.agent_cost.labels("worker", self.runtime.kind).inc(answer.cost_usd)
         return answer
 
     async def _finish(

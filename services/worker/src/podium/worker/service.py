@@ -9,7 +9,8 @@ from pathlib import Path
 from nats.aio.subscription import Subscription
 
 from podium.common import streams, subjects
-from podium.common.agents import AgentRuntime, build_runtime
+from podium.common.agents import AgentRuntime, build_runtime, role_prompt
+from podium.common.agents.sessions import Agents
 from podium.common.consumer import PullConsumer
 from podium.common.events import AnyEvent
 from podium.common.kv import Store
@@ -18,6 +19,7 @@ from podium.common.state import TaskRecord
 from podium.worker.config import WorkerSettings
 from podium.worker.handlers import Worker
 from podium.worker.metrics import WorkerMetrics
+from podium.worker.prompts import ROLE
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class WorkerService:
         self.runtime = runtime
         self.consumer: PullConsumer | None = None
         self._kills: Subscription | None = None
+        self.agents: Agents | None = None
 
     async def start(self, ctx: Context) -> None:
         """Subscribe to kill requests, then start taking tasks."""
@@ -45,10 +48,15 @@ class WorkerService:
             self.settings, Path(self.settings.state_dir), self.name
         )
         ctx.metrics.info.labels(self.name, runtime.kind).set(1)
+        self.agents = Agents(
+            runtime, role="worker", settings=self.settings, metrics=ctx.metrics, js=ctx.js
+        )
+        await self.agents.start()
         worker = Worker(
             settings=self.settings,
             js=ctx.js,
-            runtime=runtime,
+            agents=self.agents,
+            role_prompt=role_prompt(self.settings.claude_role_prompt_file, ROLE),
             tasks=await Store.open(ctx.js, streams.TASK_STATE.name, TaskRecord),
             metrics=ctx.metrics,
             own_metrics=WorkerMetrics(ctx.registry, self.settings.worker_slots),
@@ -74,6 +82,8 @@ class WorkerService:
             await self.consumer.stop(timeout_s)
         if self._kills is not None:
             await self._kills.unsubscribe()
+        if self.agents is not None:
+            await self.agents.close()
 
     def ready(self) -> bool:
         """Ready once consuming."""

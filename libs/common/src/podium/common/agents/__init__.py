@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from podium.common.config import AgentSettings
+from podium.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,10 @@ Outcome = Literal[
     "timeout",
     "crashed",
     "session_lost",
+    # Another replica holds the session and did not free it in time.
+    "busy",
 ]
+Mode = Literal["cold", "warm"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,12 @@ class AgentAnswer:
     cost_usd: float = 0.0
     num_turns: int = 0
     duration_ms: int = 0
+    #: cold: a process started for this turn; warm: a live process answered it.
+    mode: Mode = "cold"
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
 
     @property
     def ok(self) -> bool:
@@ -77,11 +87,35 @@ class AgentRuntime(Protocol):
     async def run(self, call: AgentCall) -> AgentAnswer:
         """Run one turn. Cancelling kills the agent's process group."""
 
+    def transcript_path(self, call: AgentCall, session_id: str) -> Path:
+        """Where this runtime keeps the transcript of ``session_id`` for ``call``'s owner."""
+
+    async def forget(self, key: str) -> None:
+        """Drop any live state of ``key``'s session (another replica moved it on)."""
+
+    def live(self) -> int:
+        """Live agent processes held now."""
+
+    async def close(self) -> None:
+        """Stop every live agent process."""
+
 
 def claude_credentials_present(environ: dict[str, str] | None = None) -> bool:
     """Whether the environment carries credentials the Claude Code CLI can use."""
     env = os.environ if environ is None else environ
     return bool(env.get("ANTHROPIC_API_KEY") or env.get("CLAUDE_CODE_OAUTH_TOKEN"))
+
+
+def role_prompt(path: str, default: str) -> str:
+    """The role prompt: the file ``PODIUM_CLAUDE_ROLE_PROMPT_FILE`` names, or ``default``."""
+    if not path:
+        return default
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(
+            [f"PODIUM_CLAUDE_ROLE_PROMPT_FILE={path!r} cannot be read: {err}"]
+        ) from err
 
 
 def build_runtime(settings: AgentSettings, state_dir: Path, service: str) -> AgentRuntime:
@@ -92,7 +126,7 @@ def build_runtime(settings: AgentSettings, state_dir: Path, service: str) -> Age
     if kind == "claude":
         from podium.common.agents.claude import ClaudeRuntime  # noqa: PLC0415
 
-        return ClaudeRuntime(settings, state_dir / "claude")
+        return ClaudeRuntime(settings, state_dir.resolve() / "claude")
     from podium.common.agents.offline import OfflineRuntime  # noqa: PLC0415
 
     banner = "=" * 72
@@ -104,4 +138,4 @@ def build_runtime(settings: AgentSettings, state_dir: Path, service: str) -> Age
         banner,
         extra={"agent": "offline"},
     )
-    return OfflineRuntime(state_dir / "offline", delay_s=settings.offline_delay_s)
+    return OfflineRuntime(state_dir.resolve() / "offline", delay_s=settings.offline_delay_s)

@@ -1,20 +1,24 @@
-"""The Claude Code CLI as an agent runtime (``claude -p``, one process per turn).
+"""The Claude Code CLI as an agent runtime: warm sessions, cold fallback, a watchdog.
 
-Facts this relies on (checked against the real CLI, see ``docs/agents.md``):
+A turn goes to a **warm** session when one is live: a long-lived
+``claude -p --input-format stream-json --output-format stream-json`` process
+that already holds the conversation, so the turn skips the CLI's start-up
+(about 0.55 s here). Otherwise it is **cold**: a new long-lived process is
+started with ``--resume`` (or a pre-assigned ``--session-id``) and kept in a
+bounded LRU pool (``PODIUM_AGENT_POOL_SIZE``; idle ones close after
+``PODIUM_AGENT_IDLE_TIMEOUT_S``). With a pool size of 0, or when every pooled
+process is busy, each turn spawns ``claude -p --output-format json`` and exits.
 
-- ``--output-format json`` prints one object with ``subtype``, ``is_error``,
-  ``result``, ``session_id``, ``num_turns``, ``duration_ms``,
-  ``total_cost_usd``; both ``subtype`` and ``is_error`` must be checked.
-- A session is found only from the same working directory and config
-  directory, so each session gets its own ``CLAUDE_CONFIG_DIR`` (parallel
-  sessions never share ``~/.claude.json``) and always runs in its pinned
-  working directory.
-- A resumed run may report a new session id: the id of the latest result is
-  the one to keep.
-- Headless runs can hang: every call runs under a wall-clock watchdog that
-  kills the whole process group.
-- The prompt goes on stdin, not argv: untrusted text never appears in ``ps``
-  and is never parsed as an option.
+Never two live processes on one session: turns of one key are serialised,
+and a key has at most one process, here; across replicas the session lease
+(``podium.common.agents.sessions``) does the same.
+
+Facts this relies on are in ``docs/agents.md``; among them: check
+``is_error`` as well as ``subtype``; a resume from another working directory
+prints nothing and "No conversation found" on stderr; ``total_cost_usd`` in
+stream-json results is a running total per process; a stream that stalls
+mid-answer hangs the CLI for minutes, so every turn runs under our own
+wall-clock watchdog that kills the whole process group.
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ import contextlib
 import json
 import logging
 import os
-import signal
+import re
 import time
 import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from podium.common.agents import AgentAnswer, AgentCall, Outcome
+from podium.common.agents import AgentAnswer, AgentCall, Mode, Outcome
 from podium.common.config import AgentSettings
+from podium.common.procs import die_with_parent, kill_group
 
 log = logging.getLogger(__name__)
 
@@ -45,96 +52,289 @@ _SUBTYPES: dict[str, Outcome] = {
 # Environment the CLI needs from ours; everything else (provider keys of other
 # services, NATS credentials) stays out of the agent's reach.
 _PASS_ENV = (
-    "PATH",
-    "LANG",
-    "LC_ALL",
-    "TZ",
-    "TMPDIR",
-    "NODE_OPTIONS",
-    "NODE_EXTRA_CA_CERTS",
-    "HTTPS_PROXY",
-    "HTTP_PROXY",
-    "NO_PROXY",
-    "https_proxy",
-    "http_proxy",
-    "no_proxy",
-    "ANTHROPIC_API_KEY",
-    "ANTHROPIC_BASE_URL",
-    "ANTHROPIC_AUTH_TOKEN",
-    "CLAUDE_CODE_OAUTH_TOKEN",
-    "ANTHROPIC_MODEL",
-    "ANTHROPIC_SMALL_FAST_MODEL",
-    "API_TIMEOUT_MS",
-    "CLAUDE_CODE_MAX_RETRIES",
-    "CLAUDE_CODE_USE_BEDROCK",
-    "CLAUDE_CODE_USE_VERTEX",
-    "AWS_REGION",
-    "AWS_PROFILE",
-    "CLOUD_ML_REGION",
-    "ANTHROPIC_VERTEX_PROJECT_ID",
-    "GOOGLE_APPLICATION_CREDENTIALS",
-)
+    "PATH", "LANG", "LC_ALL", "TZ", "NODE_OPTIONS", "NODE_EXTRA_CA_CERTS",
+    "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy",
+    "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN",
+    "ANTHROPIC_MODEL", "ANTHROPIC_SMALL_FAST_MODEL", "ANTHROPIC_CUSTOM_HEADERS", "API_TIMEOUT_MS",
+    "CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX", "AWS_REGION", "AWS_PROFILE",
+    "CLOUD_ML_REGION", "ANTHROPIC_VERTEX_PROJECT_ID", "GOOGLE_APPLICATION_CREDENTIALS",
+)  # fmt: skip
+
+# Long tool results arrive as one JSON line: allow big lines.
+_LINE_LIMIT = 64 * 1024 * 1024
+_LOST = "No conversation found"
+
+
+def project_dir_name(workdir: Path) -> str:
+    """How the CLI names a working directory under ``projects/`` (non-alphanumerics → -)."""
+    return re.sub(r"[^A-Za-z0-9]", "-", str(workdir))
+
+
+@dataclass
+class WarmSession:
+    """A live stream-json CLI process holding one session."""
+
+    key: str
+    session_id: str
+    proc: asyncio.subprocess.Process
+    stderr: IO[bytes]
+    last_used: float = field(default_factory=time.monotonic)
+    #: ``total_cost_usd`` of the last result: the CLI reports a running total.
+    cost_so_far: float = 0.0
+    turns: int = 0
+    busy: bool = False
+    #: uuid of the last assistant message of the latest turn (see ``flushed``).
+    last_message: str = ""
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        return self.proc.returncode is None
+
+    async def turn(self, prompt: str) -> dict[str, Any] | None:
+        """Send one user message; the turn's ``result`` object, or None if the process died."""
+        stdin, stdout = self.proc.stdin, self.proc.stdout
+        if stdin is None or stdout is None:
+            return None
+        line = {"type": "user", "message": {"role": "user", "content": prompt}}
+        try:
+            stdin.write(json.dumps(line).encode() + b"\n")
+            await stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            return None
+        while True:
+            raw = await stdout.readline()
+            if not raw:
+                return None
+            with contextlib.suppress(ValueError):
+                event = json.loads(raw)
+                if not isinstance(event, dict):
+                    continue
+                if event.get("type") == "assistant" and event.get("uuid"):
+                    self.last_message = str(event["uuid"])
+                if event.get("type") == "result":
+                    return event
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Close stdin (the CLI finishes and exits), then make sure the group is gone."""
+        if self.proc.stdin is not None and not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
+        if self.proc.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await self.proc.wait()
+        await kill_group(self.proc, grace_s=0.5)
+        self.stderr.close()
 
 
 class ClaudeRuntime:
-    """Runs each turn as ``claude -p`` in the session's pinned working directory."""
+    """Runs turns on the Claude Code CLI, warm when it can, cold when it must."""
 
     kind = "claude"
 
     def __init__(self, settings: AgentSettings, config_root: Path) -> None:
         self.settings = settings
         self.config_root = config_root
+        self.pool: OrderedDict[str, WarmSession] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    # --- where things live -------------------------------------------------
 
     def config_dir(self, call: AgentCall) -> Path:
-        """The session's private ``CLAUDE_CONFIG_DIR``."""
+        """The session's private ``CLAUDE_CONFIG_DIR`` (also its HOME and TMPDIR)."""
         return self.config_root / call.role / call.key
 
-    def command(self, call: AgentCall, session_id: str, *, resume: bool) -> list[str]:
-        """The CLI's argument list for ``call``."""
+    def transcript_path(self, call: AgentCall, session_id: str) -> Path:
+        """The CLI's transcript of ``session_id`` (it names the project by the workdir)."""
+        projects = self.config_dir(call) / "projects"
+        expected = projects / project_dir_name(call.workdir) / f"{session_id}.jsonl"
+        if not expected.exists():
+            # Should the CLI ever name project directories differently, find the file.
+            found = next(iter(projects.glob(f"*/{session_id}.jsonl")), None)
+            if found is not None:
+                return found
+        return expected
+
+    # --- the command line --------------------------------------------------
+
+    def command(
+        self, call: AgentCall, session_id: str, *, resume: bool, streaming: bool
+    ) -> list[str]:
+        """The CLI's arguments for ``call`` (no prompt: it goes on stdin)."""
         s = self.settings
-        cmd = [s.claude_bin, "-p", "--output-format", "json"]
+        cmd = [s.claude_bin, "-p"]
+        if streaming:
+            cmd += ["--input-format", "stream-json", "--output-format", "stream-json", "--verbose"]
+        else:
+            cmd += ["--output-format", "json"]
         cmd += ["--resume", session_id] if resume else ["--session-id", session_id]
-        cmd += ["--permission-mode", "acceptEdits"]
+        cmd += ["--permission-mode", s.claude_permission_mode]
+        if s.claude_tools != "default":
+            cmd.append(f"--tools={s.claude_tools}")
+        if s.claude_allowed_tools:
+            cmd.append(f"--allowedTools={s.claude_allowed_tools}")
+        if s.claude_disallowed_tools:
+            cmd.append(f"--disallowedTools={s.claude_disallowed_tools}")
         if s.claude_model:
             cmd += ["--model", s.claude_model]
         if s.agent_max_turns:
             cmd += ["--max-turns", str(s.agent_max_turns)]
+        if s.agent_max_budget_usd:
+            cmd += ["--max-budget-usd", f"{s.agent_max_budget_usd:g}"]
+        if s.claude_mcp_config:
+            cmd += ["--mcp-config", s.claude_mcp_config, "--strict-mcp-config"]
         if call.system_prompt:
-            cmd += ["--append-system-prompt", call.system_prompt]
+            flag = "--append-system-prompt"
+            if s.claude_system_prompt_mode == "replace":
+                flag = "--system-prompt"
+            cmd += [flag, call.system_prompt]
         return cmd
 
     def environment(self, call: AgentCall) -> dict[str, str]:
-        """The CLI's environment: a short allowlist plus its private config dir."""
+        """The CLI's environment: a short allowlist plus its private directories."""
         env = {k: v for k, v in os.environ.items() if k in _PASS_ENV}
         config = self.config_dir(call)
         env.update(
             HOME=str(config),
             CLAUDE_CONFIG_DIR=str(config),
+            TMPDIR=str(config / "tmp"),
             CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
             DISABLE_AUTOUPDATER="1",
             DISABLE_TELEMETRY="1",
             DISABLE_ERROR_REPORTING="1",
+            CLAUDE_CODE_MAX_RETRIES=str(self.settings.claude_max_retries),
         )
+        if self.settings.claude_permission_mode == "bypassPermissions":
+            # As root the CLI refuses to bypass permissions outside a declared sandbox;
+            # the agent's sandbox is its container and working directory.
+            env["IS_SANDBOX"] = "1"
         return env
 
-    async def run(self, call: AgentCall) -> AgentAnswer:
-        """One turn: resume ``call.session_id`` or start a pre-assigned new session."""
-        session_id = call.session_id or str(uuid.uuid4())
-        return await self._run_once(call, session_id, resume=call.session_id is not None)
-
-    async def _run_once(self, call: AgentCall, session_id: str, *, resume: bool) -> AgentAnswer:
+    async def _spawn(
+        self, call: AgentCall, session_id: str, *, resume: bool, streaming: bool
+    ) -> asyncio.subprocess.Process:
         call.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_dir(call).mkdir(parents=True, exist_ok=True)
+        (self.config_dir(call) / "tmp").mkdir(parents=True, exist_ok=True)
+        stderr: int | IO[bytes] = asyncio.subprocess.PIPE
+        if streaming:
+            stderr = (self.config_dir(call) / "stderr.log").open("ab")
+        try:
+            return await asyncio.create_subprocess_exec(
+                *self.command(call, session_id, resume=resume, streaming=streaming),
+                cwd=call.workdir,
+                env=self.environment(call),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                limit=_LINE_LIMIT,
+                # Its own process group, so a kill reaches every tool it started;
+                # and it dies with us, so no orphan keeps the session open.
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        finally:
+            if not isinstance(stderr, int):
+                stderr.close()
+
+    # --- turns -----------------------------------------------------------
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    async def run(self, call: AgentCall) -> AgentAnswer:
+        """One turn: warm if ``call.key`` has a live session, else cold."""
+        self._start_reaper()
+        async with self._lock(call.key):
+            warm = self.pool.get(call.key)
+            if warm is not None and (
+                not warm.alive or warm.session_id != call.session_id or call.session_id is None
+            ):
+                # The caller moved to another (or a new) session, or the process died.
+                await self._drop(call.key)
+                warm = None
+            if warm is None and self.settings.agent_pool_size > 0:
+                warm = await self._start_warm(call)
+            if warm is None:
+                return await self._one_shot(call)
+            return await self._warm_turn(call, warm)
+
+    async def _start_warm(self, call: AgentCall) -> WarmSession | None:
+        """A new pooled process for ``call`` (evicting the LRU idle one); None if all busy."""
+        while len(self.pool) >= self.settings.agent_pool_size:
+            idle = next((k for k, w in self.pool.items() if not w.busy), None)
+            if idle is None:
+                return None
+            log.info("evicting warm session", extra={"key": idle, "reason": "pool full"})
+            await self._drop(idle)
+        session_id = call.session_id or str(uuid.uuid4())
+        log_path = self.config_dir(call) / "stderr.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        proc = await self._spawn(
+            call, session_id, resume=call.session_id is not None, streaming=True
+        )
+        # What this process writes to stderr, for when it dies without a result.
+        stderr = log_path.open("rb")
+        stderr.seek(offset)
+        warm = WarmSession(call.key, session_id, proc, stderr)
+        warm.turns = -1  # marks the first turn as cold (it paid for the start-up)
+        self.pool[call.key] = warm
+        return warm
+
+    async def _warm_turn(self, call: AgentCall, warm: WarmSession) -> AgentAnswer:
+        self.pool.move_to_end(call.key)
+        mode: Mode = "cold" if warm.turns < 0 else "warm"
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *self.command(call, session_id, resume=resume),
-            cwd=call.workdir,
-            env=self.environment(call),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            # Its own process group, so a kill reaches every tool it started.
-            start_new_session=True,
+        warm.busy = True
+        try:
+            async with asyncio.timeout(call.timeout_s):
+                result = await warm.turn(call.prompt)
+        except TimeoutError:
+            await self._drop(call.key)
+            return AgentAnswer(
+                text="", session_id=warm.session_id, outcome="timeout", mode=mode,
+                error=f"no answer within {call.timeout_s:g}s; process group killed",
+                duration_ms=_ms(started),
+            )  # fmt: skip
+        except BaseException:
+            # Cancelled (a kill, a shutdown) or broken: never leave the agent behind.
+            await self._drop(call.key)
+            raise
+        finally:
+            warm.busy = False
+            warm.last_used = time.monotonic()
+        if result is None:
+            self.pool.pop(call.key, None)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await warm.proc.wait()
+            err = warm.stderr.read().decode("utf-8", "replace")
+            await warm.close(grace_s=0.5)
+            lost = _LOST in err
+            return AgentAnswer(
+                text="", session_id=warm.session_id, mode=mode,
+                outcome="session_lost" if lost else "crashed",
+                error=_tail(err or f"agent process exited ({warm.proc.returncode})"),
+                duration_ms=_ms(started),
+            )  # fmt: skip
+        answer = answer_from(result, warm.session_id, _ms(started), mode=mode)
+        # A live process writes its transcript a little after the result: wait for it,
+        # so a copy taken now (to move the session elsewhere) holds this turn.
+        await _flushed(self.transcript_path(call, answer.session_id), warm.last_message)
+        # stream-json results carry running totals: this turn's cost is the difference.
+        total = answer.cost_usd
+        answer = _with_cost(answer, max(0.0, total - warm.cost_so_far))
+        warm.cost_so_far = total
+        warm.turns = max(warm.turns, 0) + 1
+        warm.session_id = answer.session_id
+        return answer
+
+    async def _one_shot(self, call: AgentCall) -> AgentAnswer:
+        """``claude -p --output-format json``: start, answer, exit."""
+        session_id = call.session_id or str(uuid.uuid4())
+        started = time.monotonic()
+        proc = await self._spawn(
+            call, session_id, resume=call.session_id is not None, streaming=False
         )
         try:
             async with asyncio.timeout(call.timeout_s):
@@ -142,59 +342,136 @@ class ClaudeRuntime:
         except TimeoutError:
             await kill_group(proc)
             return AgentAnswer(
-                text="",
-                session_id=session_id,
-                outcome="timeout",
+                text="", session_id=session_id, outcome="timeout",
                 error=f"no answer within {call.timeout_s:g}s; process group killed",
                 duration_ms=_ms(started),
-            )
+            )  # fmt: skip
         except BaseException:
-            # Cancelled (a kill, a shutdown) or failed: never leave the agent behind.
             await kill_group(proc)
             raise
+        # Tools it started in the background must not outlive the turn.
+        await kill_group(proc, grace_s=0)
         return parse_result(stdout, stderr, proc.returncode, session_id, _ms(started))
+
+    # --- the pool ----------------------------------------------------------
+
+    async def _drop(self, key: str) -> None:
+        warm = self.pool.pop(key, None)
+        if warm is not None:
+            await warm.close(grace_s=0.5)
+
+    async def forget(self, key: str) -> None:
+        """Close ``key``'s warm process: its in-memory history is no longer current."""
+        async with self._lock(key):
+            await self._drop(key)
+
+    def live(self) -> int:
+        """Warm processes alive now."""
+        return sum(1 for w in self.pool.values() if w.alive)
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap(), name="claude-idle-reaper")
+
+    async def _reap(self) -> None:
+        """Close warm sessions idle longer than ``PODIUM_AGENT_IDLE_TIMEOUT_S``."""
+        idle_s = self.settings.agent_idle_timeout_s
+        while True:
+            await asyncio.sleep(min(idle_s / 4, 10.0))
+            now = time.monotonic()
+            for key, warm in list(self.pool.items()):
+                lock = self._lock(key)
+                if not warm.busy and not lock.locked() and now - warm.last_used > idle_s:
+                    log.info("closing idle warm session", extra={"key": key})
+                    async with lock:
+                        await self._drop(key)
+
+    async def close(self) -> None:
+        """Close every warm session (service shutdown)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await asyncio.gather(*(self._drop(key) for key in list(self.pool)))
+
+
+async def _flushed(path: Path, message_uuid: str, timeout_s: float = 5.0) -> None:
+    """Wait until the transcript at ``path`` holds the message ``message_uuid``."""
+    if not message_uuid:
+        return
+    needle = message_uuid.encode()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if needle in await asyncio.to_thread(_tail_bytes, path, 1 << 20):
+                return
+        await asyncio.sleep(0.01)
+    log.warning("transcript not flushed in time", extra={"path": str(path)})
+
+
+def _tail_bytes(path: Path, size: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - size))
+        return f.read()
 
 
 def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
+def _with_cost(answer: AgentAnswer, cost: float) -> AgentAnswer:
+    return replace(answer, cost_usd=cost)
+
+
+def answer_from(
+    data: dict[str, Any], session_id: str, duration_ms: int, *, mode: Mode = "cold"
+) -> AgentAnswer:
+    """Map one CLI ``result`` object to an answer."""
+    subtype = str(data.get("subtype", ""))
+    outcome = _SUBTYPES.get(subtype, "execution_error")
+    if outcome == "ok" and data.get("is_error"):
+        # API errors and timeouts come back as subtype "success" with is_error set.
+        outcome = "execution_error"
+    result = data.get("result")
+    errors = data.get("errors")
+    if isinstance(errors, list) and errors:
+        error = "; ".join(str(e) for e in errors)
+    else:
+        error = str(result or subtype)
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    assert isinstance(usage, dict)  # noqa: S101 - narrowed above
+    return AgentAnswer(
+        text=result if isinstance(result, str) and outcome == "ok" else "",
+        session_id=str(data.get("session_id") or session_id),
+        outcome=outcome,
+        error="" if outcome == "ok" else _tail(error),
+        cost_usd=float(data.get("total_cost_usd") or 0.0),
+        num_turns=int(data.get("num_turns") or 0),
+        duration_ms=duration_ms,
+        mode=mode,
+        input_tokens=int(usage.get("input_tokens") or 0),
+        output_tokens=int(usage.get("output_tokens") or 0),
+        cache_read_tokens=int(usage.get("cache_read_input_tokens") or 0),
+        cache_creation_tokens=int(usage.get("cache_creation_input_tokens") or 0),
+    )
+
+
 def parse_result(
     stdout: bytes, stderr: bytes, returncode: int | None, session_id: str, duration_ms: int
 ) -> AgentAnswer:
-    """Map the CLI's output to an answer; never raises."""
+    """Map the output of ``claude -p --output-format json`` to an answer; never raises."""
     text = stdout.decode("utf-8", "replace").strip()
-    data: dict[str, Any] | None = None
-    # The JSON result is the last line that parses as an object.
     for line in reversed(text.splitlines()):
         with contextlib.suppress(ValueError):
             candidate = json.loads(line)
             if isinstance(candidate, dict) and candidate.get("type") == "result":
-                data = candidate
-                break
+                return answer_from(candidate, session_id, duration_ms)
     err_text = stderr.decode("utf-8", "replace").strip()
-    if data is None:
-        lost = "No conversation found" in err_text or "No conversation found" in text
-        return AgentAnswer(
-            text="",
-            session_id=session_id,
-            outcome="session_lost" if lost else "crashed",
-            error=_tail(err_text or text or f"exit status {returncode}"),
-            duration_ms=duration_ms,
-        )
-    subtype = str(data.get("subtype", ""))
-    outcome = _SUBTYPES.get(subtype, "execution_error")
-    if outcome == "ok" and data.get("is_error"):
-        outcome = "execution_error"
-    result = data.get("result")
+    lost = _LOST in err_text or _LOST in text
     return AgentAnswer(
-        text=result if isinstance(result, str) else "",
-        session_id=str(data.get("session_id") or session_id),
-        outcome=outcome,
-        error="" if outcome == "ok" else _tail(str(result or subtype or err_text)),
-        cost_usd=float(data.get("total_cost_usd") or 0.0),
-        num_turns=int(data.get("num_turns") or 0),
-        duration_ms=int(data.get("duration_ms") or duration_ms),
+        text="",
+        session_id=session_id,
+        outcome="session_lost" if lost else "crashed",
+        error=_tail(err_text or text or f"exit status {returncode}"),
+        duration_ms=duration_ms,
     )
 
 
@@ -202,22 +479,4 @@ def _tail(text: str, limit: int = 2000) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-async def kill_group(proc: asyncio.subprocess.Process, grace_s: float = 2.0) -> None:
-    """SIGTERM the process group, then SIGKILL it if anything is left after ``grace_s``."""
-    if proc.returncode is not None:
-        _killpg(proc.pid, signal.SIGKILL)  # children may outlive their parent
-        return
-    _killpg(proc.pid, signal.SIGTERM)
-    try:
-        async with asyncio.timeout(grace_s):
-            await proc.wait()
-    except TimeoutError:
-        pass
-    _killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        await proc.wait()
-
-
-def _killpg(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+__all__ = ["ClaudeRuntime", "WarmSession", "answer_from", "parse_result", "project_dir_name"]

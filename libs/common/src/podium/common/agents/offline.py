@@ -73,6 +73,20 @@ class OfflineRuntime:
             duration_ms=int((time.monotonic() - started) * 1000),
         )
 
+    def transcript_path(self, call: AgentCall, session_id: str) -> Path:
+        """The session's JSON file."""
+        return self._path(session_id)
+
+    async def forget(self, key: str) -> None:
+        """Nothing is held between turns."""
+
+    def live(self) -> int:
+        """No processes."""
+        return 0
+
+    async def close(self) -> None:
+        """Nothing to stop."""
+
     def _path(self, session_id: str) -> Path:
         return self.sessions_dir / f"{session_id}.json"
 

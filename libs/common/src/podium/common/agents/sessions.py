@@ -1,0 +1,355 @@
+"""Agent sessions across replicas: one owner at a time, and history that travels.
+
+``Agents`` wraps a runtime for a service. For every turn it:
+
+1. takes the session's **lease** in the ``sessions`` bucket (compare-and-set on
+   ``<role>.<key>``; it lapses ``PODIUM_AGENT_LEASE_TTL_S`` after its holder
+   stops renewing), waiting up to ``PODIUM_AGENT_LEASE_WAIT_S`` for another
+   replica to free it — so two replicas never run the same session at once;
+2. if another replica ran the session's last turn (the record's
+   ``generation`` is not the one this replica last saw), drops its own warm
+   process and **restores** the transcript (and, for a worker, the workspace)
+   from the ``transcripts`` object store into this replica's config dir, under
+   the same working-directory path;
+3. runs the turn, then stores the transcript (and workspace) and bumps the
+   generation, so the next turn may run anywhere;
+4. records metrics: turns by outcome, latency cold vs warm, cost, tokens,
+   sessions restored or lost.
+
+A session that cannot be restored comes back as ``session_lost``; the caller
+starts a new one with a summary of what came before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import shutil
+import socket
+import tarfile
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+from msgspec.structs import replace as evolve
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from nats.js.object_store import ObjectStore
+
+from podium.common import streams
+from podium.common.agents import AgentAnswer, AgentCall, AgentRuntime, Role
+from podium.common.config import AgentSettings
+from podium.common.errors import Conflict
+from podium.common.kv import Store
+from podium.common.metrics import Metrics
+from podium.common.state import SessionRecord
+
+log = logging.getLogger(__name__)
+
+
+def replica_id() -> str:
+    """A name for this process that is unique among replicas (pod name, pid, nonce)."""
+    host = os.environ.get("HOSTNAME") or socket.gethostname()
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class LeaseLost(Exception):
+    """Another replica took the session while this one held it (it stopped renewing)."""
+
+
+class Agents:
+    """A runtime, made safe and portable across replicas, with metrics."""
+
+    def __init__(
+        self,
+        runtime: AgentRuntime,
+        *,
+        role: Role,
+        settings: AgentSettings,
+        metrics: Metrics,
+        js: JetStreamContext | None = None,
+        replica: str | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.role = role
+        self.settings = settings
+        self.metrics = metrics
+        self.js = js
+        self.replica = replica or replica_id()
+        self.records: Store[SessionRecord] | None = None
+        self.objects: ObjectStore | None = None
+        # The generation of each session whose latest turn ran here.
+        self.seen: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def kind(self) -> str:
+        """The runtime's kind (claude, offline)."""
+        return self.runtime.kind
+
+    async def start(self) -> None:
+        """Bind the sessions bucket and the transcripts object store."""
+        if self.js is None:
+            return
+        self.records = await Store.open(self.js, streams.SESSIONS.name, SessionRecord)
+        if self.settings.agent_portable_sessions:
+            self.objects = await self.js.object_store(streams.TRANSCRIPTS)
+
+    async def close(self) -> None:
+        """Stop the runtime's live processes."""
+        await self.runtime.close()
+
+    def workdir(self, key: str) -> Path:
+        """The working directory of ``key``'s session: the same path on every replica."""
+        sub = "conversations" if self.role == "conductor" else "tasks"
+        return Path(self.settings.workspace_root).resolve() / sub / key
+
+    # --- a turn ------------------------------------------------------------
+
+    async def run(self, call: AgentCall) -> AgentAnswer:
+        """Run one turn under the session's lease; see the module docstring."""
+        lock = self._locks.setdefault(call.key, asyncio.Lock())
+        async with lock:
+            if self.records is None:
+                answer = await self.runtime.run(call)
+            else:
+                answer = await self._run_leased(call, self.records)
+        self._observe(answer)
+        return answer
+
+    async def _run_leased(self, call: AgentCall, records: Store[SessionRecord]) -> AgentAnswer:
+        name = f"{self.role}.{call.key}"
+        waited = time.monotonic()
+        try:
+            record = await self._acquire(records, name)
+        except TimeoutError:
+            self.metrics.agent_sessions.labels(self.role, "busy").inc()
+            return AgentAnswer(
+                text="", session_id=call.session_id or "", outcome="busy",
+                error=f"another replica held session {name} for "
+                f"{time.monotonic() - waited:.0f}s",
+            )  # fmt: skip
+        try:
+            call = await self._prepare(call, record)
+            turn = asyncio.create_task(self.runtime.run(call))
+            renew = asyncio.create_task(self._renew(records, name, turn))
+            try:
+                answer = await turn
+            except asyncio.CancelledError:
+                ours = asyncio.current_task()
+                cancelled_here = ours is not None and ours.cancelling() > 0
+                if not cancelled_here and renew.done() and isinstance(renew.exception(), LeaseLost):
+                    await self.runtime.forget(call.key)
+                    return AgentAnswer(
+                        text="", session_id=call.session_id or "", outcome="busy",
+                        error="the session's lease was lost to another replica mid-turn",
+                    )  # fmt: skip
+                raise
+            finally:
+                renew.cancel()
+                with contextlib.suppress(asyncio.CancelledError, LeaseLost):
+                    await renew
+            await self._store(call, record, answer)
+            return answer
+        finally:
+            await self._release(records, name)
+
+    async def _prepare(self, call: AgentCall, record: SessionRecord) -> AgentCall:
+        """Make this replica's copy of the session current; pick the session id to resume."""
+        name = f"{self.role}.{call.key}"
+        if call.session_id is None:
+            return call  # a new session: nothing to restore
+        session_id = record.session_id or call.session_id
+        if record.generation and self.seen.get(name) != record.generation:
+            # The last turn ran elsewhere (or before this process started): our warm
+            # process, if any, holds an old history.
+            await self.runtime.forget(call.key)
+            restored = await self._restore(call, record, session_id)
+            self.metrics.agent_sessions.labels(
+                self.role, "restored" if restored else "not_stored"
+            ).inc()
+            if restored:
+                log.info("session restored from the object store", extra={"session": name})
+        call = replace(call, session_id=session_id)
+        if not self.runtime.transcript_path(call, session_id).exists():
+            self.metrics.agent_sessions.labels(self.role, "lost").inc()
+            log.warning(
+                "session transcript not found; it will start afresh", extra={"session": name}
+            )
+        return call
+
+    async def _store(self, call: AgentCall, record: SessionRecord, answer: AgentAnswer) -> None:
+        """After a turn: keep the transcript (and workspace) and bump the generation."""
+        if self.records is None or not answer.session_id:
+            return
+        name = f"{self.role}.{call.key}"
+        transcript = ""
+        workspace = ""
+        if self.objects is not None:
+            path = self.runtime.transcript_path(call, answer.session_id)
+            if path.exists():
+                transcript = f"{self.role}/{call.key}/transcript"
+                await self.objects.put(transcript, await asyncio.to_thread(path.read_bytes))
+            if self.role == "worker":
+                workspace = await self._store_workspace(call)
+
+        def change(current: SessionRecord | None) -> SessionRecord:
+            base = current or record
+            return evolve(
+                base,
+                session_id=answer.session_id,
+                generation=base.generation + 1,
+                workdir=str(call.workdir),
+                transcript=transcript or base.transcript,
+                workspace=workspace or base.workspace,
+            )
+
+        updated = await self.records.mutate(name, change)
+        if updated is not None:
+            self.seen[name] = updated.generation
+
+    async def _restore(self, call: AgentCall, record: SessionRecord, session_id: str) -> bool:
+        """Bring the stored transcript (and workspace) into this replica; False if none."""
+        if self.objects is None or not record.transcript:
+            return False
+        try:
+            data = (await self.objects.get(record.transcript)).data or b""
+        except NotFoundError:
+            return False
+        path = self.runtime.transcript_path(call, session_id)
+        await asyncio.to_thread(_write_file, path, data)
+        if record.workspace:
+            with contextlib.suppress(NotFoundError):
+                archive = (await self.objects.get(record.workspace)).data
+                if archive:
+                    await asyncio.to_thread(_unpack, archive, call.workdir)
+        return True
+
+    async def _store_workspace(self, call: AgentCall) -> str:
+        if self.objects is None or not call.workdir.exists():
+            return ""
+        limit = self.settings.agent_workspace_max_bytes
+        archive = await asyncio.to_thread(_pack, call.workdir, limit)
+        if archive is None:
+            log.warning(
+                "workspace too large to store; it will not follow the task to another replica",
+                extra={"workdir": str(call.workdir), "limit_bytes": limit},
+            )
+            return ""
+        name = f"{self.role}/{call.key}/workspace.tar.gz"
+        await self.objects.put(name, archive)
+        return name
+
+    # --- the lease ---------------------------------------------------------
+
+    async def _acquire(self, records: Store[SessionRecord], name: str) -> SessionRecord:
+        ttl = self.settings.agent_lease_ttl_s
+        deadline = time.monotonic() + self.settings.agent_lease_wait_s
+        delay = 0.05
+        while True:
+            now = time.time()
+            found = await records.get(name)
+            try:
+                if found is None:
+                    record = SessionRecord(key=name, holder=self.replica, lease_until=now + ttl)
+                    await records.create(name, record)
+                    return record
+                record, revision = found
+                if record.holder in ("", self.replica) or record.lease_until < now:
+                    if record.holder not in ("", self.replica):
+                        log.warning(
+                            "taking over a lapsed session lease",
+                            extra={"session": name, "previous_holder": record.holder},
+                        )
+                    taken = evolve(record, holder=self.replica, lease_until=now + ttl)
+                    await records.update(name, taken, revision)
+                    return taken
+            except Conflict:
+                pass  # someone else moved first: look again
+            if time.monotonic() >= deadline:
+                raise TimeoutError(name)
+            self.metrics.agent_sessions.labels(self.role, "lease_wait").inc()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _renew(
+        self, records: Store[SessionRecord], name: str, turn: asyncio.Task[AgentAnswer]
+    ) -> None:
+        """Extend the lease every third of its TTL; cancel the turn if it was taken."""
+        ttl = self.settings.agent_lease_ttl_s
+        while True:
+            await asyncio.sleep(ttl / 3)
+
+            def extend(current: SessionRecord | None) -> SessionRecord | None:
+                if current is None or current.holder != self.replica:
+                    return None
+                return evolve(current, lease_until=time.time() + ttl)
+
+            current = await records.mutate(name, extend)
+            if current is None or current.holder != self.replica:
+                log.error("session lease lost mid-turn; stopping the turn", extra={"session": name})
+                turn.cancel()
+                raise LeaseLost(name)
+
+    async def _release(self, records: Store[SessionRecord], name: str) -> None:
+        def free(current: SessionRecord | None) -> SessionRecord | None:
+            if current is None or current.holder != self.replica:
+                return None
+            return evolve(current, holder="", lease_until=0.0)
+
+        try:
+            await records.mutate(name, free)
+        except Exception:
+            # Not fatal: the lease lapses by itself after its TTL.
+            log.warning("could not release a session lease", extra={"session": name}, exc_info=True)
+
+    # --- metrics -----------------------------------------------------------
+
+    def _observe(self, answer: AgentAnswer) -> None:
+        m, role, kind = self.metrics, self.role, self.runtime.kind
+        m.agent_turns.labels(role, kind, answer.outcome).inc()
+        if answer.outcome != "busy":
+            m.agent_seconds.labels(role, kind, answer.mode).observe(answer.duration_ms / 1000)
+        m.agent_cost.labels(role, kind).inc(answer.cost_usd)
+        for token_kind, count in (
+            ("input", answer.input_tokens),
+            ("output", answer.output_tokens),
+            ("cache_read", answer.cache_read_tokens),
+            ("cache_creation", answer.cache_creation_tokens),
+        ):
+            if count:
+                m.agent_tokens.labels(role, token_kind).inc(count)
+        m.agent_live.labels(role).set(self.runtime.live())
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".restore")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _pack(directory: Path, limit: int) -> bytes | None:
+    """A gzip tar of ``directory``, or None if its files add up to more than ``limit``."""
+    total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    if total > limit:
+        return None
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(directory, arcname=".")
+    return buffer.getvalue()
+
+
+def _unpack(archive: bytes, directory: Path) -> None:
+    """Replace ``directory`` with the archive's contents (no paths outside it, no devices)."""
+    staging = directory.with_name(directory.name + ".restore")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        tar.extractall(staging, filter="data")
+    shutil.rmtree(directory, ignore_errors=True)
+    staging.replace(directory)

@@ -1,0 +1,337 @@
+"""Agent sessions with the real Claude Code CLI: warm pool, watchdog, limits, leases, portability.
+
+The CLI is the real one (tools/claude, from npm); the model is a scripted local
+Messages API server (podium.testing.anthropic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
+
+from podium.common.agents import AgentAnswer, AgentCall
+from podium.common.agents.claude import ClaudeRuntime
+from podium.common.agents.sessions import Agents
+from podium.common.config import AgentSettings
+from podium.common.metrics import Metrics
+from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply, Usage
+from podium.testing.services import Process, base_env
+
+pytestmark = pytest.mark.claude
+
+
+def settings(claude_bin: str, tmp_path: Path, **extra: Any) -> AgentSettings:
+    return AgentSettings(
+        claude_bin=claude_bin,
+        workspace_root=str(tmp_path / "workspaces"),
+        claude_max_retries=0,
+        **extra,
+    )
+
+
+def call(tmp_path: Path, key: str, prompt: str, session: str | None, **extra: Any) -> AgentCall:
+    return AgentCall(
+        role="worker",
+        key=key,
+        prompt=prompt,
+        workdir=tmp_path / "workspaces" / "tasks" / key,
+        session_id=session,
+        timeout_s=extra.pop("timeout_s", 60.0),
+        **extra,
+    )
+
+
+@pytest.fixture
+async def api(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeAnthropic]:
+    def echo(c: MessagesCall) -> Reply:
+        return Reply.text(f"turn {len(c.all_user_texts)}: {c.last_user_text}")
+
+    async with FakeAnthropic(echo) as server:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+        yield server
+
+
+def processes_in(directory: Path) -> list[int]:
+    """Pids of live processes whose working directory is inside ``directory``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if cwd.startswith(str(directory)):
+            found.append(int(entry.name))
+    return found
+
+
+async def test_warm_session_keeps_one_process_and_the_history(
+    api: FakeAnthropic, claude_bin: str, tmp_path: Path
+) -> None:
+    runtime = ClaudeRuntime(settings(claude_bin, tmp_path, agent_pool_size=2), tmp_path / "cfg")
+    session = None
+    answers: list[AgentAnswer] = []
+    pids = set()
+    try:
+        for n in range(4):
+            answer = await runtime.run(call(tmp_path, "t1", f"step {n}", session))
+            assert answer.ok, answer.error
+            session = answer.session_id
+            answers.append(answer)
+            pids.add(runtime.pool["t1"].proc.pid)
+    finally:
+        await runtime.close()
+    assert [a.mode for a in answers] == ["cold", "warm", "warm", "warm"]
+    assert [a.text for a in answers] == [f"turn {n + 1}: step {n}" for n in range(4)]
+    assert len(pids) == 1
+    assert api.main_calls[-1].all_user_texts == [f"step {n}" for n in range(4)]
+    # Per-turn cost, not the process's running total.
+    assert answers[3].cost_usd == pytest.approx(answers[0].cost_usd)
+
+
+async def test_eviction_then_cold_resume_keeps_the_history(
+    api: FakeAnthropic, claude_bin: str, tmp_path: Path
+) -> None:
+    runtime = ClaudeRuntime(settings(claude_bin, tmp_path, agent_pool_size=1), tmp_path / "cfg")
+    try:
+        a1 = await runtime.run(call(tmp_path, "a", "alpha one", None))
+        b1 = await runtime.run(call(tmp_path, "b", "bravo one", None))  # evicts a
+        assert list(runtime.pool) == ["b"]
+        assert runtime.live() == 1
+        a2 = await runtime.run(call(tmp_path, "a", "alpha two", a1.session_id))
+    finally:
+        await runtime.close()
+    assert (a1.mode, b1.mode, a2.mode) == ("cold", "cold", "cold")
+    assert a2.ok
+    assert a2.session_id == a1.session_id
+    assert api.main_calls[-1].all_user_texts == ["alpha one", "alpha two"]
+    assert processes_in(tmp_path / "workspaces") == []
+
+
+@pytest.mark.parametrize("pool", [0, 1], ids=["spawn-per-turn", "warm"])
+async def test_watchdog_kills_a_hanging_agent(
+    claude_bin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pool: int
+) -> None:
+    async with FakeAnthropic(lambda c: Reply.hanging("mid_stream")) as server:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+        runtime = ClaudeRuntime(
+            settings(claude_bin, tmp_path, agent_pool_size=pool), tmp_path / "cfg"
+        )
+        started = time.monotonic()
+        answer = await runtime.run(call(tmp_path, "h", "never answered", None, timeout_s=3))
+        elapsed = time.monotonic() - started
+        await runtime.close()
+    assert answer.outcome == "timeout"
+    assert "no answer within 3s" in answer.error
+    assert 3 <= elapsed < 8
+    assert processes_in(tmp_path / "workspaces") == []
+
+
+@pytest.mark.parametrize("pool", [0, 1], ids=["spawn-per-turn", "warm"])
+async def test_turn_and_budget_limits_become_outcomes(
+    claude_bin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pool: int
+) -> None:
+    def loop_forever(c: MessagesCall) -> Reply:
+        if "budget" in " ".join(c.all_user_texts):
+            return Reply.text("expensive", usage=Usage(input_tokens=100_000, output_tokens=10))
+        return Reply.tool("Bash", {"command": "echo again", "description": "loop"})
+
+    async with FakeAnthropic(loop_forever) as server:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+        limited = settings(
+            claude_bin, tmp_path, agent_pool_size=pool, agent_max_turns=2,
+            agent_max_budget_usd=0.01, claude_allowed_tools="Bash",
+        )  # fmt: skip
+        runtime = ClaudeRuntime(limited, tmp_path / "cfg")
+        try:
+            turns = await runtime.run(call(tmp_path, "m", "loop please", None))
+            budget = await runtime.run(call(tmp_path, "n", "budget please", None))
+        finally:
+            await runtime.close()
+    assert turns.outcome == "max_turns"
+    assert "maximum number of turns" in turns.error
+    assert budget.outcome == "max_budget"
+    assert "budget" in budget.error
+    assert budget.cost_usd > 0.01
+
+
+# --- across replicas -----------------------------------------------------------
+
+
+def replica(
+    claude_bin: str, tmp_path: Path, js: JetStreamContext, name: str, **extra: Any
+) -> Agents:
+    """A 'replica': its own config dir, the shared workspace path, the shared bus."""
+    agent_settings = settings(claude_bin, tmp_path, **extra)
+    runtime = ClaudeRuntime(agent_settings, tmp_path / f"replica-{name}")
+    return Agents(
+        runtime, role="worker", settings=agent_settings,
+        metrics=Metrics(CollectorRegistry(), name), js=js, replica=name,
+    )  # fmt: skip
+
+
+async def test_two_replicas_never_run_one_session_at_once(
+    claude_bin: str, tmp_path: Path, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_flight: dict[str, int] = {}
+    peak = 0
+
+    async def slow(c: MessagesCall) -> Reply:
+        nonlocal peak
+        sid = c.session_id or "?"
+        in_flight[sid] = in_flight.get(sid, 0) + 1
+        peak = max(peak, in_flight[sid])
+        await asyncio.sleep(1.5)
+        in_flight[sid] -= 1
+        return Reply.text(f"seen {c.all_user_texts}")
+
+    async with FakeAnthropic(slow) as server:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+        a, b = (replica(claude_bin, tmp_path, js, n) for n in ("a", "b"))
+        await a.start()
+        await b.start()
+        first = await a.run(call(tmp_path, "shared", "first", None))
+        try:
+            two = await asyncio.gather(
+                a.run(call(tmp_path, "shared", "from a", first.session_id)),
+                b.run(call(tmp_path, "shared", "from b", first.session_id)),
+            )
+            # A replica that will not wait declines instead of running alongside.
+            c = replica(claude_bin, tmp_path, js, "c", agent_lease_wait_s=0.2)
+            await c.start()
+            racing = asyncio.create_task(a.run(call(tmp_path, "shared", "again", first.session_id)))
+            await asyncio.sleep(0.5)
+            declined = await c.run(call(tmp_path, "shared", "from c", first.session_id))
+            await racing
+        finally:
+            await a.close()
+            await b.close()
+    assert peak == 1
+    assert all(t.ok for t in two), [t.error for t in two]
+    assert declined.outcome == "busy"
+    # Whichever ran second saw the other's turn: the history followed the lease.
+    texts = sorted(t.text for t in two)
+    assert any(
+        "'first', 'from a', 'from b'" in t or "'first', 'from b', 'from a'" in t for t in texts
+    )
+
+
+async def test_a_session_moves_to_another_replica_with_its_workspace(
+    claude_bin: str, tmp_path: Path, js: JetStreamContext, api: FakeAnthropic
+) -> None:
+    a = replica(claude_bin, tmp_path, js, "a")
+    await a.start()
+    first = await a.run(call(tmp_path, "t9", "remember the word TULIP", None))
+    (tmp_path / "workspaces" / "tasks" / "t9" / "notes.txt").write_text("made on a")
+    # Store the workspace as it is after a turn (the file above counts as the turn's work).
+    await a.run(call(tmp_path, "t9", "second on a", first.session_id))
+    await a.close()
+    # Replica b has never seen this session: no transcript in its config dir, and
+    # the workspace is gone from its disk.
+    shutil.rmtree(tmp_path / "workspaces" / "tasks" / "t9")
+    b = replica(claude_bin, tmp_path, js, "b")
+    await b.start()
+    try:
+        third = await b.run(call(tmp_path, "t9", "which word?", first.session_id))
+    finally:
+        await b.close()
+    assert third.ok, third.error
+    assert api.main_calls[-1].all_user_texts == [
+        "remember the word TULIP",
+        "second on a",
+        "which word?",
+    ]
+    assert (tmp_path / "workspaces" / "tasks" / "t9" / "notes.txt").read_text() == "made on a"
+    assert b.metrics.agent_sessions.labels("worker", "restored")._value.get() == 1
+
+
+async def test_conductor_replica_killed_then_another_resumes_the_conversation(
+    claude_bin: str, tmp_path: Path, js: JetStreamContext, nats_server: Any
+) -> None:
+    """A turn on conductor A; A gets SIGKILL; the next turn runs on conductor B, which has
+    its own config dir, and sees the whole history."""
+
+    def respond(c: MessagesCall) -> Reply:
+        return Reply.text(f"REPLY: noted ({len(c.all_user_texts)} messages so far)")
+
+    token = "replica-token-0123456789abcdef"
+    async with FakeAnthropic(respond) as server:
+        shared = {
+            "PODIUM_AGENT": "claude", "PODIUM_CLAUDE_BIN": claude_bin,
+            "ANTHROPIC_BASE_URL": server.base_url, "ANTHROPIC_API_KEY": "sk-test",
+            "PODIUM_WORKSPACE_ROOT": str(tmp_path / "workspaces"),
+        }  # fmt: skip
+        ingress = Process("ingress", base_env(
+            nats_server.url, tmp_path, PODIUM_PORT="0", PODIUM_HOST="127.0.0.1",
+            PODIUM_API_TOKENS=f"t:{token}",
+        ), tmp_path / "logs").start()  # fmt: skip
+        notifier = Process("notifier", base_env(nats_server.url, tmp_path), tmp_path / "logs")
+        notifier.start()
+        conductor_a = Process("conductor", base_env(
+            nats_server.url, tmp_path, PODIUM_STATE_DIR=str(tmp_path / "a"), **shared
+        ), tmp_path / "logs-a").start()  # fmt: skip
+        conductor_b: Process | None = None
+        try:
+            for p in (ingress, notifier, conductor_a):
+                await p.wait_ready()
+            url = f"http://127.0.0.1:{ingress.logged_port('ingress listening')}"
+            outbox = tmp_path / "outbox.jsonl"
+
+            async def send(text: str, expect: int) -> dict[str, Any]:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.post(
+                        f"{url}/v1/messages",
+                        json={"text": text, "thread_id": "th"},
+                        headers={"Authorization": f"Bearer {token}"},
+                    ) as resp,
+                ):
+                    assert resp.status == 202
+                for _ in range(300):
+                    if outbox.exists() and len(outbox.read_text().splitlines()) >= expect:
+                        line: dict[str, Any] = json.loads(outbox.read_text().splitlines()[-1])
+                        return line
+                    await asyncio.sleep(0.1)
+                raise AssertionError("no reply")
+
+            first = await send("Our budget is 40k, remember it.", 1)
+            assert first["body"] == "noted (1 messages so far)"
+            assert processes_in(tmp_path / "workspaces"), "A keeps its session warm"
+            conductor_a.signal(signal.SIGKILL)
+            conductor_a.wait(10)
+            await asyncio.sleep(0.5)
+            # Its warm CLI process died with it: nothing keeps the session open.
+            assert processes_in(tmp_path / "workspaces") == []
+
+            conductor_b = Process("conductor", base_env(
+                nats_server.url, tmp_path, PODIUM_STATE_DIR=str(tmp_path / "b"), **shared
+            ), tmp_path / "logs-b").start()  # fmt: skip
+            await conductor_b.wait_ready()
+            second = await send("What is our budget?", 2)
+        finally:
+            for proc in (ingress, notifier, conductor_a, conductor_b):
+                if proc is not None:
+                    proc.stop()
+    assert second["body"] == "noted (2 messages so far)"
+    last = server.main_calls[-1]
+    assert any("Our budget is 40k" in t for t in last.all_user_texts)
+    assert not (tmp_path / "a").samefile(tmp_path / "b")
+    assert conductor_b is not None
+    assert "session restored from the object store" in conductor_b.log()
