@@ -203,6 +203,9 @@ class Conductor:
         conv.turns += 1
         conv.updated_at = utcnow()
         await self._save(conv, revision)
+        # The message is acknowledged once the session's transcript is stored too, so a
+        # crash before then replays the turn rather than forgetting it.
+        await self.agents.settled(conv.conversation_id)
 
     async def _ask(
         self, conv: Conversation, prompt: str, delivery: Delivery, trigger: str

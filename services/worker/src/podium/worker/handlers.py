@@ -262,6 +262,8 @@ class Worker:
 
     async def _publish(self, result: TaskResult) -> None:
         await publish(self.js, subjects.result(result.conversation_id, result.task_id), result)
+        # Acknowledge only once the session is stored as well (see Agents.settled).
+        await self.agents.settled(result.task_id)
         self.metrics.events_out.labels(event_type(result)).inc()
         log.info(
             "task result published",

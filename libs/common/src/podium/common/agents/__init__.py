@@ -90,6 +90,9 @@ class AgentRuntime(Protocol):
     def transcript_path(self, call: AgentCall, session_id: str) -> Path:
         """Where this runtime keeps the transcript of ``session_id`` for ``call``'s owner."""
 
+    async def settle(self, call: AgentCall, session_id: str) -> None:
+        """Wait until the transcript on disk holds the turn just answered."""
+
     async def forget(self, key: str) -> None:
         """Drop any live state of ``key``'s session (another replica moved it on)."""
 

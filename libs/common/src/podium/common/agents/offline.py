@@ -77,6 +77,9 @@ class OfflineRuntime:
         """The session's JSON file."""
         return self._path(session_id)
 
+    async def settle(self, call: AgentCall, session_id: str) -> None:
+        """Sessions are written before the answer returns."""
+
     async def forget(self, key: str) -> None:
         """Nothing is held between turns."""
 

@@ -85,6 +85,8 @@ class Agents:
         # The generation of each session whose latest turn ran here.
         self.seen: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Per key: the task storing its last turn and releasing its lease.
+        self._pending: dict[str, asyncio.Task[None]] = {}
 
     @property
     def kind(self) -> str:
@@ -100,8 +102,22 @@ class Agents:
             self.objects = await self.js.object_store(streams.TRANSCRIPTS)
 
     async def close(self) -> None:
-        """Stop the runtime's live processes."""
+        """Finish storing sessions, then stop the runtime's live processes."""
+        pending = [t for t in self._pending.values() if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=10)
         await self.runtime.close()
+
+    async def settled(self, key: str) -> None:
+        """Wait until ``key``'s last turn is stored (call before acknowledging its message).
+
+        The answer of a turn is returned as soon as the agent gives it; storing
+        the transcript waits for the CLI to write it (about 80 ms later) and
+        overlaps with whatever the caller does with the answer meanwhile.
+        """
+        task = self._pending.get(key)
+        if task is not None:
+            await asyncio.wait({task})
 
     def workdir(self, key: str) -> Path:
         """The working directory of ``key``'s session: the same path on every replica."""
@@ -114,6 +130,7 @@ class Agents:
         """Run one turn under the session's lease; see the module docstring."""
         lock = self._locks.setdefault(call.key, asyncio.Lock())
         async with lock:
+            await self.settled(call.key)
             if self.records is None:
                 answer = await self.runtime.run(call)
             else:
@@ -133,6 +150,7 @@ class Agents:
                 error=f"another replica held session {name} for "
                 f"{time.monotonic() - waited:.0f}s",
             )  # fmt: skip
+        persisting = False
         try:
             call = await self._prepare(call, record)
             turn = asyncio.create_task(self.runtime.run(call))
@@ -153,8 +171,29 @@ class Agents:
                 renew.cancel()
                 with contextlib.suppress(asyncio.CancelledError, LeaseLost):
                     await renew
-            await self._store(call, record, answer)
+            # Store the turn in the background; the lease is held until that is done.
+            self._pending[call.key] = asyncio.create_task(
+                self._persist(records, name, call, record, answer)
+            )
+            persisting = True
             return answer
+        finally:
+            if not persisting:
+                await self._release(records, name)
+
+    async def _persist(
+        self,
+        records: Store[SessionRecord],
+        name: str,
+        call: AgentCall,
+        record: SessionRecord,
+        answer: AgentAnswer,
+    ) -> None:
+        try:
+            await self.runtime.settle(call, answer.session_id)
+            await self._store(call, record, answer)
+        except Exception:
+            log.exception("could not store the session", extra={"session": name})
         finally:
             await self._release(records, name)
 
