@@ -335,3 +335,26 @@ async def test_conductor_replica_killed_then_another_resumes_the_conversation(
     assert not (tmp_path / "a").samefile(tmp_path / "b")
     assert conductor_b is not None
     assert "session restored from the object store" in conductor_b.log()
+
+
+async def test_bypass_permissions_runs_as_root(
+    claude_bin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As root the CLI refuses bypassPermissions unless IS_SANDBOX=1, which the runtime sets."""
+
+    def respond(c: MessagesCall) -> Reply:
+        if c.tool_results:
+            return Reply.text("done")
+        return Reply.tool("Bash", {"command": "echo ran > bypass.txt", "description": "write"})
+
+    async with FakeAnthropic(respond) as server:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+        runtime = ClaudeRuntime(
+            settings(claude_bin, tmp_path, agent_pool_size=0,
+                     claude_permission_mode="bypassPermissions"),
+            tmp_path / "cfg",
+        )  # fmt: skip
+        answer = await runtime.run(call(tmp_path, "root", "write the file", None))
+    assert answer.ok, answer.error
+    assert (tmp_path / "workspaces" / "tasks" / "root" / "bypass.txt").read_text() == "ran\n"
