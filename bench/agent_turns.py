@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
+
 from podium.common.agents import AgentCall
 from podium.common.agents.claude import ClaudeRuntime
 from podium.common.config import AgentSettings
@@ -90,10 +92,10 @@ async def main(turns: int) -> dict[str, float]:
     async with FakeAnthropic(reply) as api:
         os.environ["ANTHROPIC_BASE_URL"] = api.base_url
         os.environ["ANTHROPIC_API_KEY"] = "sk-bench"
-        base = {"claude_bin": claude_bin(), "claude_tools": "", "claude_max_retries": 0}
-        spawn = ClaudeRuntime(AgentSettings(agent_pool_size=0, **base), root / "spawn")
+        base = AgentSettings(claude_bin=claude_bin(), claude_tools="", claude_max_retries=0)
+        spawn = ClaudeRuntime(msgspec.structs.replace(base, agent_pool_size=0), root / "spawn")
         spawn_times = await conversation(spawn, root / "work-spawn", turns)
-        warm = ClaudeRuntime(AgentSettings(agent_pool_size=1, **base), root / "warm")
+        warm = ClaudeRuntime(msgspec.structs.replace(base, agent_pool_size=1), root / "warm")
         warm_times = await conversation(warm, root / "work-warm", turns)
         rss = rss_mb(warm.pool["bench"].proc.pid)
         await warm.close()
