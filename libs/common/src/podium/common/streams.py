@@ -214,7 +214,7 @@ async def provision(
                     storage=StorageType.FILE,
                     replicas=replicas,
                     ttl=30 * DAY,
-                )
+                ),
             )
 
 
