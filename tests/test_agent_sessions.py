@@ -314,6 +314,13 @@ async def test_conductor_replica_killed_then_another_resumes_the_conversation(
             first = await send("Our budget is 40k, remember it.", 1)
             assert first["body"] == "noted (1 messages so far)"
             assert processes_in(tmp_path / "workspaces"), "A keeps its session warm"
+            # The turn is over once A has acknowledged the message (after storing the
+            # session); kill it then, as a node failure between two turns.
+            for _ in range(100):
+                info = await js.consumer_info("INBOUND", "conductor-inbound")
+                if info.num_ack_pending == 0:
+                    break
+                await asyncio.sleep(0.05)
             conductor_a.signal(signal.SIGKILL)
             conductor_a.wait(10)
             await asyncio.sleep(0.5)

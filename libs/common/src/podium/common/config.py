@@ -183,7 +183,7 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
     ] = 50 * 1024 * 1024
     agent_lease_ttl_s: Annotated[
         float, setting("A session's lease lapses this long after its holder stops renewing.", gt=1)
-    ] = 30.0
+    ] = 20.0
     agent_lease_wait_s: Annotated[
         float, setting("How long a turn waits for another replica to free its session.", ge=0)
     ] = 60.0

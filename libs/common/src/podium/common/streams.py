@@ -96,14 +96,15 @@ CONDUCTOR_INBOUND = ConsumerSpec(
     "conductor-inbound",
     (subjects.INBOUND_ALL,),
     "Conductor: inbound messages",
-    ack_wait_s=60.0,
+    # Turns in progress send heartbeats; a crashed replica's message returns in 30 s.
+    ack_wait_s=30.0,
 )
 CONDUCTOR_RESULTS = ConsumerSpec(
     "RESULTS",
     "conductor-results",
     (subjects.RESULTS_ALL,),
     "Conductor: worker results",
-    ack_wait_s=60.0,
+    ack_wait_s=30.0,
 )
 WORKER_TASKS = ConsumerSpec(
     "TASKS",
