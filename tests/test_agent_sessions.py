@@ -21,10 +21,12 @@ import pytest
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
+from podium.common import streams, subjects
 from podium.common.agents import AgentAnswer, AgentCall
 from podium.common.agents.claude import ClaudeRuntime
 from podium.common.agents.sessions import Agents
 from podium.common.config import AgentSettings
+from podium.common.ids import conversation_id
 from podium.common.metrics import Metrics
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply, Usage
 from podium.testing.services import Process, base_env
@@ -316,8 +318,12 @@ async def test_conductor_replica_killed_then_another_resumes_the_conversation(
             assert processes_in(tmp_path / "workspaces"), "A keeps its session warm"
             # The turn is over once A has acknowledged the message (after storing the
             # session); kill it then, as a node failure between two turns.
+            conversation = conversation_id("api", "t", "th")
+            consumer = streams.conductor_inbound(
+                subjects.partition_of(conversation, streams.PARTITIONS)
+            )
             for _ in range(100):
-                info = await js.consumer_info("INBOUND", "conductor-inbound")
+                info = await js.consumer_info("INBOUND", consumer.durable)
                 if info.num_ack_pending == 0:
                     break
                 await asyncio.sleep(0.05)

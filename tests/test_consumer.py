@@ -18,7 +18,13 @@ from podium.common.errors import Reject, Retry
 from podium.common.events import AnyEvent, DeadLetter, InboundMessage, decode
 from podium.common.metrics import Metrics
 
-SPEC = dataclasses.replace(streams.CONDUCTOR_INBOUND, ack_wait_s=2.0, max_deliver=3)
+SPEC = dataclasses.replace(
+    streams.conductor_inbound(0),
+    durable="test-consumer",
+    filter_subjects=(subjects.INBOUND_ALL,),
+    ack_wait_s=2.0,
+    max_deliver=3,
+)
 
 
 def message(n: int, conversation: str = "api-c1") -> InboundMessage:

@@ -110,6 +110,15 @@ class TaskResult(Event, frozen=True, kw_only=True, tag="task.result"):
     answers: str = ""
 
 
+class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
+    """A worker says how a task is going (it started; later, partial results)."""
+
+    task_id: str
+    note: str
+    #: The task or follow-up event this progress belongs to.
+    answers: str = ""
+
+
 class SendEmail(Event, frozen=True, kw_only=True, tag="command.email"):
     """Send one email. ``command_id`` makes the send idempotent."""
 
@@ -167,6 +176,7 @@ AnyEvent = (
     | TaskRequested
     | TaskFollowup
     | TaskResult
+    | TaskProgress
     | SendEmail
     | SendSms
     | ApiReply

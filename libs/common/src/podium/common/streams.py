@@ -24,6 +24,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    SubjectTransform,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -45,6 +46,8 @@ class StreamSpec:
     # How long a Nats-Msg-Id is remembered: covers provider retries (Twilio retries
     # within minutes; replays after an outage come later and are handled by state).
     duplicate_window_s: float = 3600.0
+    #: Subject transform applied as messages are stored: (source, destination).
+    transform: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,31 @@ class Topology:
     object_stores: tuple[str, ...] = field(default=())
 
 
-INBOUND = StreamSpec("INBOUND", (subjects.INBOUND_ALL,), "Messages received by ingress")
+#: Conductor partitions. Conversations are spread over them by the server (FNV-1a of
+#: the conversation id); replicas share them out. Fixed: changing it re-partitions
+#: messages still stored under the old count, so change it only when both streams
+#: are drained.
+PARTITIONS = 16
+
+INBOUND = StreamSpec(
+    "INBOUND",
+    (subjects.INBOUND_ALL,),
+    "Messages received by ingress",
+    transform=(
+        "inbound.*.*",
+        f"inbound.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({PARTITIONS},2)}}}}",
+    ),
+)
 TASKS = StreamSpec("TASKS", (subjects.TASKS_ALL,), "Tasks and follow-ups for workers")
-RESULTS = StreamSpec("RESULTS", (subjects.RESULTS_ALL,), "Worker results for the conductor")
+RESULTS = StreamSpec(
+    "RESULTS",
+    (subjects.RESULTS_ALL,),
+    "Worker results and progress for the conductor",
+    transform=(
+        "results.*.*",
+        f"results.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({PARTITIONS},1)}}}}",
+    ),
+)
 COMMANDS = StreamSpec("COMMANDS", (subjects.COMMANDS_ALL,), "Outbound email/SMS/API replies")
 DEADLETTER = StreamSpec(
     "DEADLETTER",
@@ -91,20 +116,32 @@ DEADLETTER = StreamSpec(
     max_age_s=30 * DAY,
 )
 
-CONDUCTOR_INBOUND = ConsumerSpec(
-    "INBOUND",
-    "conductor-inbound",
-    (subjects.INBOUND_ALL,),
-    "Conductor: inbound messages",
-    # Turns in progress send heartbeats; a crashed replica's message returns in 30 s.
-    ack_wait_s=30.0,
-)
-CONDUCTOR_RESULTS = ConsumerSpec(
-    "RESULTS",
-    "conductor-results",
-    (subjects.RESULTS_ALL,),
-    "Conductor: worker results",
-    ack_wait_s=30.0,
+
+def conductor_inbound(partition: int) -> ConsumerSpec:
+    """The conductor's consumer of one partition's inbound messages."""
+    return ConsumerSpec(
+        "INBOUND",
+        f"conductor-inbound-p{partition}",
+        (subjects.inbound_partition(partition),),
+        f"Conductor: inbound messages of partition {partition}",
+        # Turns in progress send heartbeats; a crashed replica's message returns in 30 s.
+        ack_wait_s=30.0,
+    )
+
+
+def conductor_results(partition: int) -> ConsumerSpec:
+    """The conductor's consumer of one partition's worker results."""
+    return ConsumerSpec(
+        "RESULTS",
+        f"conductor-results-p{partition}",
+        (subjects.results_partition(partition),),
+        f"Conductor: worker results of partition {partition}",
+        ack_wait_s=30.0,
+    )
+
+
+CONDUCTOR_CONSUMERS = tuple(
+    spec for p in range(PARTITIONS) for spec in (conductor_inbound(p), conductor_results(p))
 )
 WORKER_TASKS = ConsumerSpec(
     "TASKS",
@@ -125,6 +162,11 @@ NOTIFIER_COMMANDS = ConsumerSpec(
 CONVERSATIONS = BucketSpec("conversations", "Conversation state: session, participants, tasks")
 TASK_STATE = BucketSpec("tasks", "Worker-side task state: session id, workdir, last outcome")
 OUTBOX = BucketSpec("outbox", "Notifier outbox: one record per command id", ttl_s=30 * DAY)
+CONDUCTORS = BucketSpec(
+    "conductors",
+    "Conductor replicas: membership heartbeats and partition leases",
+    ttl_s=DAY,
+)
 SESSIONS = BucketSpec(
     "sessions", "Agent sessions: lease, latest session id, transcript generation", ttl_s=30 * DAY
 )
@@ -133,8 +175,8 @@ TRANSCRIPTS = "transcripts"
 
 TOPOLOGY = Topology(
     streams=(INBOUND, TASKS, RESULTS, COMMANDS, DEADLETTER),
-    consumers=(CONDUCTOR_INBOUND, CONDUCTOR_RESULTS, WORKER_TASKS, NOTIFIER_COMMANDS),
-    buckets=(CONVERSATIONS, TASK_STATE, OUTBOX, SESSIONS),
+    consumers=(*CONDUCTOR_CONSUMERS, WORKER_TASKS, NOTIFIER_COMMANDS),
+    buckets=(CONVERSATIONS, TASK_STATE, OUTBOX, SESSIONS, CONDUCTORS),
     object_stores=(TRANSCRIPTS,),
 )
 
@@ -153,6 +195,9 @@ def stream_config(spec: StreamSpec, *, replicas: int = 1) -> StreamConfig:
         max_age=spec.max_age_s,
         duplicate_window=spec.duplicate_window_s,
         num_replicas=replicas,
+        subject_transform=SubjectTransform(src=spec.transform[0], dest=spec.transform[1])
+        if spec.transform
+        else None,
     )
 
 

@@ -8,6 +8,13 @@
 | commands.<email|sms|api>.<conversation>   | conductor | notifier  | COMMANDS   |
 | deadletter.<service>.<stream>             | any       | operators | DEADLETTER |
 | control.tasks.<task_id>.kill (core NATS)  | conductor | worker    | —          |
+
+INBOUND and RESULTS append a partition token when they store a message:
+``inbound.<channel>.<conversation>.<p>``, ``results.<conversation>.<task>.<p>``,
+with ``p = partition(conversation)`` computed by the server (a stream subject
+transform, see :mod:`podium.common.streams`). Publishers never spell it; each
+conductor replica consumes the partitions it owns, so one conversation is only
+ever handled by one replica at a time.
 """
 
 from __future__ import annotations
@@ -68,6 +75,28 @@ def command(kind: CommandKind, conversation: str) -> str:
 def kill(task_id: str) -> str:
     """Core-NATS subject that tells whichever worker runs ``task_id`` to stop it."""
     return f"control.tasks.{token(task_id)}.kill"
+
+
+def inbound_partition(partition: int) -> str:
+    """Filter of the stored inbound messages of one conductor partition."""
+    return f"inbound.*.*.{partition}"
+
+
+def results_partition(partition: int) -> str:
+    """Filter of the stored worker results of one conductor partition."""
+    return f"results.*.*.{partition}"
+
+
+def partition_of(conversation: str, partitions: int) -> int:
+    """The partition the server assigns to ``conversation``.
+
+    NATS's ``{{partition(n, …)}}`` is FNV-1a (32 bit) of the token, modulo n;
+    computing it here lets tools say which replica owns a conversation.
+    """
+    h = 0x811C9DC5
+    for byte in conversation.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h % partitions
 
 
 def dead_letter(service: str, stream: str) -> str:

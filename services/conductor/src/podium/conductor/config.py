@@ -44,6 +44,13 @@ class ConductorSettings(AgentSettings, frozen=True, kw_only=True):
     max_validation_rounds: Annotated[
         int, setting("Times a worker may be sent back to fix its result before escalation.", ge=0)
     ] = 3
+    partition_lease_ttl_s: Annotated[
+        float,
+        setting(
+            "A dead replica's partitions are taken over this long after its last renewal.",
+            ge=2,
+        ),
+    ] = 15.0
     task_timeout_s: Annotated[
         float, setting("Deadline of a worker task; past it the worker kills it (FAILED).", gt=0)
     ] = 1800.0

@@ -33,6 +33,7 @@ from podium.common.events import (
     SendEmail,
     SendSms,
     TaskFollowup,
+    TaskProgress,
     TaskRequested,
     TaskResult,
     encode,
@@ -112,6 +113,8 @@ class Conductor:
                 await self.on_inbound(event, delivery)
             case TaskResult():
                 await self.on_result(event, delivery)
+            case TaskProgress():
+                await self.on_progress(event)
             case _:
                 raise Reject(f"the conductor does not handle {event_type(event)} events")
 
@@ -125,6 +128,19 @@ class Conductor:
         block = inbound_block(event)
         _absorb(conv, event, block)
         await self._turn(conv, revision, event, block, delivery, trigger=event.channel)
+
+    async def on_progress(self, event: TaskProgress) -> None:
+        """A worker started (or is getting on with) a task: note it, no agent turn."""
+
+        def change(conv: Conversation | None) -> Conversation | None:
+            task = conv.tasks.get(event.task_id) if conv else None
+            if conv is None or task is None or task.state not in ("queued", "running"):
+                return None
+            task.state = "running"
+            task.updated_at = utcnow()
+            return conv
+
+        await self.conversations.mutate(event.conversation_id, change)
 
     async def on_result(self, event: TaskResult, delivery: Delivery) -> None:
         """A worker's report: update the task, then let the agent judge it."""

@@ -1,4 +1,4 @@
-"""The conductor service: two consumers feeding one serial turn loop per conversation."""
+"""The conductor service: the partitions this replica owns, one serial lane per conversation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from podium.common import streams
 from podium.common.agents import AgentRuntime, build_runtime, role_prompt
 from podium.common.agents.sessions import Agents
-from podium.common.consumer import Lanes, PullConsumer
+from podium.common.consumer import Handler, Lanes, PullConsumer
 from podium.common.events import AnyEvent
 from podium.common.kv import Store
 from podium.common.runtime import Context
@@ -18,6 +18,7 @@ from podium.common.state import Conversation, TaskRecord
 from podium.conductor.config import ConductorSettings
 from podium.conductor.handlers import Conductor
 from podium.conductor.metrics import ConductorMetrics
+from podium.conductor.partitions import Lease, PartitionManager
 from podium.conductor.prompts import ROLE
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def by_conversation(event: AnyEvent) -> str:
 
 
 class ConductorService:
-    """Consumes INBOUND and RESULTS; one agent turn at a time per conversation."""
+    """Consumes the INBOUND and RESULTS partitions it owns; one turn at a time per conversation."""
 
     name = "conductor"
     streams: Sequence[str] = (streams.INBOUND.name, streams.RESULTS.name)
@@ -37,11 +38,18 @@ class ConductorService:
     def __init__(self, settings: ConductorSettings, runtime: AgentRuntime | None = None) -> None:
         self.settings = settings
         self.runtime = runtime
-        self.consumers: list[PullConsumer] = []
         self.agents: Agents | None = None
+        self.partitions: PartitionManager | None = None
+        # Consumers of each owned partition (inbound and results).
+        self.consumers: dict[int, list[PullConsumer]] = {}
+        self._ctx: Context | None = None
+        self._handler: Handler | None = None
+        # One set of lanes for all partitions: the ``concurrency`` setting bounds turns
+        # across the replica, and a conversation's events share one lane.
+        self._lanes = Lanes(settings.concurrency)
 
     async def start(self, ctx: Context) -> None:
-        """Open the buckets and start both consumers."""
+        """Open the buckets, then start taking this replica's share of the partitions."""
         runtime = self.runtime or build_runtime(
             self.settings, Path(self.settings.state_dir), self.name
         )
@@ -60,39 +68,51 @@ class ConductorService:
             tasks=await Store.open(ctx.js, streams.TASK_STATE.name, TaskRecord),
             metrics=ctx.metrics,
             own_metrics=ConductorMetrics(ctx.registry),
-            max_deliver=streams.CONDUCTOR_INBOUND.max_deliver,
+            max_deliver=streams.conductor_inbound(0).max_deliver,
         )
-        # Both consumers share one ordering map, so an inbound message and a worker
-        # result of the same conversation never run at the same time.
-        lanes = Lanes(self.settings.concurrency)
-        inbound = PullConsumer(
-            ctx.js,
-            streams.CONDUCTOR_INBOUND,
-            conductor.handle,
-            service=self.name,
-            metrics=ctx.metrics,
-            order_key=by_conversation,
-            lanes=lanes,
+        self._ctx = ctx
+        self._handler = conductor.handle
+        self.partitions = PartitionManager(
+            await Store.open(ctx.js, streams.CONDUCTORS.name, Lease),
+            replica=self.agents.replica,
+            partitions=streams.PARTITIONS,
+            ttl_s=self.settings.partition_lease_ttl_s,
+            start=self._start_partition,
+            stop=self._stop_partition,
         )
-        results = PullConsumer(
-            ctx.js,
-            streams.CONDUCTOR_RESULTS,
-            conductor.handle,
-            service=self.name,
-            metrics=ctx.metrics,
-            order_key=by_conversation,
-            lanes=lanes,
-        )
-        self.consumers = [inbound, results]
-        for consumer in self.consumers:
+        self.partitions.start()
+
+    async def _start_partition(self, partition: int) -> None:
+        if self._ctx is None or self._handler is None:
+            raise RuntimeError("partitions start only after the service has started")
+        consumers = [
+            PullConsumer(
+                self._ctx.js,
+                spec,
+                self._handler,
+                service=self.name,
+                metrics=self._ctx.metrics,
+                order_key=by_conversation,
+                lanes=self._lanes,
+                max_held=self.settings.concurrency,
+            )
+            for spec in (streams.conductor_inbound(partition), streams.conductor_results(partition))
+        ]
+        self.consumers[partition] = consumers
+        for consumer in consumers:
             consumer.start()
 
+    async def _stop_partition(self, partition: int) -> None:
+        consumers = self.consumers.pop(partition, [])
+        await asyncio.gather(*(c.stop(self.settings.drain_timeout_s) for c in consumers))
+
     async def stop(self, timeout_s: float) -> None:
-        """Stop fetching; finish turns in flight up to ``timeout_s``."""
-        await asyncio.gather(*(consumer.stop(timeout_s) for consumer in self.consumers))
+        """Hand every partition back (turns in flight finish up to ``timeout_s``)."""
+        if self.partitions is not None:
+            await self.partitions.close()
         if self.agents is not None:
             await self.agents.close()
 
     def ready(self) -> bool:
-        """Ready once consuming."""
-        return bool(self.consumers)
+        """Ready once balancing partitions."""
+        return self.partitions is not None

@@ -30,6 +30,7 @@ from podium.common.events import (
     AnyEvent,
     KillTask,
     TaskFollowup,
+    TaskProgress,
     TaskRequested,
     TaskResult,
     TaskStatus,
@@ -159,6 +160,15 @@ class Worker:
         )
         kind = "task" if isinstance(event, TaskRequested) else "followup"
         log.info("task started", extra={"task_id": task_id, "kind": kind, "workdir": str(workdir)})
+        progress = TaskProgress(
+            event_id=stable_id("started", event.event_id),
+            correlation_id=event.correlation_id,
+            conversation_id=event.conversation_id,
+            task_id=task_id,
+            note=f"{kind} started",
+            answers=event.event_id,
+        )
+        await publish(self.js, subjects.result(event.conversation_id, task_id), progress)
         answer = await self._run_agent(task_id, call)
         if answer is not None and answer.outcome == "session_lost":
             # Nowhere to resume from: start the task again, told what it is and what

@@ -1,0 +1,201 @@
+"""Conductor replicas share the conversation space by owning partitions.
+
+The server puts every inbound message and worker result in one of
+``streams.PARTITIONS`` partitions (by conversation id). Each replica:
+
+- heartbeats ``member.<replica>`` in the ``conductors`` bucket;
+- computes, from the live members, which partitions are its own (rendezvous
+  hashing: a join or a departure moves only the partitions that must move);
+- holds a lease ``partition.<p>`` for each partition it consumes (compare-and-
+  set, renewed every third of the TTL). It starts consuming only once it holds
+  the lease, and gives a partition up — stop fetching, finish its turns, then
+  release the lease — when it is no longer its own.
+
+So one conversation is only ever handled by one replica at a time, and the
+partitions of a replica that dies are taken over once its lease lapses (within
+about one TTL, ``PODIUM_PARTITION_LEASE_TTL_S``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from nats.js.errors import NoKeysError
+
+from podium.common.errors import Conflict
+from podium.common.kv import Store
+
+log = logging.getLogger(__name__)
+
+
+class Lease(msgspec.Struct, kw_only=True):
+    """A member heartbeat or a partition lease."""
+
+    holder: str
+    until: float
+
+
+def owner(partition: int, members: list[str]) -> str | None:
+    """The member that owns ``partition`` (highest random weight; None without members)."""
+
+    def weight(member: str) -> bytes:
+        return hashlib.sha256(f"{partition}:{member}".encode()).digest()
+
+    return max(members, key=weight) if members else None
+
+
+Starter = Callable[[int], Awaitable[None]]
+
+
+class PartitionManager:
+    """Keeps this replica's share of the partitions, and only that, under lease."""
+
+    def __init__(
+        self,
+        store: Store[Lease],
+        *,
+        replica: str,
+        partitions: int,
+        ttl_s: float,
+        start: Starter,
+        stop: Starter,
+    ) -> None:
+        self.store = store
+        self.replica = replica
+        self.partitions = partitions
+        self.ttl_s = ttl_s
+        self._start = start
+        self._stop = stop
+        self.owned: set[int] = set()
+        # Partitions being handed over: their turns are finishing, their lease still held.
+        self.releasing: dict[int, asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def start(self) -> None:
+        """Start balancing in the background."""
+        self._task = asyncio.create_task(self._loop(), name="partitions")
+
+    async def close(self) -> None:
+        """Stop balancing, give up every partition, leave the membership."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for partition in sorted(self.owned):
+            self._hand_over(partition)
+        if self.releasing:
+            await asyncio.wait(set(self.releasing.values()))
+        await self._forget(f"member.{self.replica}")
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.rebalance()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("partition rebalance failed; will try again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.ttl_s / 3)
+            self._wake.clear()
+
+    async def rebalance(self) -> None:
+        """One round: heartbeat, renew, give up what is no longer ours, take what is."""
+        now = time.time()
+        await self._put(f"member.{self.replica}")
+        members = await self.members(now)
+        mine = {p for p in range(self.partitions) if owner(p, members) == self.replica}
+        for partition in sorted(self.owned | set(self.releasing)):
+            if not await self._renew(partition):
+                log.error("partition lease lost; stopping it", extra={"partition": partition})
+                self.owned.discard(partition)
+                await self._stop(partition)
+            elif partition in self.owned and partition not in mine:
+                self._hand_over(partition)
+        for partition in sorted(mine - self.owned - set(self.releasing)):
+            if await self._take(partition):
+                log.info("took partition", extra={"partition": partition})
+                self.owned.add(partition)
+                await self._start(partition)
+
+    async def members(self, now: float) -> list[str]:
+        """Replicas whose heartbeat has not lapsed."""
+        try:
+            keys = await self.store.kv.keys(filters=["member.*"])
+        except NoKeysError:
+            return [self.replica]
+        live = []
+        for key in keys:
+            found = await self.store.get(key)
+            if found is not None and found[0].until >= now:
+                live.append(found[0].holder)
+        if self.replica not in live:
+            live.append(self.replica)
+        return sorted(live)
+
+    async def _put(self, key: str) -> None:
+        lease = Lease(holder=self.replica, until=time.time() + self.ttl_s)
+
+        def change(current: Lease | None) -> Lease:
+            return lease
+
+        await self.store.mutate(key, change)
+
+    async def _take(self, partition: int) -> bool:
+        """Acquire ``partition``'s lease if it is free, lapsed or already ours."""
+        key = f"partition.{partition}"
+        now = time.time()
+        found = await self.store.get(key)
+        lease = Lease(holder=self.replica, until=now + self.ttl_s)
+        try:
+            if found is None:
+                await self.store.create(key, lease)
+                return True
+            current, revision = found
+            if current.holder == self.replica or current.until < now or not current.holder:
+                await self.store.update(key, lease, revision)
+                return True
+        except Conflict:
+            return False
+        return False
+
+    async def _renew(self, partition: int) -> bool:
+        key = f"partition.{partition}"
+        found = await self.store.get(key)
+        if found is None or found[0].holder != self.replica:
+            return False
+        try:
+            await self.store.update(
+                key, Lease(holder=self.replica, until=time.time() + self.ttl_s), found[1]
+            )
+        except Conflict:
+            return False
+        return True
+
+    def _hand_over(self, partition: int) -> None:
+        """In the background: stop consuming, let turns finish, then free the lease."""
+        log.info("handing over partition", extra={"partition": partition})
+        self.owned.discard(partition)
+
+        async def release() -> None:
+            try:
+                await self._stop(partition)
+                await self._forget(f"partition.{partition}")
+            finally:
+                self.releasing.pop(partition, None)
+
+        self.releasing[partition] = asyncio.create_task(release())
+
+    async def _forget(self, key: str) -> None:
+        found = await self.store.get(key)
+        if found is None or found[0].holder != self.replica:
+            return
+        with contextlib.suppress(Conflict):
+            await self.store.update(key, Lease(holder="", until=0.0), found[1])
