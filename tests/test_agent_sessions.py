@@ -279,6 +279,8 @@ async def test_conductor_replica_killed_then_another_resumes_the_conversation(
             "PODIUM_AGENT": "claude", "PODIUM_CLAUDE_BIN": claude_bin,
             "ANTHROPIC_BASE_URL": server.base_url, "ANTHROPIC_API_KEY": "sk-test",
             "PODIUM_WORKSPACE_ROOT": str(tmp_path / "workspaces"),
+            # B takes over A's partitions once A's lease lapses.
+            "PODIUM_PARTITION_LEASE_TTL_S": "3",
         }  # fmt: skip
         ingress = Process("ingress", base_env(
             nats_server.url, tmp_path, PODIUM_PORT="0", PODIUM_HOST="127.0.0.1",
