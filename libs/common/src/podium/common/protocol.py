@@ -51,45 +51,70 @@ def email_block(sender: str, to: str, subject: str, body: str) -> str:
     """An inbound email as the conductor sees it."""
     return (
         f"[EMAIL]\nFrom: {_clean(sender)}\nTo: {_clean(to)}\nSubject: {_clean(subject)}\n"
-        f"Body:\n{fence(body)}\n{END}"
+        f"Body:\n{fence(body, 'email')}\n{END}"
     )
 
 
 def sms_block(sender: str, text: str) -> str:
     """An inbound SMS as the conductor sees it."""
-    return f"[SMS]\nFrom: {_clean(sender)}\nMessage: {fence(text)}\n{END}"
+    return f"[SMS]\nFrom: {_clean(sender)}\nMessage:\n{fence(text, 'sms')}\n{END}"
 
 
 def api_block(sender: str, thread: str, text: str) -> str:
     """An inbound API message as the conductor sees it."""
-    return f"[API]\nFrom: {_clean(sender)}\nThread: {_clean(thread)}\nMessage: {fence(text)}\n{END}"
+    return (
+        f"[API]\nFrom: {_clean(sender)}\nThread: {_clean(thread)}\n"
+        f"Message:\n{fence(text, 'api')}\n{END}"
+    )
 
 
 def worker_block(task_id: str, status: str, summary: str, details: str, extra: str = "") -> str:
-    """A worker's report as the conductor sees it, with any context the conductor adds."""
+    """A worker's report as the conductor sees it, with any context the conductor adds.
+
+    The worker has read untrusted material, so what it reports is fenced too.
+    """
     block = (
         f"[WORKER:{task_id}]\nStatus: {status}\nSummary: {_clean(summary)}\n"
-        f"Details:\n{fence(details)}\n"
+        f"Details:\n{fence(details, 'worker')}\n"
     )
     block += END
     return f"{block}\n{extra}" if extra else block
 
 
-def fence(text: str) -> str:
-    """Neutralise lines of untrusted text that could pass for protocol structure.
+UNTRUSTED_OPEN = '<untrusted source="{source}">'
+UNTRUSTED_CLOSE = "</untrusted>"
+_MARKER = re.compile(r"</?\s*untrusted", re.IGNORECASE)
 
-    A line that is exactly ``---`` would end the block early, and a line
-    starting with a bracketed tag could pass for a new block; both get a
-    leading ``> `` so the agent sees them as quoted content.
+
+def fence(text: str, source: str) -> str:
+    """Label untrusted text and neutralise what in it could pass for structure.
+
+    The text goes between ``<untrusted source=…>`` and ``</untrusted>`` lines; a
+    marker inside it is defused (so it cannot close the fence early), and a line
+    that is exactly ``---`` or starts with a block tag gets a leading ``> `` (so
+    it cannot end the block or start a new one).
     """
-    out = []
+    out = [UNTRUSTED_OPEN.format(source=source)]
     for line in text.splitlines():
+        # A look-alike angle quote: the text still reads the same to the agent.
+        line = _MARKER.sub(lambda m: m.group(0).replace("<", "\u2039"), line)  # noqa: PLW2901
         stripped = line.strip()
         if stripped == END or _BLOCK_TAG.match(stripped):
             out.append("> " + line)
         else:
             out.append(line)
+    out.append(UNTRUSTED_CLOSE)
     return "\n".join(out)
+
+
+def unfence(text: str) -> str:
+    """The content of fenced text, without the fence lines (for the offline agent)."""
+    lines = [
+        line
+        for line in text.splitlines()
+        if not (line.startswith("<untrusted source=") or line == UNTRUSTED_CLOSE)
+    ]
+    return "\n".join(lines)
 
 
 _BLOCK_TAG = re.compile(r"^\[(EMAIL|SMS|API|WORKER:[^\]]*|SYSTEM|POLICY)\]")
@@ -147,5 +172,5 @@ def _parse_at(lines: list[str], start: int) -> tuple[Block, int]:
                 body_lines.append(value)
         else:
             fields[name] = value
-    body = "\n".join(body_lines).strip()
+    body = unfence("\n".join(body_lines)).strip()
     return Block(kind=kind, task_id=task_id, fields=fields, body=body), end

@@ -74,6 +74,12 @@ class Conversation(msgspec.Struct, kw_only=True):
     #: Ids of events already handled, so a redelivery never runs a turn twice.
     handled: list[str] = []
     turns: int = 0
+    #: Agent spend on this conversation so far (conductor turns and worker tasks).
+    spend_usd: float = 0.0
+    failed_tasks: int = 0
+    escalations: int = 0
+    #: Whether an unknown sender has been told (once) that we do not take their work.
+    refused: bool = False
     created_at: datetime = msgspec.field(default_factory=utcnow)
     updated_at: datetime = msgspec.field(default_factory=utcnow)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from email.utils import parseaddr
+from typing import Any
 
 from podium.common.protocol import COMMAND_NAMES
 
@@ -137,6 +138,40 @@ def parse(text: str) -> Parsed:
         if current is not None:
             current[2].append(raw)
     flush()
+    return out
+
+
+# How each command's fields become its text form, so structured answers go through the
+# very same validation as text ones and give the same commands.
+_FIELDS: dict[str, tuple[str, ...]] = {
+    "SPAWN_WORKER": ("task",),
+    "SEND_EMAIL": ("to", "subject", "body"),
+    "SEND_SMS": ("to", "text"),
+    "KILL_WORKER": ("task_id",),
+    "TELL_WORKER": ("task_id", "message"),
+    "REPLY": ("text",),
+    "NO_ACTION": ("reason",),
+    "ESCALATE": ("reason",),
+}
+
+
+def from_structured(answer: Any) -> Parsed:
+    """Commands from a structured answer ``{"commands": [{"command": …, …}]}``."""
+    out = Parsed()
+    items = answer.get("commands") if isinstance(answer, dict) else None
+    if not isinstance(items, list):
+        out.rejected.append(Rejection(str(answer)[:120], "structured answer without commands"))
+        return out
+    for item in items:
+        name = str(item.get("command", "")).upper() if isinstance(item, dict) else ""
+        fields = _FIELDS.get(name)
+        if fields is None or not isinstance(item, dict):
+            out.rejected.append(Rejection(str(item)[:120], f"unknown command {name or item!r}"))
+            continue
+        values = [str(item.get(f, "")).strip() for f in fields]
+        if name == "SEND_EMAIL" and isinstance(item.get("to"), list):
+            values[0] = ", ".join(str(a) for a in item["to"])
+        _build(name, " | ".join(values), f"{name}: {' | '.join(values)}"[:200], out)
     return out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from podium.common.config import AgentSettings, PermissionMode, setting
 
@@ -38,6 +38,39 @@ class ConductorSettings(AgentSettings, frozen=True, kw_only=True):
             "conversation's own participants (comma-separated)."
         ),
     ] = []
+    command_format: Annotated[
+        Literal["text", "structured"],
+        setting(
+            "How the conductor agent answers: text commands, or structured output "
+            "(the CLI's --json-schema) carrying the same commands."
+        ),
+    ] = "text"
+    sender_allowlist: Annotated[
+        list[str],
+        setting(
+            "Who may give the platform work by email or SMS: addresses, @domains, numbers "
+            "(comma-separated). Empty = anyone. API clients are authenticated by token."
+        ),
+    ] = []
+    unknown_senders: Annotated[
+        Literal["ignore", "refuse"],
+        setting(
+            "What a sender outside the allowlist gets: nothing (ignore), or one polite "
+            "refusal per conversation (refuse)."
+        ),
+    ] = "ignore"
+    max_outbound_per_hour: Annotated[
+        int, setting("Messages one conversation may send per hour (operator mail excluded).", ge=1)
+    ] = 20
+    max_spend_usd: Annotated[
+        float,
+        setting(
+            "Agent spend one conversation may reach; beyond it, no new work, escalation.", gt=0
+        ),
+    ] = 10.0
+    max_failed_tasks: Annotated[
+        int, setting("Failed tasks in one conversation before it is escalated.", ge=1)
+    ] = 3
     max_workers_per_conversation: Annotated[
         int, setting("Tasks of one conversation that may be open at once.", ge=1)
     ] = 3

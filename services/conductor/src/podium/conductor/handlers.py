@@ -1,18 +1,18 @@
 """The conductor's turn: an event in, the agent's commands out, state saved.
 
-Per conversation, turns are strictly serial (the consumer orders messages by
-conversation id). A turn: load the conversation, skip it if this event was
-already handled (redelivery), render the event in the seed's format, ask the
-agent, parse its commands, check each against policy, publish what they
-produce (with ids derived from the event, so a repeat publishes nothing new),
-then save the conversation with compare-and-set.
+Per conversation, turns are strictly serial (the consumers order messages by
+conversation id, and a replica only consumes the partitions it owns). A turn:
+load the conversation, skip it if this event was already handled
+(redelivery), render the event in the seed's format, ask the agent, parse its
+commands, check each against policy (``actions``), publish what they produce,
+escalate what needs a human, then save the conversation with compare-and-set.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -25,40 +25,38 @@ from podium.common.consumer import Delivery
 from podium.common.errors import Conflict, Reject, Retry
 from podium.common.events import (
     AnyEvent,
-    ApiReply,
-    Event,
     EventIds,
     InboundMessage,
     KillTask,
-    SendEmail,
-    SendSms,
-    TaskFollowup,
     TaskProgress,
-    TaskRequested,
     TaskResult,
     encode,
     event_type,
     utcnow,
 )
-from podium.common.ids import short_id, stable_id
+from podium.common.ids import stable_id
 from podium.common.kv import Store
 from podium.common.metrics import Metrics
 from podium.common.protocol import worker_block
 from podium.common.state import (
-    FINISHED,
     MAX_HANDLED,
-    MAX_OUTBOUND,
     MAX_REFERENCES,
     Conversation,
-    Outbound,
-    TaskInfo,
     TaskRecord,
     TaskState,
 )
 from podium.conductor import commands as cmds
+from podium.conductor.actions import Actions, Effects, Trigger
 from podium.conductor.config import ConductorSettings
 from podium.conductor.metrics import ConductorMetrics
-from podium.conductor.prompts import ROLE, inbound_block, lost_session_summary, notes_block
+from podium.conductor.policy import REFUSAL
+from podium.conductor.prompts import (
+    COMMANDS_SCHEMA,
+    ROLE,
+    inbound_block,
+    lost_session_summary,
+    notes_block,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +66,6 @@ _STATUS_STATE: dict[str, TaskState] = {
     "NEEDS_INPUT": "needs_input",
     "CANCELLED": "cancelled",
 }
-
-
-@dataclass
-class Effects:
-    """What one turn publishes."""
-
-    stored: list[tuple[str, Event]] = field(default_factory=list)
-    kills: list[KillTask] = field(default_factory=list)
 
 
 class Conductor:
@@ -105,9 +95,11 @@ class Conductor:
         self.own = own_metrics
         self.max_deliver = max_deliver
         self.role_prompt = role_prompt
+        self.actions = Actions(settings, metrics, own_metrics)
+        self.schema = COMMANDS_SCHEMA if settings.command_format == "structured" else None
 
     async def handle(self, event: AnyEvent, delivery: Delivery) -> None:
-        """Entry point for both consumers."""
+        """Entry point for every conductor consumer."""
         match event:
             case InboundMessage():
                 await self.on_inbound(event, delivery)
@@ -119,11 +111,14 @@ class Conductor:
                 raise Reject(f"the conductor does not handle {event_type(event)} events")
 
     async def on_inbound(self, event: InboundMessage, delivery: Delivery) -> None:
-        """A message from a person: absorb it into the conversation, then take a turn."""
+        """A message from a person: check who it is, absorb it, take a turn."""
         found = await self.conversations.get(event.conversation_id)
-        conv, revision = found if found else (self._new(event), 0)
+        conv, revision = found if found else (_new(event), 0)
         if event.event_id in conv.handled:
             log.info("already handled; skipping", extra={"event_id": event.event_id})
+            return
+        if not self.actions.policy.sender_allowed(event.channel, event.sender):
+            await self._refuse_sender(conv, revision, event)
             return
         block = inbound_block(event)
         _absorb(conv, event, block)
@@ -157,16 +152,44 @@ class Conductor:
         task.state = _STATUS_STATE[event.status]
         task.summary = event.summary[:500]
         task.updated_at = utcnow()
+        conv.spend_usd += event.cost_usd
+        if event.status == "FAILED":
+            conv.failed_tasks += 1
         context = f"Original request:\n{conv.original_request}"
         if event.status == "COMPLETE":
+            rounds = self.settings.max_validation_rounds
             context += (
-                f"\nValidation round {task.rounds + 1} of "
-                f"{self.settings.max_validation_rounds + 1} for task {task.task_id}."
+                f"\nValidation: round {task.rounds + 1} of {rounds + 1} for task {task.task_id}; "
+                "check the details against the original request, then REPLY or TELL_WORKER."
             )
         if not event.structured:
             context += "\nNote: the worker did not end with the Status/Summary/Details report."
         block = worker_block(event.task_id, event.status, event.summary, event.details, context)
         await self._turn(conv, revision, event, block, delivery, trigger="worker")
+
+    async def _refuse_sender(
+        self, conv: Conversation, revision: int, event: InboundMessage
+    ) -> None:
+        """Someone not on the allowlist: no agent turn; one polite refusal if so configured."""
+        self.metrics.blocked.labels("inbound", "sender not allowed").inc()
+        log.warning("sender not allowed", extra={"channel": event.channel})
+        effects = Effects()
+        if self.settings.unknown_senders == "refuse" and not conv.refused:
+            conv.refused = True
+            conv.reply_to = event.sender
+            conv.subject = conv.subject or event.subject
+            if event.message_id and conv.channel == "email":
+                conv.last_message_id = event.message_id
+                conv.references = [*event.references, event.message_id][-MAX_REFERENCES:]
+            base = EventIds(
+                event_id=stable_id(event.event_id, "refusal"),
+                correlation_id=event.correlation_id,
+                conversation_id=conv.conversation_id,
+            )
+            self.actions.reply(conv, base, REFUSAL, effects)
+        await self._publish(effects)
+        conv.handled = [*conv.handled, event.event_id][-MAX_HANDLED:]
+        await self._save(conv, revision)
 
     # --- the turn ---------------------------------------------------------
 
@@ -174,7 +197,7 @@ class Conductor:
         self,
         conv: Conversation,
         revision: int,
-        event: InboundMessage | TaskResult,
+        event: Trigger,
         block: str,
         delivery: Delivery,
         *,
@@ -182,20 +205,20 @@ class Conductor:
     ) -> None:
         prompt = notes_block(conv.notes) + block
         conv.notes = []
+        failures_before = conv.failed_tasks - (
+            1 if isinstance(event, TaskResult) and event.status == "FAILED" else 0
+        )
         answer = await self._ask(conv, prompt, delivery, trigger)
+        conv.spend_usd += answer.cost_usd
         effects = Effects()
         if not answer.ok:
-            self._escalate(
-                conv,
-                event,
-                effects,
-                index=-1,
-                reason=f"the conductor agent failed ({answer.outcome}): {answer.error[:300]}",
+            effects.escalations.append(
+                f"the conductor agent failed ({answer.outcome}): {answer.error[:300]}"
             )
         else:
             conv.session_id = answer.session_id
             log.debug("agent turn", extra={"prompt": prompt[:4000], "answer": answer.text[:4000]})
-            parsed = cmds.parse(answer.text)
+            parsed = self._commands(answer)
             if not parsed.commands and not parsed.rejected:
                 conv.notes.append("your answer held no command; answer with commands only")
             for rejection in parsed.rejected:
@@ -203,7 +226,11 @@ class Conductor:
                 conv.notes.append(f"rejected {rejection.line[:120]!r}: {rejection.reason}")
                 log.warning("command rejected", extra={"reason": rejection.reason})
             for index, command in enumerate(parsed.commands):
-                self._apply(conv, event, index, command, effects)
+                self.actions.apply(conv, event, index, command, effects)
+        limit = self.settings.max_failed_tasks
+        if failures_before < limit <= conv.failed_tasks:
+            effects.escalations.append(f"{conv.failed_tasks} tasks failed (limit {limit})")
+        self.actions.escalate(conv, event, effects)
         await self._publish(effects)
         log.info(
             "turn done",
@@ -213,6 +240,7 @@ class Conductor:
                 "published": [event_type(e) for _, e in effects.stored],
                 "kills": len(effects.kills),
                 "notes": len(conv.notes),
+                "escalations": len(effects.escalations),
             },
         )
         conv.handled = [*conv.handled, event.event_id][-MAX_HANDLED:]
@@ -222,6 +250,11 @@ class Conductor:
         # The message is acknowledged once the session's transcript is stored too, so a
         # crash before then replays the turn rather than forgetting it.
         await self.agents.settled(conv.conversation_id)
+
+    def _commands(self, answer: AgentAnswer) -> cmds.Parsed:
+        if self.schema is not None and answer.structured is not None:
+            return cmds.from_structured(answer.structured)
+        return cmds.parse(answer.text)
 
     async def _ask(
         self, conv: Conversation, prompt: str, delivery: Delivery, trigger: str
@@ -235,6 +268,7 @@ class Conductor:
             session_id=conv.session_id or None,
             system_prompt=self.role_prompt,
             timeout_s=self.settings.agent_timeout_s,
+            json_schema=self.schema,
         )
         self.own.active_turns.inc()
         try:
@@ -280,261 +314,14 @@ class Conductor:
             # new state (what it publishes again is de-duplicated by id).
             raise Retry("conversation changed during the turn", delay_s=0.5) from err
 
-    def _new(self, event: InboundMessage) -> Conversation:
-        return Conversation(
-            conversation_id=event.conversation_id,
-            channel=event.channel,
-            client=event.client,
-            thread_id=event.thread_id,
-        )
 
-    # --- commands ---------------------------------------------------------
-
-    def _apply(
-        self,
-        conv: Conversation,
-        event: InboundMessage | TaskResult,
-        index: int,
-        command: cmds.Command,
-        effects: Effects,
-    ) -> None:
-        """Turn one command into effects, or a note when policy refuses it."""
-        name = type(command).__name__
-        effect_id = stable_id(event.event_id, "effect", str(index))
-        base = EventIds(
-            event_id=effect_id,
-            correlation_id=event.correlation_id,
-            conversation_id=conv.conversation_id,
-        )
-        match command:
-            case cmds.SpawnWorker(task=task):
-                open_tasks = [t for t in conv.tasks.values() if t.state not in FINISHED]
-                if len(open_tasks) >= self.settings.max_workers_per_conversation:
-                    self._block(
-                        conv,
-                        "SPAWN_WORKER",
-                        "too many open tasks",
-                        f"{len(open_tasks)} tasks are still open",
-                    )
-                    return
-                task_id = short_id(event.event_id, "task", str(index))
-                conv.tasks[task_id] = TaskInfo(task_id=task_id, instructions=task[:4000])
-                effects.stored.append(
-                    (
-                        subjects.task(task_id),
-                        TaskRequested(
-                            **base,
-                            task_id=task_id,
-                            instructions=task,
-                            original_request=conv.original_request,
-                            timeout_s=self.settings.task_timeout_s,
-                        ),
-                    )
-                )
-            case cmds.TellWorker(task_id=task_id, message=message):
-                info = conv.tasks.get(task_id)
-                if info is None:
-                    self._block(conv, "TELL_WORKER", "unknown task", f"no task {task_id}")
-                    return
-                if info.state == "complete":
-                    if info.rounds >= self.settings.max_validation_rounds:
-                        self._block(
-                            conv,
-                            "TELL_WORKER",
-                            "validation rounds exhausted",
-                            f"task {task_id} was sent back {info.rounds} times",
-                        )
-                        self._escalate(
-                            conv,
-                            event,
-                            effects,
-                            index=index,
-                            reason=f"task {task_id}: validation rounds exhausted",
-                        )
-                        return
-                    info.rounds += 1
-                info.state = "running"
-                info.updated_at = utcnow()
-                effects.stored.append(
-                    (
-                        subjects.task_followup(task_id),
-                        TaskFollowup(
-                            **base,
-                            task_id=task_id,
-                            message=message,
-                            timeout_s=self.settings.task_timeout_s,
-                        ),
-                    )
-                )
-            case cmds.KillWorker(task_id=task_id):
-                info = conv.tasks.get(task_id)
-                if info is None:
-                    self._block(conv, "KILL_WORKER", "unknown task", f"no task {task_id}")
-                    return
-                effects.kills.append(KillTask(**base, task_id=task_id, reason="KILL_WORKER"))
-            case cmds.Reply(text=text):
-                self._reply(conv, base, text, effects)
-            case cmds.SendEmail(to=to, subject=subject, body=body):
-                refused = [a for a in to if not self._may_write(conv, a)]
-                if refused:
-                    self._block(
-                        conv,
-                        "SEND_EMAIL",
-                        "recipient not allowed",
-                        f"not a participant: {', '.join(refused)}",
-                    )
-                    self._escalate(
-                        conv,
-                        event,
-                        effects,
-                        index=index,
-                        reason=f"blocked an email to {', '.join(refused)}",
-                    )
-                    return
-                self._email(conv, base, to=list(to), subject=subject, body=body, effects=effects)
-            case cmds.SendSms(to=number, text=text):
-                if not self._may_write(conv, number):
-                    self._block(
-                        conv, "SEND_SMS", "recipient not allowed", f"not a participant: {number}"
-                    )
-                    self._escalate(
-                        conv, event, effects, index=index, reason=f"blocked an SMS to {number}"
-                    )
-                    return
-                self._sms(conv, base, to=number, text=text, effects=effects)
-            case cmds.NoAction(reason=reason):
-                log.info("no action", extra={"reason": reason[:300]})
-            case cmds.Escalate(reason=reason):
-                self._escalate(conv, event, effects, index=index, reason=reason)
-        self.own.commands.labels(name).inc()
-
-    def _may_write(self, conv: Conversation, address: str) -> bool:
-        target = address.lower()
-        if target in (p.lower() for p in conv.participants):
-            return True
-        for allowed in self.settings.outbound_allowlist:
-            entry = allowed.lower().strip()
-            if entry == target or (entry.startswith("@") and target.endswith(entry)):
-                return True
-        return False
-
-    def _block(self, conv: Conversation, action: str, reason: str, detail: str) -> None:
-        self.metrics.blocked.labels(action, reason).inc()
-        conv.notes.append(f"{action} refused ({reason}): {detail}")
-        log.warning("action blocked", extra={"action": action, "reason": reason})
-
-    def _reply(self, conv: Conversation, base: EventIds, text: str, effects: Effects) -> None:
-        command_id = base["event_id"]
-        if conv.channel == "email":
-            subject = conv.subject or "your message"
-            if not subject.lower().startswith("re:"):
-                subject = f"Re: {subject}"
-            self._email(conv, base, to=[conv.reply_to], subject=subject, body=text, effects=effects)
-        elif conv.channel == "sms":
-            self._sms(conv, base, to=conv.reply_to, text=text, effects=effects)
-        else:
-            effects.stored.append(
-                (
-                    subjects.command("api", conv.conversation_id),
-                    ApiReply(
-                        **base,
-                        command_id=command_id,
-                        client=conv.client,
-                        thread_id=conv.thread_id,
-                        body=text,
-                    ),
-                )
-            )
-            _record(conv, Outbound(command_id=command_id, kind="api", to=[conv.client], body=text))
-
-    def _email(
-        self,
-        conv: Conversation,
-        base: EventIds,
-        *,
-        to: list[str],
-        subject: str,
-        body: str,
-        effects: Effects,
-    ) -> None:
-        command_id = base["event_id"]
-        threaded = conv.channel == "email" and bool(conv.last_message_id)
-        effects.stored.append(
-            (
-                subjects.command("email", conv.conversation_id),
-                SendEmail(
-                    **base,
-                    command_id=command_id,
-                    to=to,
-                    subject=subject,
-                    body=body,
-                    in_reply_to=conv.last_message_id if threaded else "",
-                    references=conv.references if threaded else [],
-                ),
-            )
-        )
-        _record(
-            conv, Outbound(command_id=command_id, kind="email", to=to, subject=subject, body=body)
-        )
-
-    def _sms(
-        self, conv: Conversation, base: EventIds, *, to: str, text: str, effects: Effects
-    ) -> None:
-        command_id, number = base["event_id"], to
-        sender = conv.our_address if conv.channel == "sms" else ""
-        effects.stored.append(
-            (
-                subjects.command("sms", conv.conversation_id),
-                SendSms(**base, command_id=command_id, to=number, body=text, sender=sender),
-            )
-        )
-        _record(conv, Outbound(command_id=command_id, kind="sms", to=[number], body=text))
-
-    def _escalate(
-        self,
-        conv: Conversation,
-        event: InboundMessage | TaskResult,
-        effects: Effects,
-        *,
-        index: int,
-        reason: str,
-    ) -> None:
-        operator = self.settings.operator_email
-        self.own.escalations.labels(_reason_label(reason), str(bool(operator)).lower()).inc()
-        log.error("escalation", extra={"reason": reason[:500], "operator": bool(operator)})
-        if not operator:
-            return
-        command_id = stable_id(event.event_id, "escalate", str(index), reason)
-        tasks = "\n".join(f"- {t.task_id}: {t.state} — {t.summary}" for t in conv.tasks.values())
-        body = (
-            f"Podium escalated conversation {conv.conversation_id} ({conv.channel}).\n\n"
-            f"Reason: {reason}\n\nOriginal request:\n{conv.original_request}\n\n"
-            f"Tasks:\n{tasks or '- none'}\n"
-        )
-        effects.stored.append(
-            (
-                subjects.command("email", conv.conversation_id),
-                SendEmail(
-                    event_id=command_id,
-                    correlation_id=event.correlation_id,
-                    conversation_id=conv.conversation_id,
-                    command_id=command_id,
-                    to=[operator],
-                    subject=f"[Podium] escalation: {conv.subject or conv.conversation_id}",
-                    body=body,
-                ),
-            )
-        )
-        _record(
-            conv,
-            Outbound(
-                command_id=command_id,
-                kind="operator",
-                to=[operator],
-                subject="escalation",
-                body=reason,
-            ),
-        )
+def _new(event: InboundMessage) -> Conversation:
+    return Conversation(
+        conversation_id=event.conversation_id,
+        channel=event.channel,
+        client=event.client,
+        thread_id=event.thread_id,
+    )
 
 
 def _absorb(conv: Conversation, event: InboundMessage, block: str) -> None:
@@ -565,15 +352,3 @@ def _cancel(kill: KillTask, current: TaskRecord | None) -> TaskRecord:
     )
     record.cancel_requested = True
     return record
-
-
-def _record(conv: Conversation, outbound: Outbound) -> None:
-    conv.outbound = [*conv.outbound, outbound][-MAX_OUTBOUND:]
-
-
-def _reason_label(reason: str) -> str:
-    lowered = reason.lower()
-    for label in ("blocked", "exhausted", "failed"):
-        if label in lowered:
-            return label
-    return "agent"

@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from podium.common.config import AgentSettings
 from podium.common.errors import ConfigError
@@ -53,6 +53,8 @@ class AgentCall:
     session_id: str | None = None
     system_prompt: str = ""
     timeout_s: float = 600.0
+    #: A JSON schema the answer must follow (the CLI's --json-schema); None = free text.
+    json_schema: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class AgentAnswer:
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_creation_tokens: int = 0
+    #: The structured answer when the call asked for one (``json_schema``).
+    structured: Any = None
 
     @property
     def ok(self) -> bool:

@@ -182,6 +182,8 @@ class ClaudeRuntime:
             cmd += ["--max-turns", str(s.agent_max_turns)]
         if s.agent_max_budget_usd:
             cmd += ["--max-budget-usd", f"{s.agent_max_budget_usd:g}"]
+        if call.json_schema:
+            cmd += ["--json-schema", call.json_schema]
         if s.claude_mcp_config:
             cmd += ["--mcp-config", s.claude_mcp_config, "--strict-mcp-config"]
         if call.system_prompt:
@@ -458,6 +460,7 @@ def answer_from(
         output_tokens=int(usage.get("output_tokens") or 0),
         cache_read_tokens=int(usage.get("cache_read_input_tokens") or 0),
         cache_creation_tokens=int(usage.get("cache_creation_input_tokens") or 0),
+        structured=data.get("structured_output") if outcome == "ok" else None,
     )
 
 
