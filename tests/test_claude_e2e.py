@@ -8,106 +8,53 @@ really writes the worker's file.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import re
-import time
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply
-from podium.testing.services import Process, base_env
+from podium.testing.platform import Platform
 
 pytestmark = [pytest.mark.claude, pytest.mark.e2e]
 
-TOKEN = "claude-e2e-token-0123456789"
-SERVICES = ("ingress", "conductor", "worker", "notifier")
 WORKER_ROLE = "You are a Podium worker agent"
 
 
 def is_worker(call: MessagesCall) -> bool:
+    """Whether the call is a worker's (by its role prompt)."""
     return WORKER_ROLE in call.system
 
 
 def task_id_in(text: str) -> str:
+    """The task id of a [WORKER:<id>] block."""
     match = re.search(r"\[WORKER:([A-Za-z0-9_-]+)\]", text)
     assert match, text
     return match.group(1)
 
 
-class Platform:
-    def __init__(self, nats: NatsServer, root: Path, api: FakeAnthropic, claude_bin: str):
-        self.root = root
-        self.processes: dict[str, Process] = {}
-        for name in SERVICES:
-            extra = {
-                "PODIUM_AGENT": "claude",
-                "PODIUM_CLAUDE_BIN": claude_bin,
-                "ANTHROPIC_BASE_URL": api.base_url,
-                "ANTHROPIC_API_KEY": "sk-test-not-a-real-key",
-                "PODIUM_AGENT_TIMEOUT_S": "60",
-            }
-            if name == "ingress":
-                extra |= {
-                    "PODIUM_PORT": "0",
-                    "PODIUM_HOST": "127.0.0.1",
-                    "PODIUM_API_TOKENS": f"e2e:{TOKEN}",
-                }
-            self.processes[name] = Process(
-                name, base_env(nats.url, root, **extra), root / "logs"
-            ).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.processes['ingress'].logged_port('ingress listening')}"
-
-    async def ready(self) -> None:
-        for p in self.processes.values():
-            await p.wait_ready()
-
-    def stop(self) -> None:
-        for p in self.processes.values():
-            p.stop()
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {n}\n{p.log()[-5000:]}" for n, p in self.processes.items())
-
-    async def send(self, text: str) -> dict[str, Any]:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                f"{self.url}/v1/messages",
-                json={"text": text},
-                headers={"Authorization": f"Bearer {TOKEN}"},
-            ) as resp,
-        ):
-            assert resp.status == 202
-            body: dict[str, Any] = await resp.json()
-            return body
-
-    async def reply(self, timeout_s: float = 60) -> dict[str, Any]:
-        path = self.root / "outbox.jsonl"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if path.exists() and path.read_text().strip():
-                line: dict[str, Any] = json.loads(path.read_text().splitlines()[0])
-                return line
-            await asyncio.sleep(0.1)
-        raise AssertionError("no reply in the outbox\n" + self.logs())
-
-
-@pytest.fixture
-def platform_root(tmp_path: Path) -> Path:
-    return tmp_path / "platform"
+def claude_platform(
+    nats: NatsServer, root: Path, api: FakeAnthropic, claude_bin: str, **env: str
+) -> Platform:
+    """The four services with the real CLI pointed at ``api``."""
+    return Platform(
+        nats.url,
+        root,
+        env={
+            "PODIUM_AGENT": "claude",
+            "PODIUM_CLAUDE_BIN": claude_bin,
+            "ANTHROPIC_BASE_URL": api.base_url,
+            "ANTHROPIC_API_KEY": "sk-test-not-a-real-key",
+            "PODIUM_AGENT_TIMEOUT_S": "60",
+            **env,
+        },
+    ).start()
 
 
 async def test_full_loop_with_the_real_cli(
-    nats_server: NatsServer, js: JetStreamContext, platform_root: Path, claude_bin: str
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path, claude_bin: str
 ) -> None:
     def respond(call: MessagesCall) -> Reply:
         if is_worker(call):
@@ -124,11 +71,11 @@ async def test_full_loop_with_the_real_cli(
         )
 
     async with FakeAnthropic(respond) as api:
-        platform = Platform(nats_server, platform_root, api, claude_bin)
+        platform = claude_platform(nats_server, tmp_path, api, claude_bin)
         try:
             await platform.ready()
             sent = await platform.send("Please create hello.txt with the word hello in it.")
-            reply = await platform.reply()
+            (reply,) = await platform.wait_outbox(1)
         finally:
             platform.stop()
     assert reply["channel"] == "api"
@@ -136,7 +83,7 @@ async def test_full_loop_with_the_real_cli(
     assert reply["body"] == "Done: hello.txt contains hello."
 
     # The worker's scripted Write really ran, in the task's own directory.
-    (written,) = (platform_root / "workspaces").glob("tasks/*/hello.txt")
+    (written,) = (tmp_path / "workspaces").glob("tasks/*/hello.txt")
     assert written.read_text() == "hello\n"
 
     # The conductor's second turn resumed its session: same session, full history.
@@ -152,7 +99,7 @@ async def test_full_loop_with_the_real_cli(
 
 
 async def test_worker_question_is_answered_and_the_same_session_resumes(
-    nats_server: NatsServer, js: JetStreamContext, platform_root: Path, claude_bin: str
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path, claude_bin: str
 ) -> None:
     def respond(call: MessagesCall) -> Reply:
         text = call.last_user_text
@@ -171,11 +118,11 @@ async def test_worker_question_is_answered_and_the_same_session_resumes(
         return Reply.text("SPAWN_WORKER: Pick a greeting for the newsletter")
 
     async with FakeAnthropic(respond) as api:
-        platform = Platform(nats_server, platform_root, api, claude_bin)
+        platform = claude_platform(nats_server, tmp_path, api, claude_bin)
         try:
             await platform.ready()
             await platform.send("Pick a greeting for our newsletter.")
-            reply = await platform.reply()
+            (reply,) = await platform.wait_outbox(1)
         finally:
             platform.stop()
     assert reply["body"] == "Your greeting: Good morning"

@@ -72,7 +72,7 @@ class Actions:
             correlation_id=event.correlation_id,
             conversation_id=conv.conversation_id,
         )
-        name = type(command).__name__
+        name = command.name
         refusal: Refusal | None = None
         match command:
             case cmds.SpawnWorker(task=task):

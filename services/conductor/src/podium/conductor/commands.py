@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from email.utils import parseaddr
-from typing import Any
+from typing import Any, ClassVar
 
 from podium.common.protocol import COMMAND_NAMES
 
@@ -24,12 +24,16 @@ from podium.common.protocol import COMMAND_NAMES
 class SpawnWorker:
     """SPAWN_WORKER: <task>."""
 
+    name: ClassVar[str] = "SPAWN_WORKER"
+
     task: str
 
 
 @dataclass(frozen=True)
 class SendEmail:
     """SEND_EMAIL: <to> | <subject> | <body>."""
+
+    name: ClassVar[str] = "SEND_EMAIL"
 
     to: tuple[str, ...]
     subject: str
@@ -40,6 +44,8 @@ class SendEmail:
 class SendSms:
     """SEND_SMS: <number> | <text>."""
 
+    name: ClassVar[str] = "SEND_SMS"
+
     to: str
     text: str
 
@@ -48,12 +54,16 @@ class SendSms:
 class KillWorker:
     """KILL_WORKER: <task id>."""
 
+    name: ClassVar[str] = "KILL_WORKER"
+
     task_id: str
 
 
 @dataclass(frozen=True)
 class TellWorker:
     """TELL_WORKER: <task id> | <message>."""
+
+    name: ClassVar[str] = "TELL_WORKER"
 
     task_id: str
     message: str
@@ -63,6 +73,8 @@ class TellWorker:
 class Reply:
     """REPLY: <text> — on the channel the conversation came in on."""
 
+    name: ClassVar[str] = "REPLY"
+
     text: str
 
 
@@ -70,12 +82,16 @@ class Reply:
 class NoAction:
     """NO_ACTION: <why>."""
 
+    name: ClassVar[str] = "NO_ACTION"
+
     reason: str
 
 
 @dataclass(frozen=True)
 class Escalate:
     """ESCALATE: <why> — hand the conversation to a human operator."""
+
+    name: ClassVar[str] = "ESCALATE"
 
     reason: str
 

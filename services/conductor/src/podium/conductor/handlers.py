@@ -55,7 +55,7 @@ from podium.conductor.prompts import (
     ROLE,
     inbound_block,
     lost_session_summary,
-    notes_block,
+    system_block,
 )
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class Conductor:
         *,
         trigger: str,
     ) -> None:
-        prompt = notes_block(conv.notes) + block
+        prompt = system_block(conv) + block
         conv.notes = []
         failures_before = conv.failed_tasks - (
             1 if isinstance(event, TaskResult) and event.status == "FAILED" else 0

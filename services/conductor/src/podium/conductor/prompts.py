@@ -6,7 +6,7 @@ import json
 
 from podium.common import protocol
 from podium.common.events import InboundMessage
-from podium.common.state import Conversation
+from podium.common.state import FINISHED, Conversation
 
 ROLE = """\
 You are the conductor of Podium, an autonomous agent platform. People write to you by
@@ -87,12 +87,25 @@ def inbound_block(event: InboundMessage) -> str:
     return protocol.api_block(event.sender, event.thread_id, event.text)
 
 
-def notes_block(notes: list[str]) -> str:
-    """Problems with the previous turn's commands, told at the start of the next."""
-    if not notes:
+def system_block(conv: Conversation) -> str:
+    """What the agent should know before this turn's input: refusals and open tasks.
+
+    Task ids are only ever learnt here, so the agent can TELL or KILL the right one.
+    """
+    parts = []
+    if conv.notes:
+        parts.append("Some of your previous commands were not carried out:")
+        parts += [f"- {n}" for n in conv.notes]
+    open_tasks = [t for t in conv.tasks.values() if t.state not in FINISHED]
+    if open_tasks:
+        parts.append("Open tasks:")
+        parts += [
+            f"- {t.task_id} ({t.state}): {' '.join(t.instructions.split())[:160]}"
+            for t in open_tasks
+        ]
+    if not parts:
         return ""
-    lines = "\n".join(f"- {n}" for n in notes)
-    return f"[SYSTEM]\nSome of your previous commands were not carried out:\n{lines}\n---\n"
+    return "[SYSTEM]\n" + "\n".join(parts) + "\n---\n"
 
 
 def lost_session_summary(conv: Conversation) -> str:

@@ -1,0 +1,153 @@
+"""The whole platform as processes, for end-to-end tests and benchmarks.
+
+Every service starts through its real entry point (``python -m podium.<svc>``)
+against the test's nats-server, with its own log file; the API and the
+SendGrid webhook are driven over HTTP like a user would, and replies are read
+back from the outbox file the notifier writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from podium.testing.services import Process, base_env
+
+SERVICES = ("ingress", "conductor", "worker", "notifier")
+TOKEN = "platform-test-token-0123456789"  # noqa: S105 - a test fixture
+
+
+class Platform:
+    """Services as processes, sharing one state root."""
+
+    def __init__(
+        self,
+        nats_url: str,
+        root: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        per_service: Mapping[str, Mapping[str, str]] | None = None,
+        services: Iterable[str] = SERVICES,
+    ) -> None:
+        self.nats_url = nats_url
+        self.root = root
+        self.env = dict(env or {})
+        self.per_service = {k: dict(v) for k, v in (per_service or {}).items()}
+        self.processes: dict[str, Process] = {}
+        self.names = list(services)
+
+    def start(self) -> Platform:
+        """Start every service."""
+        for name in self.names:
+            self.add(name)
+        return self
+
+    def add(self, service: str, *, name: str | None = None, **env: str) -> Process:
+        """Start one more process of ``service`` (e.g. a second replica) as ``name``."""
+        extra = {**self.env, **self.per_service.get(service, {}), **env}
+        if service == "ingress":
+            extra = {
+                "PODIUM_PORT": "0",
+                "PODIUM_HOST": "127.0.0.1",
+                "PODIUM_API_TOKENS": f"test:{TOKEN}",
+                **extra,
+            }
+        key = name or service
+        logs = self.root / "logs" / key
+        process = Process(service, base_env(self.nats_url, self.root, **extra), logs).start()
+        self.processes[key] = process
+        return process
+
+    async def ready(self, timeout_s: float = 60.0) -> None:
+        """Wait until every process answers /readyz."""
+        for process in self.processes.values():
+            await process.wait_ready(timeout_s)
+
+    def stop(self) -> None:
+        """SIGTERM every process and wait for it."""
+        for process in self.processes.values():
+            process.stop()
+
+    @property
+    def url(self) -> str:
+        """The ingress's base URL."""
+        port = self.processes["ingress"].logged_port("ingress listening")
+        return f"http://127.0.0.1:{port}"
+
+    @property
+    def outbox_path(self) -> Path:
+        """The notifier's outbox file."""
+        return self.root / "outbox.jsonl"
+
+    def logs(self, tail: int = 6000) -> str:
+        """The end of every process's log, for failure messages."""
+        return "\n".join(f"--- {n}\n{p.log()[-tail:]}" for n, p in self.processes.items())
+
+    async def send(self, text: str, **extra: Any) -> dict[str, Any]:
+        """POST /v1/messages; the ingress's JSON answer."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{self.url}/v1/messages",
+                json={"text": text, **extra},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ) as resp,
+        ):
+            body: dict[str, Any] = await resp.json()
+            if resp.status != 202:
+                raise AssertionError(f"{resp.status}: {body}")
+            return body
+
+    async def email(
+        self, sender: str, subject: str, text: str, *, message_id: str, headers: str = ""
+    ) -> dict[str, Any]:
+        """An inbound email through the SendGrid Inbound Parse webhook (parsed mode)."""
+        form = aiohttp.FormData(default_to_multipart=True)
+        fields = {
+            "from": sender,
+            "to": "podium@example.com",
+            "subject": subject,
+            "text": text,
+            "headers": f"Message-ID: {message_id}\nSubject: {subject}\n{headers}",
+        }
+        for key, value in fields.items():
+            form.add_field(key, value)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{self.url}/webhooks/sendgrid/inbound", data=form) as resp,
+        ):
+            body: dict[str, Any] = await resp.json()
+            if resp.status != 200:
+                raise AssertionError(f"{resp.status}: {body}")
+            return body
+
+    def outbox(self) -> list[dict[str, Any]]:
+        """Every message the notifier has written so far."""
+        if not self.outbox_path.exists():
+            return []
+        return [json.loads(line) for line in self.outbox_path.read_text().splitlines()]
+
+    async def wait_outbox(self, expect: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """Wait until the outbox holds ``expect`` messages; all of them."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = self.outbox()
+            if len(found) >= expect:
+                return found
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"outbox has {len(self.outbox())} of {expect}\n{self.logs()}")
+
+    async def metrics(self, name: str) -> str:
+        """The Prometheus text of process ``name``."""
+        port = self.processes[name].health_port()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+        ):
+            return await resp.text()
