@@ -200,3 +200,26 @@ async def test_stop_hands_unfinished_work_back_for_redelivery(jsc: JetStreamCont
     await asyncio.wait_for(done.wait(), 1.5)
     await c2.stop(5)
     assert got == [2]
+
+
+async def test_ordered_consumer_retries_in_place_so_nothing_overtakes(
+    jsc: JetStreamContext,
+) -> None:
+    seen: list[tuple[str, int]] = []
+    done = asyncio.Event()
+
+    async def handler(event: AnyEvent, delivery: Delivery) -> None:
+        seen.append((event.event_id, delivery.attempt))
+        if event.event_id == "e1" and delivery.attempt < 3:
+            raise Retry("agent busy", delay_s=0.1)
+        if event.event_id == "e2":
+            done.set()
+
+    c, _ = consumer(jsc, handler, order_key=lambda e: e.conversation_id, retry_in_place=True)
+    c.start()
+    await publish(jsc, "inbound.api.a", message(1, "a"))
+    await publish(jsc, "inbound.api.a", message(2, "a"))
+    await asyncio.wait_for(done.wait(), 10)
+    await c.stop(5)
+    # e1 was retried in place (attempts 1, 2, 3) and e2 waited for it.
+    assert seen == [("e1", 1), ("e1", 2), ("e1", 3), ("e2", 1)]

@@ -14,6 +14,10 @@ any other exception    ``nak`` with exponential backoff, dead-lettered at the en
 shutdown cancellation  ``nak`` at once, so another replica takes it
 =====================  =========================================================
 
+An ordered consumer (``retry_in_place=True``, the conductor's) retries a
+``Retry`` or a crash in place, holding the message and its lane, so that the
+next message of the same conversation can never overtake it.
+
 While a handler runs, ``in_progress`` is sent every third of ``ack_wait`` so
 JetStream does not redeliver work that is still going on. Messages that share
 an ``order_key`` (a conversation) are handled strictly one after another, in
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -57,6 +62,8 @@ class Delivery:
     stream_seq: int
     num_delivered: int
     msg: Msg
+    #: Which attempt this is: deliveries so far, plus retries in place (see PullConsumer).
+    attempt: int = 1
 
     async def in_progress(self) -> None:
         """Tell JetStream the message is still being worked on (resets ack_wait)."""
@@ -95,6 +102,7 @@ class PullConsumer:
         order_key: OrderKey | None = None,
         fetch_timeout_s: float = 1.0,
         lanes: Lanes | None = None,
+        retry_in_place: bool = False,
     ) -> None:
         self.js = js
         self.spec = spec
@@ -107,6 +115,7 @@ class PullConsumer:
         # Handlers running at once, and messages held (fetched, not yet settled):
         # held ones include those waiting behind an earlier message of their key.
         self.lanes = lanes or Lanes(concurrency)
+        self.retry_in_place = retry_in_place
         self.max_held = max_held or concurrency * 4
         self._room = asyncio.Event()
         self._room.set()
@@ -234,6 +243,7 @@ class PullConsumer:
             stream_seq=meta.sequence.stream,
             num_delivered=meta.num_delivered,
             msg=msg,
+            attempt=meta.num_delivered,
         )
         if delivery.num_delivered > 1:
             self.metrics.redeliveries.labels(self.name).inc()
@@ -269,6 +279,48 @@ class PullConsumer:
             heartbeat.cancel()
 
     async def _run_handler(self, event: AnyEvent, delivery: Delivery) -> str:
+        if not self.retry_in_place:
+            return await self._attempt(event, delivery)
+        # Ordered consumers retry without giving the message back: a nak would let
+        # the next message of its key overtake it. The lane stays held meanwhile.
+        while True:
+            outcome, delay = await self._attempt_in_place(event, delivery)
+            if delay is None:
+                return outcome
+            log.info(
+                "retrying in place",
+                extra={"consumer": self.name, "attempt": delivery.attempt, "delay_s": delay},
+            )
+            await asyncio.sleep(delay)
+            delivery = dataclasses.replace(delivery, attempt=delivery.attempt + 1)
+
+    async def _attempt_in_place(
+        self, event: AnyEvent, delivery: Delivery
+    ) -> tuple[str, float | None]:
+        """One attempt; (outcome, None) when settled, or ("retry", delay) to try again."""
+        last_try = delivery.attempt >= self.spec.max_deliver
+        try:
+            await self.handler(event, delivery)
+        except Retry as err:
+            if last_try:
+                reason = f"gave up: {err.reason}"
+                await self._dead_letter(delivery.msg, delivery, reason, kind="exhausted")
+                return "dead_letter", None
+            return "retry", err.delay_s
+        except Reject as err:
+            await self._dead_letter(delivery.msg, delivery, err.reason, kind="rejected")
+            return "rejected", None
+        except Exception as err:
+            log.exception("handler failed", extra={"consumer": self.name})
+            if last_try:
+                reason = f"gave up: {err!r}"
+                await self._dead_letter(delivery.msg, delivery, reason, kind="exhausted")
+                return "dead_letter", None
+            return "retry", min(2.0 ** (delivery.attempt - 1), 60.0)
+        await delivery.msg.ack()
+        return "ok", None
+
+    async def _attempt(self, event: AnyEvent, delivery: Delivery) -> str:
         msg = delivery.msg
         last_try = delivery.num_delivered >= self.spec.max_deliver
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import replace
 
 from nats.aio.client import Client
@@ -203,6 +204,7 @@ class Conductor:
         *,
         trigger: str,
     ) -> None:
+        started_at = time.time()
         prompt = system_block(conv) + block
         conv.notes = []
         failures_before = conv.failed_tasks - (
@@ -247,6 +249,10 @@ class Conductor:
         conv.turns += 1
         conv.updated_at = utcnow()
         await self._save(conv, revision)
+        log.info(
+            "turn saved",
+            extra={"trigger": trigger, "started_at": started_at, "ended_at": time.time()},
+        )
         # The message is acknowledged once the session's transcript is stored too, so a
         # crash before then replays the turn rather than forgetting it.
         await self.agents.settled(conv.conversation_id)
@@ -288,8 +294,8 @@ class Conductor:
             "conductor turn failed",
             extra={"outcome": answer.outcome, "error": answer.error[:500]},
         )
-        if delivery.num_delivered < self.max_deliver:
-            raise Retry(f"agent {answer.outcome}", delay_s=min(5.0 * delivery.num_delivered, 60))
+        if delivery.attempt < self.max_deliver:
+            raise Retry(f"agent {answer.outcome}", delay_s=min(5.0 * delivery.attempt, 60))
         return answer
 
     async def _publish(self, effects: Effects) -> None:

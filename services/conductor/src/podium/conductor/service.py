@@ -95,9 +95,15 @@ class ConductorService:
                 order_key=by_conversation,
                 lanes=self._lanes,
                 max_held=self.settings.concurrency,
+                retry_in_place=True,
             )
             for spec in (streams.conductor_inbound(partition), streams.conductor_results(partition))
         ]
+        # Whatever a previous owner held without acknowledging (it may have died) is
+        # delivered again now, in stream order, before anything newer: a conversation's
+        # messages cannot be overtaken on a takeover. What it did finish is skipped.
+        for consumer in consumers:
+            await self._ctx.js.reset_consumer(consumer.spec.stream, consumer.spec.durable)
         self.consumers[partition] = consumers
         for consumer in consumers:
             consumer.start()

@@ -110,7 +110,8 @@ class OfflineRuntime:
 
 def conduct(prompt: str) -> str:
     """The offline conductor's answer to one turn."""
-    blocks = parse_blocks(prompt)
+    # A [SYSTEM] block (refusals, open tasks) may come first: it is context, not input.
+    blocks = [b for b in parse_blocks(prompt) if b.kind != "SYSTEM"]
     if not blocks:
         return "NO_ACTION: nothing I recognise in this turn"
     block = blocks[0]
