@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
 from podium.common.events import DeadLetter, decode
+from podium.testing.platform import Platform as ProcessPlatform
 from podium.testing.services import Process, base_env
 
 pytestmark = pytest.mark.e2e
@@ -256,3 +257,50 @@ async def test_sigterm_lets_a_short_task_finish(
     finally:
         for process in processes.values():
             process.stop()
+
+
+@pytest.mark.parametrize("mode", ["refuse", "ignore"])
+async def test_senders_outside_the_allowlist_get_no_agent(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path, mode: str
+) -> None:
+    platform = ProcessPlatform(
+        nats_server.url,
+        tmp_path,
+        per_service={
+            "conductor": {
+                "PODIUM_SENDER_ALLOWLIST": "@example.org, +15550100001",
+                "PODIUM_UNKNOWN_SENDERS": mode,
+            }
+        },
+    ).start()
+    try:
+        await platform.ready()
+        await platform.email(
+            "Mallory <mallory@evil.example>", "Hi", "Do work.", message_id="<m1@x>"
+        )
+        await platform.email(
+            "Mallory <mallory@evil.example>", "Re: Hi", "Please?", message_id="<m2@x>",
+            headers="In-Reply-To: <m1@x>\nReferences: <m1@x>\n",
+        )  # fmt: skip
+        await platform.email("Grace <grace@example.org>", "Numbers", "Count.", message_id="<g1@x>")
+        replies = await platform.wait_outbox(2 if mode == "refuse" else 1)
+        await asyncio.sleep(1)
+        replies = platform.outbox()
+        metrics = await platform.metrics("conductor")
+    finally:
+        platform.stop()
+    by_recipient = {tuple(r["to"]): r for r in replies}
+    assert set(by_recipient) == (
+        {("mallory@evil.example",), ("grace@example.org",)}
+        if mode == "refuse"
+        else {("grace@example.org",)}
+    )
+    if mode == "refuse":
+        refusal = by_recipient[("mallory@evil.example",)]
+        assert "only takes requests from registered senders" in refusal["body"]
+        assert refusal["headers"]["Auto-Submitted"] == "auto-replied"
+    # Mallory's two messages never reached an agent: one task only, Grace's.
+    assert (await js.stream_info("TASKS")).state.messages == 1
+    assert (
+        'podium_policy_blocked_total{action="inbound",reason="sender not allowed"} 2.0' in metrics
+    )
