@@ -373,3 +373,24 @@ async def test_bypass_permissions_runs_as_root(
         answer = await runtime.run(call(tmp_path, "root", "write the file", None))
     assert answer.ok, answer.error
     assert (tmp_path / "workspaces" / "tasks" / "root" / "bypass.txt").read_text() == "ran\n"
+
+
+@pytest.mark.parametrize("pool", [0, 1], ids=["spawn-per-turn", "warm"])
+async def test_api_errors_become_an_execution_error(
+    claude_bin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pool: int
+) -> None:
+    """The CLI reports API failures as subtype "success" with is_error set."""
+    async with FakeAnthropic(lambda c: Reply.http_error(500, message="upstream broke")) as server:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+        runtime = ClaudeRuntime(
+            settings(claude_bin, tmp_path, agent_pool_size=pool), tmp_path / "cfg"
+        )
+        try:
+            answer = await runtime.run(call(tmp_path, "e", "anything", None))
+        finally:
+            await runtime.close()
+    assert answer.outcome == "execution_error"
+    assert not answer.ok
+    assert "500" in answer.error
+    assert answer.text == ""
