@@ -1,8 +1,12 @@
 # syntax=docker/dockerfile:1.7
-# One multi-target file, one image per service:
-#   docker build --target ingress   -t podium/ingress .
-#   docker build --target conductor -t podium/conductor .   (and worker, notifier)
-# Reproducible from uv.lock; non-root; conductor and worker carry the Claude Code CLI.
+# One multi-target file, one image per service, plus the operators' `podium` command:
+#   docker build --target ingress   --build-arg SERVICE=ingress   -t podium/ingress .
+#   docker build --target conductor --build-arg SERVICE=conductor -t podium/conductor .
+#   (worker and notifier alike; `--target cli --build-arg SERVICE=cli` for podium/cli,
+#   which runs `podium provision` as a Job / compose one-shot and `podium replay`)
+# Reproducible from uv.lock (uv sync --frozen --package podium-<SERVICE>: only that
+# package and its locked dependencies); non-root (uid 10001); conductor and worker carry
+# the Claude Code CLI pinned in tools/claude/package-lock.json.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -71,3 +75,8 @@ ENTRYPOINT ["python", "-m", "podium.conductor"]
 FROM agent-runtime AS worker
 COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
 ENTRYPOINT ["python", "-m", "podium.worker"]
+
+FROM runtime AS cli
+COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
+ENTRYPOINT ["podium"]
+CMD ["status"]

@@ -16,5 +16,5 @@ lint:        ## ruff and mypy only
 bench:       ## the benchmarks (figures go into docs/performance.md)
 	.venv/bin/python bench/pipeline.py
 
-docs:        ## regenerate docs/configuration.md from the settings classes
-	.venv/bin/podium config-docs
+docs:        ## regenerate every file derived from the code (docs, NATS permissions, monitoring)
+	.venv/bin/podium generate

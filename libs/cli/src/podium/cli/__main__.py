@@ -6,6 +6,8 @@ podium send TEXT     send an API message (--wait prints the reply)
 podium status        streams, consumers, pending work
 podium watch         print events as they are stored
 podium provision     create/update streams, consumers and buckets
+podium replay        re-publish stored events or dead letters, rewind consumers
+podium generate      write every generated file (docs, NATS permissions, monitoring)
 podium config-docs   write docs/configuration.md from the settings classes
 """
 
@@ -51,11 +53,46 @@ def parser() -> argparse.ArgumentParser:
     p_watch = sub.add_parser("watch", help="print events as they are stored")
     p_watch.add_argument("streams", nargs="*", help="stream names (default: all)")
     p_watch.add_argument("--all", action="store_true", help="start from the first stored event")
-    sub.add_parser("provision", help="create/update streams, consumers and buckets")
+    p_prov = sub.add_parser("provision", help="create/update streams, consumers and buckets")
+    p_prov.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for NATS"
+    )
+    _replay_parser(sub)
+    p_gen = sub.add_parser("generate", help="write every file generated from the code")
+    p_gen.add_argument("--root", default=".", help="the repository's root")
+    p_gen.add_argument("--check", action="store_true", help="fail if a file is out of date")
     p_docs = sub.add_parser("config-docs", help="write the configuration reference")
     p_docs.add_argument("--output", default="docs/configuration.md")
     p_docs.add_argument("--check", action="store_true", help="fail if the file is out of date")
     return p
+
+
+def _replay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p_replay = sub.add_parser(
+        "replay",
+        help="re-publish stored events or dead letters, rewind consumers",
+        description="Replays are safe: a replayed event keeps its event, task and command "
+        "ids, so what was already handled or sent is not done again (docs/operations.md).",
+    )
+    how = p_replay.add_subparsers(dest="replay", required=True)
+    p_stream = how.add_parser("stream", help="re-publish stored messages of a stream")
+    p_stream.add_argument("stream", help="INBOUND, TASKS, RESULTS or COMMANDS")
+    p_stream.add_argument("seqs", nargs="*", type=int, help="stream sequences")
+    p_stream.add_argument("--from", dest="first", type=int, default=0, help="first sequence")
+    p_stream.add_argument("--to", dest="last", type=int, default=0, help="last sequence")
+    p_stream.add_argument("--dry-run", action="store_true", help="show, do not publish")
+    p_dead = how.add_parser("deadletter", help="re-publish dead letters' original messages")
+    p_dead.add_argument("seqs", nargs="*", type=int, help="DEADLETTER sequences")
+    p_dead.add_argument("--all", dest="every", action="store_true", help="every dead letter")
+    p_dead.add_argument("--list", dest="list_only", action="store_true", help="only list them")
+    p_dead.add_argument("--dry-run", action="store_true", help="show, do not publish")
+    p_reset = how.add_parser("reset", help="rewind durable consumers (server 2.14+)")
+    p_reset.add_argument("stream")
+    p_reset.add_argument("consumers", nargs="+", help="names or globs (conductor-inbound-p*)")
+    p_reset.add_argument(
+        "--seq", dest="first", type=int, default=0, help="deliver again from this sequence"
+    )
+    p_reset.add_argument("--dry-run", action="store_true", help="show, do not reset")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +126,25 @@ async def _dispatch(args: argparse.Namespace) -> int:
         case "watch":
             return await client.watch(args.streams, args.all)
         case "provision":
-            return await client.provision_cmd()
+            return await client.provision_cmd(args.wait)
+        case "replay":
+            from podium.cli import replay  # noqa: PLC0415
+
+            return await replay.run(
+                args.replay,
+                stream=getattr(args, "stream", ""),
+                seqs=getattr(args, "seqs", None),
+                first=getattr(args, "first", 0),
+                last=getattr(args, "last", 0),
+                consumers=getattr(args, "consumers", None),
+                list_only=getattr(args, "list_only", False),
+                every=getattr(args, "every", False),
+                dry_run=args.dry_run,
+            )
+        case "generate":
+            from podium.cli.generate import generate  # noqa: PLC0415
+
+            return generate(Path(args.root), check=args.check)
         case "config-docs":
             from podium.cli.docs import write_config_docs  # noqa: PLC0415
 

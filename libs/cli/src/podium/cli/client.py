@@ -24,7 +24,8 @@ from nats.js.errors import NotFoundError
 
 from podium.common import streams, subjects
 from podium.common.bus import connect
-from podium.common.config import CommonSettings
+from podium.common.config import CommonSettings, load
+from podium.common.errors import ConfigError
 from podium.common.events import AnyEvent, ApiReply, SendEmail, decode, event_type
 from podium.common.ids import new_id
 from podium.common.kv import Store
@@ -41,10 +42,19 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)  # noqa: T201
 
 
+def settings() -> CommonSettings:
+    """NATS settings from the environment: ``NATS_URL`` and, where the server has users,
+    ``PODIUM_NATS_USER`` / ``PODIUM_NATS_PASSWORD`` or ``PODIUM_NATS_CREDS`` (the admin user)."""
+    env = {k: v for k, v in os.environ.items() if k == "NATS_URL" or k.startswith("PODIUM_")}
+    env.setdefault("NATS_URL", DEFAULT_NATS_URL)
+    try:
+        return load(CommonSettings, env)
+    except ConfigError as err:
+        raise SystemExit(f"podium: {err}") from None
+
+
 async def _nats() -> Client:
-    return await connect(
-        CommonSettings(nats_url=os.environ.get("NATS_URL", DEFAULT_NATS_URL)), name="podium-cli"
-    )
+    return await connect(settings(), name="podium-cli")
 
 
 async def wait_for_command(
@@ -279,14 +289,31 @@ def _gist(event: AnyEvent) -> str:
     return " ".join(parts)
 
 
-async def provision_cmd() -> int:
-    """Create or update every stream, consumer and bucket."""
+async def provision_cmd(wait_s: float = 0.0) -> int:
+    """Create or update every stream, consumer and bucket (``PODIUM_STREAM_REPLICAS`` each).
+
+    With ``wait_s``, keep trying to reach NATS that long first: a Kubernetes Job or a
+    compose one-shot may start before the server answers.
+    """
     from podium.common.streams import provision  # noqa: PLC0415
 
-    nc = await _nats()
+    config = settings()
     try:
-        await provision(nc.jetstream())
+        # connect() retries until the server answers: bound it.
+        nc = await asyncio.wait_for(connect(config, name="podium-provision"), max(wait_s, 5.0))
+    except TimeoutError:
+        _err(
+            f"podium provision: no connection to NATS at {config.nats_url} in {wait_s:g}s "
+            "(down, or the credentials were refused)"
+        )
+        return 1
+    try:
+        await provision(nc.jetstream(), replicas=config.stream_replicas)
     finally:
         await nc.close()
-    _out("provisioned: " + ", ".join(s.name for s in streams.TOPOLOGY.streams))
+    _out(
+        "provisioned: "
+        + ", ".join(s.name for s in streams.TOPOLOGY.streams)
+        + f" (replicas: {config.stream_replicas})"
+    )
     return 0

@@ -65,11 +65,14 @@ class NatsServer:
         port: int = 0,
         config_file: Path | None = None,
         log_file: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.config_file = config_file
         self.log_file = log_file or store_dir / "nats-server.log"
+        #: The server's environment (None = this process's): NATS config variables come from it.
+        self.env = env
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -97,6 +100,7 @@ class NatsServer:
         self._proc = subprocess.Popen(  # noqa: S603 - fixed binary, no shell
             cmd,
             stdin=subprocess.DEVNULL,
+            env=self.env,
             start_new_session=True,
             preexec_fn=_sigterm_with_parent,  # noqa: PLW1509 - only calls prctl
         )

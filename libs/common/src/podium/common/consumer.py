@@ -103,6 +103,7 @@ class PullConsumer:
         fetch_timeout_s: float = 1.0,
         lanes: Lanes | None = None,
         retry_in_place: bool = False,
+        lag_interval_s: float = 15.0,
     ) -> None:
         self.js = js
         self.spec = spec
@@ -112,6 +113,7 @@ class PullConsumer:
         self.concurrency = concurrency
         self.order_key = order_key
         self.fetch_timeout_s = fetch_timeout_s
+        self.lag_interval_s = lag_interval_s
         # Handlers running at once, and messages held (fetched, not yet settled):
         # held ones include those waiting behind an earlier message of their key.
         self.lanes = lanes or Lanes(concurrency)
@@ -122,6 +124,7 @@ class PullConsumer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
 
     @property
@@ -132,6 +135,7 @@ class PullConsumer:
     def start(self) -> None:
         """Start fetching in the background."""
         self._loop_task = asyncio.create_task(self._run(), name=f"consume:{self.name}")
+        self._lag_task = asyncio.create_task(self._watch_lag(), name=f"lag:{self.name}")
 
     @property
     def in_flight(self) -> int:
@@ -145,6 +149,7 @@ class PullConsumer:
         replica (or this one, restarted) handles it.
         """
         self._stopping.set()
+        await self._stop_watching_lag()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -193,6 +198,37 @@ class PullConsumer:
                 continue
             for msg in msgs:
                 self._dispatch(msg)
+
+    async def _watch_lag(self) -> None:
+        """Poll the consumer's pending counts into gauges (its lag, for alerts and dashboards).
+
+        Separate from the fetch loop, so a replica whose handlers are all busy
+        still reports the backlog growing behind them.
+        """
+        labels = (self.spec.stream, self.spec.durable)
+        while True:
+            try:
+                info = await self.js.consumer_info(*labels)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a gauge is not worth failing for
+                log.debug("consumer info failed", extra={"consumer": self.name, "error": repr(err)})
+            else:
+                self.metrics.consumer_pending.labels(*labels).set(info.num_pending or 0)
+                self.metrics.consumer_ack_pending.labels(*labels).set(info.num_ack_pending or 0)
+            await asyncio.sleep(self.lag_interval_s)
+
+    async def _stop_watching_lag(self) -> None:
+        task, self._lag_task = self._lag_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # A consumer this replica no longer runs is reported by whoever runs it now.
+        labels = (self.spec.stream, self.spec.durable)
+        for gauge in (self.metrics.consumer_pending, self.metrics.consumer_ack_pending):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
 
     async def _unsubscribe(self) -> None:
         sub, self._sub = self._sub, None

@@ -77,6 +77,19 @@ class Metrics:
             ["consumer", "reason"],
             registry=registry,
         )
+        self.consumer_pending = Gauge(
+            f"{PREFIX}_consumer_pending",
+            "Messages stored but not yet delivered to a consumer (its lag), polled from "
+            "JetStream by the replicas running it",
+            ["stream", "consumer"],
+            registry=registry,
+        )
+        self.consumer_ack_pending = Gauge(
+            f"{PREFIX}_consumer_ack_pending",
+            "Messages delivered to a consumer and not yet acknowledged",
+            ["stream", "consumer"],
+            registry=registry,
+        )
         self.in_flight = Gauge(
             f"{PREFIX}_in_flight",
             "Events being handled now",

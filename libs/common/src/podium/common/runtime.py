@@ -26,7 +26,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from podium.common import logs
+from podium.common import logs, subjects
 from podium.common.bus import connect
 from podium.common.config import CommonSettings
 from podium.common.metrics import Metrics
@@ -139,11 +139,17 @@ class HealthServer:
 async def connect_until_ready(
     settings: CommonSettings, name: str, stop: asyncio.Event
 ) -> Client | None:
-    """Connect to NATS, retrying with backoff until it answers or ``stop`` is set."""
+    """Connect as service ``name``, retrying with backoff until NATS answers or ``stop`` is set.
+
+    Replies come to the service's own inbox prefix, the only one its NATS user may
+    subscribe to (see :mod:`podium.common.access`).
+    """
     delay = 0.25
     while not stop.is_set():
         try:
-            return await connect(settings, name=name)
+            return await connect(
+                settings, name=f"podium-{name}", inbox_prefix=subjects.inbox_prefix(name)
+            )
         except Exception as err:  # noqa: BLE001 - any connect failure is retried
             log.warning(
                 "NATS not reachable, retrying",
@@ -183,7 +189,7 @@ async def run(
     await health.start()
     log.info("health port listening", extra={"port": health.port})
     try:
-        nc = await connect_until_ready(settings, f"podium-{service.name}", stop)
+        nc = await connect_until_ready(settings, service.name, stop)
         if nc is None:
             return
         js = nc.jetstream()

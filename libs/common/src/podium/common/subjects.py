@@ -99,9 +99,19 @@ def partition_of(conversation: str, partitions: int) -> int:
     return h % partitions
 
 
+def inbox_prefix(service: str) -> str:
+    """Prefix of ``service``'s reply inboxes: each service reads replies only on its own."""
+    return f"_INBOX.{token(service)}"
+
+
 def dead_letter(service: str, stream: str) -> str:
     """Subject where ``service`` records a message of ``stream`` it could never handle."""
     return f"deadletter.{token(service)}.{token(stream)}"
+
+
+def dead_letters_of(service: str) -> str:
+    """Every subject where ``service`` may record dead letters (its NATS permission)."""
+    return f"deadletter.{token(service)}.*"
 
 
 # Headers every Podium publish carries, so operators can filter with the NATS CLI.

@@ -1,0 +1,265 @@
+"""Who may do what on the bus: one NATS user per service, least privilege.
+
+Each service connects as its own user in the ``PODIUM`` account and may
+publish and subscribe only where its work takes it. The permission sets are
+*derived* from the contracts (subjects, streams, consumers, buckets), so a
+new consumer or bucket updates them, and ``podium generate`` renders them as
+the NATS server configuration that docker-compose and Kubernetes use
+(``deploy/nats/accounts.conf``; a test keeps the file current and runs every
+service against a real nats-server configured with it).
+
+What a service needs besides its own event subjects, in JetStream's API:
+
+- ``$JS.API.STREAM.INFO.<stream>`` for readiness, and to bind KV buckets and
+  object stores;
+- ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>`` (fetch),
+  ``$JS.ACK.<stream>.<durable>.>`` (ack, nak, term, in-progress) and
+  ``$JS.API.CONSUMER.INFO.<stream>.<durable>`` (lag gauge) for each durable
+  consumer it runs; the conductor also ``$JS.API.CONSUMER.RESET`` of its
+  partition consumers (taking over a partition rewinds them to their ack floor);
+- KV reads: ``$JS.API.DIRECT.GET.KV_<bucket>.>`` (and the older
+  ``$JS.API.STREAM.MSG.GET.KV_<bucket>``); writes: ``$KV.<bucket>.>``;
+  listing keys: an ordered consumer, ``$JS.API.CONSUMER.CREATE.KV_<bucket>``
+  and ``…DELETE``, with its flow control on ``$JS.FC.KV_<bucket>.>``;
+- object store: ``$O.<bucket>.>``, its stream's direct get, ordered consumers
+  and ``$JS.API.STREAM.PURGE.OBJ_<bucket>`` (replacing an object purges its
+  old chunks);
+- replies only on its own inbox, ``_INBOX.<service>.>`` (see
+  :func:`podium.common.subjects.inbox_prefix`), so no service can read
+  another's replies or fetched messages.
+
+No service may create, update or delete a stream, a durable consumer or a
+bucket: that is ``podium provision``'s work, run with the ``admin`` user.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from podium.common import streams, subjects
+from podium.common.streams import ConsumerSpec
+
+#: The one NATS account every Podium user belongs to (it owns the streams).
+ACCOUNT = "PODIUM"
+#: The user that provisions and operates (``podium provision``, ``podium replay``).
+ADMIN = "admin"
+
+JS_API = "$JS.API"
+
+
+@dataclass(frozen=True)
+class Role:
+    """One NATS user: what it may publish to and subscribe to."""
+
+    user: str
+    description: str
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+    #: False: no restriction (the admin user).
+    restricted: bool = True
+    #: What this user publishes and consumes, for the AsyncAPI document.
+    sends: tuple[str, ...] = field(default=())
+    receives: tuple[str, ...] = field(default=())
+
+    @property
+    def password_env(self) -> str:
+        """The environment variable holding this user's password (server and client side)."""
+        return f"PODIUM_NATS_{self.user.upper()}_PASSWORD"
+
+
+def stream_info(*names: str) -> list[str]:
+    """Reading a stream's configuration and state."""
+    return [f"{JS_API}.STREAM.INFO.{name}" for name in names]
+
+
+def consume(spec: ConsumerSpec) -> list[str]:
+    """Fetching from, acknowledging and watching one durable pull consumer."""
+    return [
+        f"{JS_API}.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}",
+        f"{JS_API}.CONSUMER.INFO.{spec.stream}.{spec.durable}",
+        f"$JS.ACK.{spec.stream}.{spec.durable}.>",
+    ]
+
+
+def rewind(spec: ConsumerSpec) -> list[str]:
+    """Resetting one durable consumer to its ack floor (a conductor taking a partition)."""
+    return [f"{JS_API}.CONSUMER.RESET.{spec.stream}.{spec.durable}"]
+
+
+def _direct_get(stream: str) -> list[str]:
+    return [
+        f"{JS_API}.DIRECT.GET.{stream}",
+        f"{JS_API}.DIRECT.GET.{stream}.>",
+        f"{JS_API}.STREAM.MSG.GET.{stream}",
+    ]
+
+
+def _ordered_consumers(stream: str) -> list[str]:
+    return [
+        f"{JS_API}.CONSUMER.CREATE.{stream}",
+        f"{JS_API}.CONSUMER.CREATE.{stream}.>",
+        f"{JS_API}.CONSUMER.INFO.{stream}.*",
+        f"{JS_API}.CONSUMER.DELETE.{stream}.*",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def kv_read(bucket: str) -> list[str]:
+    """Getting keys of a KV bucket."""
+    stream = f"KV_{bucket}"
+    return [*stream_info(stream), *_direct_get(stream)]
+
+
+def kv_write(bucket: str, *, list_keys: bool = False) -> list[str]:
+    """Getting and writing keys of a KV bucket (and listing them, if asked)."""
+    extra = _ordered_consumers(f"KV_{bucket}") if list_keys else []
+    return [*kv_read(bucket), f"$KV.{bucket}.>", *extra]
+
+
+def object_store(bucket: str) -> list[str]:
+    """Reading and writing objects of an object store."""
+    stream = f"OBJ_{bucket}"
+    return [
+        *stream_info(stream),
+        *_direct_get(stream),
+        *_ordered_consumers(stream),
+        f"{JS_API}.STREAM.PURGE.{stream}",
+        f"$O.{bucket}.>",
+    ]
+
+
+def _unique(items: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def _own_inbox(service: str) -> str:
+    return subjects.inbox_prefix(service) + ".>"
+
+
+INGRESS = Role(
+    "ingress",
+    "Stores inbound messages; reads conversation state and delivery records for the API.",
+    publish=_unique(
+        [
+            subjects.INBOUND_ALL,
+            *stream_info(streams.INBOUND.name),
+            *kv_read(streams.CONVERSATIONS.name),
+            *kv_read(streams.OUTBOX.name),
+        ]
+    ),
+    subscribe=(_own_inbox("ingress"),),
+    sends=(subjects.INBOUND_ALL,),
+)
+
+CONDUCTOR = Role(
+    "conductor",
+    "Consumes inbound messages and results of its partitions; publishes tasks, "
+    "commands and kills; keeps conversation, task, lease and session state.",
+    publish=_unique(
+        [
+            subjects.TASKS_ALL,
+            subjects.COMMANDS_ALL,
+            subjects.KILL_ALL,
+            subjects.dead_letters_of("conductor"),
+            *stream_info(streams.INBOUND.name, streams.RESULTS.name),
+            *(s for spec in streams.CONDUCTOR_CONSUMERS for s in consume(spec)),
+            # On taking a partition, what a dead predecessor held comes back first.
+            *(s for spec in streams.CONDUCTOR_CONSUMERS for s in rewind(spec)),
+            *kv_write(streams.CONVERSATIONS.name),
+            *kv_write(streams.TASK_STATE.name),
+            *kv_write(streams.CONDUCTORS.name, list_keys=True),
+            *kv_write(streams.SESSIONS.name),
+            *object_store(streams.TRANSCRIPTS),
+        ]
+    ),
+    subscribe=(_own_inbox("conductor"),),
+    sends=(
+        subjects.TASKS_ALL,
+        subjects.COMMANDS_ALL,
+        subjects.KILL_ALL,
+        subjects.DEADLETTER_ALL,
+    ),
+    receives=(subjects.INBOUND_ALL, subjects.RESULTS_ALL),
+)
+
+WORKER = Role(
+    "worker",
+    "Consumes tasks, runs agents, publishes results; obeys kill requests.",
+    publish=_unique(
+        [
+            subjects.RESULTS_ALL,
+            subjects.dead_letters_of("worker"),
+            *stream_info(streams.TASKS.name, streams.RESULTS.name),
+            *consume(streams.WORKER_TASKS),
+            *kv_write(streams.TASK_STATE.name),
+            *kv_write(streams.SESSIONS.name),
+            *object_store(streams.TRANSCRIPTS),
+        ]
+    ),
+    subscribe=(_own_inbox("worker"), subjects.KILL_ALL),
+    sends=(subjects.RESULTS_ALL, subjects.DEADLETTER_ALL),
+    receives=(subjects.TASKS_ALL, subjects.KILL_ALL),
+)
+
+NOTIFIER = Role(
+    "notifier",
+    "Consumes commands and records each send in the outbox; publishes nothing else.",
+    publish=_unique(
+        [
+            subjects.dead_letters_of("notifier"),
+            *stream_info(streams.COMMANDS.name),
+            *consume(streams.NOTIFIER_COMMANDS),
+            *kv_write(streams.OUTBOX.name),
+        ]
+    ),
+    subscribe=(_own_inbox("notifier"),),
+    sends=(subjects.DEADLETTER_ALL,),
+    receives=(subjects.COMMANDS_ALL,),
+)
+
+ADMIN_ROLE = Role(
+    ADMIN,
+    "Operators and the provisioning job: streams, consumers, buckets, replay.",
+    restricted=False,
+)
+
+SERVICES: dict[str, Role] = {r.user: r for r in (INGRESS, CONDUCTOR, WORKER, NOTIFIER)}
+ROLES: tuple[Role, ...] = (ADMIN_ROLE, *SERVICES.values())
+
+
+def _list(items: tuple[str, ...], indent: str) -> str:
+    # JSON strings are valid NATS configuration strings; quoted, "$JS…" is not a variable.
+    return "[\n" + "".join(f"{indent}  {json.dumps(i)}\n" for i in items) + f"{indent}]"
+
+
+def render_accounts() -> str:
+    """The ``accounts`` block of the NATS server configuration (include it from nats.conf).
+
+    Passwords are not in it: each is the environment variable
+    :attr:`Role.password_env` of the server process (a NATS config variable),
+    filled from a Secret in Kubernetes and from ``.env`` in docker-compose.
+    """
+    lines = [
+        "# Generated by `podium generate` from podium/common/access.py: do not edit.",
+        "# One user per service, each allowed only its own subjects; passwords come from",
+        "# the server's environment (PODIUM_NATS_<USER>_PASSWORD).",
+        "accounts {",
+        f"  {ACCOUNT} {{",
+        "    jetstream: enabled",
+        "    users: [",
+    ]
+    for role in ROLES:
+        lines.append(f"      # {role.user}: {role.description}")
+        lines.append("      {")
+        lines.append(f"        user: {json.dumps(role.user)}")
+        lines.append(f"        password: ${role.password_env}")
+        if role.restricted:
+            indent = " " * 10
+            lines.append("        permissions: {")
+            lines.append(f"          publish: {{allow: {_list(role.publish, indent)}}}")
+            lines.append(f"          subscribe: {{allow: {_list(role.subscribe, indent)}}}")
+            lines.append("        }")
+        lines.append("      }")
+    lines += ["    ]", "  }", "}", ""]
+    return "\n".join(lines)
