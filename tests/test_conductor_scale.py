@@ -19,6 +19,9 @@ import pytest
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
+from podium.common import streams
+from podium.common.kv import Store
+from podium.conductor.partitions import Lease
 from podium.testing.platform import Platform
 
 pytestmark = pytest.mark.e2e
@@ -34,6 +37,22 @@ def turns(log: str) -> list[dict[str, Any]]:
         if '"turn saved"' in line:
             out.append(json.loads(line))
     return out
+
+
+async def both_hold_partitions(js: JetStreamContext, timeout_s: float = 60.0) -> None:
+    """Wait until the two replicas have seen each other and split the partitions."""
+    store = await Store.open(js, streams.CONDUCTORS.name, Lease)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        holders = set()
+        for p in range(streams.PARTITIONS):
+            found = await store.get(f"partition.{p}")
+            if found is not None and found[0].holder:
+                holders.add(found[0].holder)
+        if len(holders) == 2:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError("the replicas did not split the partitions")
 
 
 async def test_two_replicas_many_conversations_one_killed(
@@ -58,8 +77,7 @@ async def test_two_replicas_many_conversations_one_killed(
     sent: dict[str, list[str]] = defaultdict(list)
     try:
         await platform.ready()
-        # Let both replicas see each other and split the partitions.
-        await asyncio.sleep(2)
+        await both_hold_partitions(js)
         for round_ in range(MESSAGES):
             answers = await asyncio.gather(
                 *(

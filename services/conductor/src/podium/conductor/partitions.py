@@ -128,7 +128,8 @@ class PartitionManager:
     async def members(self, now: float) -> list[str]:
         """Replicas whose heartbeat has not lapsed."""
         try:
-            keys = await self.store.kv.keys(filters=["member.*"])
+            # All keys, filtered here: nats-py warns on every filtered listing.
+            keys = [k for k in await self.store.kv.keys() if k.startswith("member.")]
         except NoKeysError:
             return [self.replica]
         live = []
