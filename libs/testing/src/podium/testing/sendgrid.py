@@ -170,3 +170,27 @@ def _errors(
         status=status,
         headers=headers,
     )
+
+
+Part = tuple[str, bytes | str, str | None, str | None]
+
+
+def multipart_body(parts: list[Part], boundary: str = "xYzZY") -> tuple[bytes, str]:
+    """(body, content type) of a multipart/form-data post as Inbound Parse sends it.
+
+    Each part is (name, value, filename or None, content type or None). Built by
+    hand so a test has the exact bytes a signature covers, and can send text
+    fields in any charset (SendGrid names it in ``charsets``).
+    """
+    out = bytearray()
+    for name, value, filename, content_type in parts:
+        data = value.encode() if isinstance(value, str) else value
+        disposition = f'form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
+        if content_type:
+            out += f"Content-Type: {content_type}\r\n".encode()
+        out += b"\r\n" + data + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out), f"multipart/form-data; boundary={boundary}"
