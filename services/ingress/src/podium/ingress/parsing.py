@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
@@ -31,7 +32,7 @@ from podium.common.ids import conversation_of_message_id
 def twilio_signature(auth_token: str, url: str, params: Iterable[tuple[str, str]]) -> str:
     """X-Twilio-Signature for a form POST: HMAC-SHA1 over the URL and sorted params."""
     payload = url + "".join(k + v for k, v in sorted(params))
-    digest = hmac.new(auth_token.encode(), payload.encode("utf-8"), hashlib.sha1).digest()
+    digest = hmac.digest(auth_token.encode(), payload.encode("utf-8"), "sha1")
     return base64.b64encode(digest).decode()
 
 
@@ -46,14 +47,17 @@ def twilio_signature_valid(
     """
     pairs = list(params)
     given = signature.encode()
-    valid = False
-    for candidate in _url_variants(url):
-        expected = twilio_signature(auth_token, candidate, pairs).encode()
-        # Every variant is compared, so timing does not tell which one came close.
-        valid |= hmac.compare_digest(expected, given)
-    return valid
+    primary, *others = _url_variants(url)  # cached: webhooks call back the same few URLs
+    if hmac.compare_digest(twilio_signature(auth_token, primary, pairs).encode(), given):
+        return True
+    # The alternative spellings are public; only the comparison must be constant-time.
+    return any(
+        hmac.compare_digest(twilio_signature(auth_token, other, pairs).encode(), given)
+        for other in others
+    )
 
 
+@functools.lru_cache(maxsize=256)
 def _url_variants(url: str) -> list[str]:
     parts = urlsplit(url)
     default = {"https": 443, "http": 80}.get(parts.scheme)
