@@ -27,7 +27,7 @@ class NotifierSettings(CommonSettings, frozen=True, kw_only=True):
     email_reply_to: Annotated[
         str,
         setting(
-            "Address replies should go to, plus-addressed per conversation (podium+<token>@…) "
+            "Address replies should go to, plus-addressed per conversation (podium+TOKEN@…) "
             "so a reply finds its thread even without References; it must reach the "
             "ingress's inbound parse. Empty = no Reply-To."
         ),
