@@ -315,6 +315,8 @@ class Handlers:
                     "body": out.body,
                     "at": out.at.isoformat(),
                     "delivery": delivery[0].state if delivery else "pending",
+                    # What the provider reported afterwards (status callbacks), if anything.
+                    "provider_status": delivery[0].delivery if delivery else "",
                 }
             )
         return web.json_response(

@@ -42,6 +42,9 @@ class NotifierSettings(CommonSettings, frozen=True, kw_only=True):
         setting("none, starttls (upgrade after connect) or tls (implicit TLS, port 465)."),
     ] = "none"
     smtp_timeout_s: Annotated[float, setting("SMTP connect/command timeout.", gt=0)] = 30.0
+    smtp_ca_file: Annotated[
+        str, setting("CA bundle that signs the SMTP server's certificate (empty = system CAs).")
+    ] = ""
     sendgrid_api_key: Annotated[Secret, setting("SendGrid API key (email_transport=sendgrid).")] = (
         Secret("")
     )

@@ -239,6 +239,10 @@ def _append(path: Path, line: str) -> None:
         os.fsync(f.fileno())
 
 
+#: SMTP replies that mean "fix your client settings" (RFC 3207, RFC 4954).
+SMTP_CONFIG_ERRORS = frozenset({530, 534, 535, 538})
+
+
 class SmtpTransport:
     """Sends email over SMTP with aiosmtplib (STARTTLS/TLS and auth as configured)."""
 
@@ -265,6 +269,7 @@ class SmtpTransport:
                 start_tls=s.smtp_security == "starttls",
                 use_tls=s.smtp_security == "tls",
                 timeout=s.smtp_timeout_s,
+                cert_bundle=s.smtp_ca_file or None,
             )
         except aiosmtplib.SMTPRecipientsRefused as err:
             codes = [r.code for r in err.recipients]
@@ -284,6 +289,12 @@ class SmtpTransport:
                 why="hard-bounce",
             ) from err
         except aiosmtplib.SMTPResponseException as err:
+            if err.code in SMTP_CONFIG_ERRORS:
+                # TLS or authentication required or refused: our configuration, not the
+                # message. Retry (an operator fixes it) rather than fail every message.
+                raise TransientSendError(
+                    f"SMTP {err.code}: {err.message}", retry_after_s=60.0
+                ) from err
             if 400 <= err.code < 500:
                 raise TransientSendError(f"SMTP {err.code}: {err.message}") from err
             raise PermanentSendError(f"SMTP {err.code}: {err.message}", code=str(err.code)) from err
