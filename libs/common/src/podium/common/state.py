@@ -164,8 +164,10 @@ class OutboxRecord(msgspec.Struct, kw_only=True):
     delivery_error: str = ""
     #: Delivery status of each part, by provider id (status callbacks).
     parts: dict[str, str] = {}
-    #: Whether a failure of this command was reported to the conductor.
+    #: Whether a failure of this command was reported to the conductor, and as what
+    #: (a DeliveryFailed outcome: rejected, suppressed, ambiguous, exhausted, undelivered).
     reported: bool = False
+    outcome: str = ""
 
 
 def delivery_of(parts: dict[str, str]) -> str:

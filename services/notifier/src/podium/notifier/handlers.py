@@ -117,7 +117,7 @@ class Notifier:
         except TransientSendError as err:
             self.metrics.sends.labels(channel, transport.name, "retry").inc()
             if delivery.num_delivered >= self.max_deliver:
-                await self._set(key, "failed", error=f"gave up: {err}")
+                await self._set(key, "failed", error=f"gave up: {err}", outcome="exhausted")
                 await self._report(command, "exhausted", str(err), transport=transport.name)
                 raise Reject(f"gave up after {delivery.num_delivered} attempts: {err}") from err
             await self._set(key, "retry", error=str(err))
@@ -125,17 +125,17 @@ class Notifier:
             raise Retry(f"transient send failure: {err}", delay_s=delay) from err
         except PermanentSendError as err:
             self.metrics.sends.labels(channel, transport.name, "failed").inc()
-            await self._set(key, "failed", error=str(err))
+            outcome: DeliveryOutcome = "suppressed" if err.opted_out else "rejected"
+            await self._set(key, "failed", error=str(err), outcome=outcome)
             for address in err.suppress:
                 await self._suppress(channel, address, err.why or "rejected", command)
-            outcome: DeliveryOutcome = "suppressed" if err.opted_out else "rejected"
             await self._report(command, outcome, str(err), code=err.code, transport=transport.name)
             raise Reject(f"send refused for good: {err}") from err
         except (Retry, Reject, Conflict):
             raise
         except Exception as err:
             self.metrics.sends.labels(channel, transport.name, "ambiguous").inc()
-            await self._set(key, "ambiguous", error=repr(err))
+            await self._set(key, "ambiguous", error=repr(err), outcome="ambiguous")
             await self._report(command, "ambiguous", repr(err), transport=transport.name)
             raise Reject(
                 f"send outcome unknown (not retried to avoid a duplicate): {err!r}"
@@ -191,16 +191,22 @@ class Notifier:
         if record.state in ("sending", "ambiguous"):
             if record.state == "sending":
                 await self._set(key, "ambiguous", error=record.error or "interrupted mid-send")
-            await self._report(
-                command, "ambiguous", "interrupted mid-send", transport=transport.name
-            )
+            if not record.reported:
+                await self._report(
+                    command,
+                    "ambiguous",
+                    record.error or "interrupted mid-send",
+                    transport=transport.name,
+                )
             raise Reject(
                 f"command {key} may already have been sent (interrupted mid-send); "
                 "not sending again"
             )
         if record.state == "failed":
             if not record.reported:
-                await self._report(command, "rejected", record.error, transport=transport.name)
+                # The report of an earlier delivery did not get out: send it now.
+                outcome: DeliveryOutcome = _OUTCOMES.get(record.outcome, "rejected")
+                await self._report(command, outcome, record.error, transport=transport.name)
             raise Reject(f"command {key} failed for good earlier: {record.error}")
         # pending or retry: parts already sent stay sent, the loop resumes after them.
         return record
@@ -212,6 +218,7 @@ class Notifier:
         *,
         error: str | None = None,
         attempts: int | None = None,
+        outcome: str = "",
     ) -> tuple[OutboxRecord, int]:
         """Move the record to ``state`` (compare-and-set, keeping fields others wrote,
         like a status callback's delivery status)."""
@@ -222,6 +229,8 @@ class Notifier:
             current.state = state
             if error is not None:
                 current.error = error[:1000]
+            if outcome:
+                current.outcome = outcome
             if state == "sending":
                 current.attempts = (attempts or 0) + 1
             if current.provider_ids and not current.provider_id:
@@ -278,7 +287,12 @@ class Notifier:
         left = [a for a in recipients if a not in blocked]
         if isinstance(command, SendEmail) and left:
             return msgspec.structs.replace(command, to=left)
-        await self._set(command.command_id, "failed", error="recipient suppressed (opted out)")
+        await self._set(
+            command.command_id,
+            "failed",
+            error="recipient suppressed (opted out)",
+            outcome="suppressed",
+        )
         await self._report(
             command, "suppressed", "the recipient is on the suppression list (opted out)"
         )
@@ -356,12 +370,21 @@ class Notifier:
             if current is None or current.reported:
                 return None
             current.reported = True
+            current.outcome = outcome
             return current
 
         await self._mutate(command.command_id, change)
 
     def _backoff(self, deliveries: int) -> float:
         return float(min(self.retry_base_s * 2 ** max(deliveries - 1, 0), self.retry_max_s))
+
+
+_OUTCOMES: dict[str, DeliveryOutcome] = {
+    "rejected": "rejected",
+    "suppressed": "suppressed",
+    "ambiguous": "ambiguous",
+    "exhausted": "exhausted",
+}
 
 
 def _recipients(command: Command) -> list[str]:
