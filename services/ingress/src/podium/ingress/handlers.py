@@ -21,11 +21,11 @@ import msgspec
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
 from nats.js import JetStreamContext
-from nats.js.api import ObjectMeta
+from nats.js.api import ObjectMeta, PubAck
 from nats.js.object_store import ObjectStore
 
 from podium.common import streams, subjects
-from podium.common.bus import publish
+from podium.common.bus import Ack, Publisher, publish
 from podium.common.errors import Conflict
 from podium.common.events import DeliveryFailed, InboundMessage, Media, decode, utcnow
 from podium.common.ids import (
@@ -94,6 +94,8 @@ class Deps:
     outbox: Store[OutboxRecord] | None = None
     suppressions: Store[Suppression] | None = None
     attachments: ObjectStore | None = None
+    #: The hot-path publisher of inbound events (``js.publish`` when absent).
+    publisher: Publisher | None = None
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -161,10 +163,14 @@ class Handlers:
 
     async def _store(self, subject: str, event: InboundMessage) -> bool:
         """Publish and wait for the ack; True if it was a duplicate. 503 on failure."""
+        timeout_s = self.deps.settings.publish_timeout_s
         try:
-            ack = await publish(
-                self.deps.js, subject, event, timeout_s=self.deps.settings.publish_timeout_s
-            )
+            if self.deps.publisher is not None:
+                ack: Ack | PubAck = await self.deps.publisher.publish(
+                    subject, event, timeout_s=timeout_s
+                )
+            else:
+                ack = await publish(self.deps.js, subject, event, timeout_s=timeout_s)
         except Exception as err:
             log.warning("could not store inbound event", extra={"error": repr(err)})
             raise HttpError(503, "unavailable", "could not store the message; retry later") from err

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from podium.common import streams
+from podium.common.bus import Publisher
 from podium.common.kv import Store
 from podium.common.runtime import Context
 from podium.common.state import Conversation, OutboxRecord, Suppression
@@ -42,6 +43,7 @@ class IngressService:
         self.settings = settings
         self.port = settings.port
         self._runner: web.AppRunner | None = None
+        self._publisher: Publisher | None = None
 
     def build_app(self, deps: Deps) -> web.Application:
         """The public application (separate from the health side port)."""
@@ -54,9 +56,11 @@ class IngressService:
 
     async def start(self, ctx: Context) -> None:
         """Bind the buckets and start listening."""
+        self._publisher = await Publisher(ctx.nc).start()
         deps = Deps(
             settings=self.settings,
             js=ctx.js,
+            publisher=self._publisher,
             metrics=IngressMetrics(ctx.registry),
             conversations=await Store.open(ctx.js, streams.CONVERSATIONS.name, Conversation),
             outbox=await Store.open(ctx.js, streams.OUTBOX.name, OutboxRecord),
@@ -90,6 +94,8 @@ class IngressService:
         """Stop accepting connections; requests in flight finish (up to ``timeout_s``)."""
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._publisher is not None:
+            await self._publisher.close()
 
     def ready(self) -> bool:
         """Ready once the public server is listening."""
