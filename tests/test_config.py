@@ -70,3 +70,58 @@ def test_a_service_without_a_required_setting_stops_at_start_naming_it() -> None
     )
     assert proc.returncode == 2
     assert "PODIUM_API_TOKENS is required" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"PODIUM_REQUIRE_WEBHOOK_AUTH": "true"}, "PODIUM_TWILIO_AUTH_TOKEN is required"),
+        (
+            {"PODIUM_REQUIRE_WEBHOOK_AUTH": "true", "PODIUM_TWILIO_AUTH_TOKEN": "t" * 32},
+            "PODIUM_SENDGRID_WEBHOOK_PUBLIC_KEY or PODIUM_SENDGRID_BASIC_AUTH is required",
+        ),
+        ({"PODIUM_SENDGRID_WEBHOOK_PUBLIC_KEY": "bm90IGEga2V5"}, "not a base64 DER public key"),
+    ],
+    ids=["no-twilio-token", "no-sendgrid-auth", "bad-sendgrid-key"],
+)
+def test_webhook_authentication_settings_fail_fast(env: dict[str, str], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load(IngressSettings, {"PODIUM_API_TOKENS": TOKEN, **env})
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"PODIUM_EMAIL_TRANSPORT": "sendgrid"}, "PODIUM_SENDGRID_API_KEY is required"),
+        ({"PODIUM_SMS_TRANSPORT": "twilio"}, "PODIUM_TWILIO_ACCOUNT_SID"),
+        (
+            {
+                "PODIUM_SMS_TRANSPORT": "twilio",
+                "PODIUM_TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+                "PODIUM_TWILIO_AUTH_TOKEN": "x" * 32,
+            },
+            "PODIUM_SMS_FROM or PODIUM_TWILIO_MESSAGING_SERVICE_SID is required",
+        ),
+    ],
+    ids=["sendgrid-without-key", "twilio-without-account", "twilio-without-sender"],
+)
+def test_provider_transports_need_their_credentials(env: dict[str, str], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load(NotifierSettings, env)
+
+
+def test_provider_secrets_are_never_shown() -> None:
+    settings = load(
+        NotifierSettings,
+        {
+            "PODIUM_SMS_TRANSPORT": "twilio",
+            "PODIUM_TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+            "PODIUM_TWILIO_AUTH_TOKEN": "twilio-secret-value-123",
+            "PODIUM_SMS_FROM": "+15550100999",
+            "PODIUM_EMAIL_TRANSPORT": "sendgrid",
+            "PODIUM_SENDGRID_API_KEY": "SG.secret-value-456",
+        },
+    )
+    shown = repr(settings)
+    assert "twilio-secret-value-123" not in shown
+    assert "SG.secret-value-456" not in shown

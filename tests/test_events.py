@@ -10,6 +10,7 @@ import pytest
 from podium.common.events import (
     ApiReply,
     DeadLetter,
+    DeliveryFailed,
     EventIds,
     InboundMessage,
     KillTask,
@@ -22,6 +23,7 @@ from podium.common.events import (
     encode,
     event_type,
 )
+from podium.common.state import OutboxRecord
 
 IDS = EventIds(event_id="e1", correlation_id="c1", conversation_id="api-1")
 
@@ -44,6 +46,15 @@ EXAMPLES = [
         deliveries=5,
         reason="r",
     ),
+    DeliveryFailed(
+        **IDS,
+        command_id="k2",
+        channel="sms",
+        to=["+15550100"],
+        outcome="suppressed",
+        reason="opted out",
+        provider_code="21610",
+    ),
 ]
 
 
@@ -65,6 +76,13 @@ YESTERDAY = [
     b'"at":"2026-11-01T10:00:00Z","task_id":"t1","status":"NEEDS_INPUT","summary":"q"}',
     b'{"type":"command.email","event_id":"e","correlation_id":"e","conversation_id":"c",'
     b'"at":"2026-11-01T10:00:00Z","command_id":"k","to":["a@b.c"],"subject":"s","body":"b"}',
+    # Media before it could name a stored object.
+    b'{"type":"inbound.message","event_id":"e","correlation_id":"e","conversation_id":"email-1",'
+    b'"channel":"email","sender":"a@b.c","text":"see attached",'
+    b'"media":[{"filename":"q3.pdf","content_type":"application/pdf","size":10}]}',
+    # The first delivery failure report (issue 5): only the required fields.
+    b'{"type":"delivery.failed","event_id":"e","correlation_id":"e","conversation_id":"sms-1",'
+    b'"command_id":"k","channel":"sms","outcome":"ambiguous"}',
 ]
 
 
@@ -84,3 +102,12 @@ def test_unknown_type_and_bad_fields_are_refused() -> None:
         )
     with pytest.raises(msgspec.DecodeError):
         decode(b"\x00\xff not json")
+
+
+def test_outbox_records_of_schema_1_still_decode() -> None:
+    old = (
+        b'{"command_id":"k","state":"sent","transport":"smtp","attempts":1,'
+        b'"provider_id":"<k@x>","error":"","updated_at":"2026-11-01T10:00:00Z"}'
+    )
+    record = msgspec.json.decode(old, type=OutboxRecord)
+    assert (record.state, record.delivery, record.parts) == ("sent", "", {})

@@ -51,6 +51,7 @@ def test_channel_addresses_are_what_the_subject_functions_produce() -> None:
         "task": subjects.task("t1"),
         "taskFollowup": subjects.task_followup("t1"),
         "result": subjects.result("c1", "t1"),
+        "deliveryReport": subjects.delivery_report("c1", "k1"),
         "emailCommand": subjects.command("email", "c1"),
         "smsCommand": subjects.command("sms", "c1"),
         "apiCommand": subjects.command("api", "c1"),
@@ -61,6 +62,7 @@ def test_channel_addresses_are_what_the_subject_functions_produce() -> None:
         "channel": "email",
         "conversation": "c1",
         "task": "t1",
+        "command": "k1",
         "service": "worker",
         "stream": "TASKS",
     }
@@ -120,6 +122,17 @@ SAMPLES: list[events.Event] = [
         body="b",
     ),
     events.KillTask(event_id="e9", correlation_id="e1", conversation_id="c1", task_id="t1"),
+    events.DeliveryFailed(
+        event_id="e11",
+        correlation_id="e1",
+        conversation_id="c1",
+        command_id="k2",
+        channel="sms",
+        to=["+15550001"],
+        outcome="suppressed",
+        reason="opted out",
+        provider_code="21610",
+    ),
     events.DeadLetter(
         event_id="e10",
         correlation_id="e1",

@@ -14,13 +14,14 @@ from nats.js import JetStreamContext
 from podium.cli.natsserver import NatsServer
 from podium.common import streams, subjects
 from podium.common.bus import publish
+from podium.common.config import Secret
 from podium.common.events import DeadLetter, SendEmail, SendSms, decode
 from podium.common.kv import Store
 from podium.common.state import OutboxRecord
 from podium.notifier.config import NotifierSettings
 from podium.notifier.service import NotifierService
 from podium.testing.services import Running, in_process
-from podium.testing.smtp import SmtpServer
+from podium.testing.smtp import SmtpServer, self_signed
 
 
 def email(n: int = 1, **extra: Any) -> SendEmail:
@@ -211,3 +212,56 @@ async def test_smtp_permanent_refusal_is_dead_lettered(
     (letter,) = await dead_letters(js, 1)
     assert "refused for good" in letter.reason
     assert smtp.recorder.messages == []
+
+
+async def test_smtp_with_starttls_and_auth(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    cert, key = self_signed(tmp_path)
+    server = SmtpServer(tls=(cert, key), credentials=("podium", "smtp-pass-123")).start()
+    try:
+        settings = NotifierSettings(
+            nats_url=nats_server.url,
+            health_port=0,
+            email_transport="smtp",
+            smtp_host="127.0.0.1",
+            smtp_port=server.port,
+            smtp_security="starttls",
+            smtp_username="podium",
+            smtp_password=Secret("smtp-pass-123"),
+            smtp_ca_file=str(cert),
+            email_from="podium@acme.test",
+        )
+        async with in_process(NotifierService(settings), settings):
+            await publish(js, subjects.command("email", "email-abc"), email())
+            await outbox_state(js, "cmd1", "sent")
+        assert server.logins == ["podium"]
+        (msg,) = server.recorder.messages
+        assert msg["Subject"] == "Re: Quarterly numbers"
+    finally:
+        server.stop()
+
+
+async def test_smtp_without_the_tls_the_server_requires_is_retried_not_failed(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    cert, key = self_signed(tmp_path)
+    server = SmtpServer(tls=(cert, key)).start()
+    try:
+        settings = NotifierSettings(
+            nats_url=nats_server.url,
+            health_port=0,
+            email_transport="smtp",
+            smtp_host="127.0.0.1",
+            smtp_port=server.port,
+            email_from="podium@acme.test",
+            retry_base_s=0.2,
+        )
+        async with in_process(NotifierService(settings), settings):
+            await publish(js, subjects.command("email", "email-abc"), email())
+            # 530: our settings are wrong, not the message; it waits for a fix.
+            record = await outbox_state(js, "cmd1", "retry")
+        assert "530" in record.error
+        assert server.recorder.messages == []
+    finally:
+        server.stop()

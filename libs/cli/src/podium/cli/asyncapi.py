@@ -73,6 +73,17 @@ CHANNELS: tuple[ChannelDoc, ...] = (
         streams.RESULTS.name,
     ),
     ChannelDoc(
+        "deliveryReport",
+        "results.{conversation}.{command}",
+        subjects.RESULTS_ALL,
+        (events.DeliveryFailed,),
+        "A command the notifier (or a provider's status callback) could not deliver, told "
+        "to the conductor in the conversation's partition. Stored as "
+        "`results.{conversation}.{command}.{partition}`.",
+        {"conversation": "conversation id", "command": "command id"},
+        streams.RESULTS.name,
+    ),
+    ChannelDoc(
         "emailCommand",
         "commands.email.{conversation}",
         subjects.COMMANDS_ALL,

@@ -139,17 +139,22 @@ def _own_inbox(service: str) -> str:
 
 INGRESS = Role(
     "ingress",
-    "Stores inbound messages; reads conversation state and delivery records for the API.",
+    "Stores inbound messages and their attachments; records opt-outs and delivery "
+    "statuses; reports undelivered messages; reads conversation state for the API.",
     publish=_unique(
         [
             subjects.INBOUND_ALL,
-            *stream_info(streams.INBOUND.name),
+            # Delivery failures reported by Twilio's status callbacks.
+            subjects.RESULTS_ALL,
+            *stream_info(streams.INBOUND.name, streams.RESULTS.name),
             *kv_read(streams.CONVERSATIONS.name),
-            *kv_read(streams.OUTBOX.name),
+            *kv_write(streams.OUTBOX.name),
+            *kv_write(streams.SUPPRESSIONS.name),
+            *object_store(streams.ATTACHMENTS),
         ]
     ),
     subscribe=(_own_inbox("ingress"),),
-    sends=(subjects.INBOUND_ALL,),
+    sends=(subjects.INBOUND_ALL, subjects.RESULTS_ALL),
 )
 
 CONDUCTOR = Role(
@@ -204,17 +209,21 @@ WORKER = Role(
 
 NOTIFIER = Role(
     "notifier",
-    "Consumes commands and records each send in the outbox; publishes nothing else.",
+    "Consumes commands, records each send in the outbox, obeys and keeps the suppression "
+    "list, and reports undeliverable commands to the conductor.",
     publish=_unique(
         [
             subjects.dead_letters_of("notifier"),
-            *stream_info(streams.COMMANDS.name),
+            # Delivery failures, told to the conductor.
+            subjects.RESULTS_ALL,
+            *stream_info(streams.COMMANDS.name, streams.RESULTS.name),
             *consume(streams.NOTIFIER_COMMANDS),
             *kv_write(streams.OUTBOX.name),
+            *kv_write(streams.SUPPRESSIONS.name),
         ]
     ),
     subscribe=(_own_inbox("notifier"),),
-    sends=(subjects.DEADLETTER_ALL,),
+    sends=(subjects.RESULTS_ALL, subjects.DEADLETTER_ALL),
     receives=(subjects.COMMANDS_ALL,),
 )
 

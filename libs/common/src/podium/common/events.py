@@ -57,6 +57,10 @@ class Media(msgspec.Struct, frozen=True, kw_only=True):
     content_type: str = ""
     filename: str = ""
     size: int = 0
+    #: Name in the ``attachments`` object store ("" = not stored, see ``note``).
+    object: str = ""
+    #: Why an attachment was not stored (over the size limit…), or "".
+    note: str = ""
 
 
 class InboundMessage(Event, frozen=True, kw_only=True, tag="inbound.message"):
@@ -148,6 +152,31 @@ class ApiReply(Event, frozen=True, kw_only=True, tag="command.api"):
     body: str
 
 
+DeliveryOutcome = Literal["rejected", "suppressed", "ambiguous", "exhausted", "undelivered"]
+
+
+class DeliveryFailed(Event, frozen=True, kw_only=True, tag="delivery.failed"):
+    """A command the notifier could not deliver, told to the conductor.
+
+    Published on ``results.<conversation>.<command_id>`` so it reaches the
+    conductor replica that owns the conversation, in order with its worker
+    results. ``outcome``: ``rejected`` (the provider refused for good: invalid
+    number or address), ``suppressed`` (the recipient opted out or hard-bounced;
+    nothing was sent), ``ambiguous`` (it may have gone out; not retried),
+    ``exhausted`` (transient failures until the retries ran out),
+    ``undelivered`` (accepted, then reported failed by a status callback).
+    """
+
+    command_id: str
+    channel: Literal["email", "sms", "api"]
+    to: list[str] = []
+    outcome: DeliveryOutcome
+    reason: str = ""
+    #: The provider's error code when there is one (Twilio 21610, SMTP 550…).
+    provider_code: str = ""
+    transport: str = ""
+
+
 class KillTask(Event, frozen=True, kw_only=True, tag="control.kill"):
     """Stop a task's agent wherever it runs (core NATS, not stored)."""
 
@@ -182,6 +211,7 @@ AnyEvent = (
     | ApiReply
     | KillTask
     | DeadLetter
+    | DeliveryFailed
 )
 
 Command = SendEmail | SendSms | ApiReply

@@ -8,6 +8,7 @@ the notifier's outbox recognise a repeat.
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 
 
@@ -48,3 +49,48 @@ def email_thread_root(message_id: str, in_reply_to: str, references: list[str]) 
 def short_id(*parts: str) -> str:
     """A short stable id (``t`` + 12 hex) for things agents must quote, like task ids."""
     return "t" + stable_id(*parts, length=12)
+
+
+# Email threading. Our outgoing Message-IDs and plus-addressed Reply-To carry the
+# conversation, so a reply finds its conversation even when the person's client
+# drops References. Only email conversations are named this way: their ids hash a
+# Message-ID and cannot be guessed, unlike an SMS conversation's number pair.
+_EMAIL_CONVERSATION = re.compile(r"^email-([0-9a-f]{24})$")
+_OUR_MESSAGE_ID = re.compile(r"^<[0-9a-zA-Z_-]{1,64}\.(email-[0-9a-f]{24})@([^<>@\s]+)>$")
+_REPLY_TOKEN = re.compile(r"^([^+@\s]+)\+([0-9a-f]{24})@([^@\s]+)$")
+
+
+def message_id_for(command_id: str, conversation: str, email_from: str) -> str:
+    """The Message-ID of the email a command sends: stable, and naming its conversation."""
+    domain = email_from.rsplit("@", 1)[-1] or "localhost"
+    if _EMAIL_CONVERSATION.match(conversation):
+        return f"<{command_id}.{conversation}@{domain}>"
+    return f"<{command_id}@{domain}>"
+
+
+def conversation_of_message_id(message_id: str, domains: set[str]) -> str | None:
+    """The conversation one of our Message-IDs names (only for our ``domains``)."""
+    found = _OUR_MESSAGE_ID.match(message_id.strip())
+    if found and found.group(2).lower() in domains:
+        return found.group(1)
+    return None
+
+
+def reply_address(address: str, conversation: str) -> str:
+    """``address`` plus-addressed with the conversation's token (``podium+<hex>@…``).
+
+    Returns ``address`` unchanged for conversations that are not email threads.
+    """
+    found = _EMAIL_CONVERSATION.match(conversation)
+    local, sep, domain = address.partition("@")
+    if not found or not sep:
+        return address
+    return f"{local}+{found.group(1)}@{domain}"
+
+
+def conversation_of_address(address: str, own: set[str]) -> str | None:
+    """The conversation a plus-addressed recipient names, if its base address is ours."""
+    found = _REPLY_TOKEN.match(address.strip().lower())
+    if found and f"{found.group(1)}@{found.group(3)}" in own:
+        return f"email-{found.group(2)}"
+    return None

@@ -13,6 +13,7 @@ from typing import Literal
 import msgspec
 
 from podium.common.events import Channel, TaskResult, utcnow
+from podium.common.ids import stable_id
 
 TaskState = Literal["queued", "running", "needs_input", "complete", "failed", "cancelled"]
 FINISHED: frozenset[str] = frozenset({"complete", "failed", "cancelled"})
@@ -124,11 +125,33 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     updated_at: datetime = msgspec.field(default_factory=utcnow)
 
 
-OutboxState = Literal["sending", "sent", "retry", "failed", "ambiguous"]
+OutboxState = Literal["pending", "sending", "sent", "retry", "failed", "ambiguous"]
+
+#: How far a provider has taken a message, from its status callbacks. A status only
+#: ever replaces one of lower rank: callbacks arrive out of order and are retried.
+DELIVERY_RANK: dict[str, int] = {
+    "accepted": 1,
+    "scheduled": 1,
+    "queued": 1,
+    "sending": 2,
+    "sent": 3,
+    "delivered": 4,
+    "undelivered": 4,
+    "failed": 4,
+    "canceled": 4,
+    "read": 5,
+}
+DELIVERY_FAILED: frozenset[str] = frozenset({"undelivered", "failed", "canceled"})
 
 
 class OutboxRecord(msgspec.Struct, kw_only=True):
-    """The notifier's record of one command: sent at most once."""
+    """The notifier's record of one command: sent at most once.
+
+    ``state`` is the notifier's own (``pending`` → ``sending`` → ``sent`` |
+    ``retry`` | ``failed`` | ``ambiguous``); ``delivery`` is what the provider
+    reported afterwards through status callbacks (``queued`` … ``delivered``,
+    ``undelivered``), only ever moving forward (:data:`DELIVERY_RANK`).
+    """
 
     command_id: str
     state: OutboxState
@@ -137,3 +160,62 @@ class OutboxRecord(msgspec.Struct, kw_only=True):
     provider_id: str = ""
     error: str = ""
     updated_at: datetime = msgspec.field(default_factory=utcnow)
+    channel: str = ""
+    conversation_id: str = ""
+    correlation_id: str = ""
+    to: list[str] = []
+    #: Provider ids of every part sent (a long SMS goes out in several), in order.
+    provider_ids: list[str] = []
+    delivery: str = ""
+    delivery_error: str = ""
+    #: Delivery status of each part, by provider id (status callbacks).
+    parts: dict[str, str] = {}
+    #: Whether a failure of this command was reported to the conductor, and as what
+    #: (a DeliveryFailed outcome: rejected, suppressed, ambiguous, exhausted, undelivered).
+    reported: bool = False
+    outcome: str = ""
+
+
+def delivery_of(parts: dict[str, str]) -> str:
+    """A whole message's delivery status from its parts' statuses.
+
+    Failed if any part failed; otherwise as far as its slowest part got.
+    """
+    if not parts:
+        return ""
+    failed = [status for status in parts.values() if status in DELIVERY_FAILED]
+    if failed:
+        return failed[0]
+    return min(parts.values(), key=lambda status: DELIVERY_RANK.get(status, 0))
+
+
+SuppressionReason = Literal["opt-out", "provider-opt-out", "invalid-recipient", "hard-bounce"]
+
+
+class Suppression(msgspec.Struct, kw_only=True):
+    """One recipient of the ``suppressions`` bucket (key: :func:`suppression_key`).
+
+    ``suppressed`` is False once they opted back in (START); the record stays
+    so the history is visible. ``seen`` keeps the provider ids of the keyword
+    messages already applied, so a retried STOP cannot undo a later START.
+    """
+
+    channel: Literal["email", "sms"]
+    address: str
+    suppressed: bool
+    reason: str = ""
+    keyword: str = ""
+    #: Our number or address it was said to (Twilio keeps opt-outs per sender too).
+    our_address: str = ""
+    source_id: str = ""
+    seen: list[str] = []
+    updated_at: datetime = msgspec.field(default_factory=utcnow)
+
+
+def suppression_key(channel: str, address: str) -> str:
+    """KV key of a recipient: ``sms.<digits>`` (readable), ``email.<hash>`` (addresses hold
+    characters KV keys may not)."""
+    if channel == "sms":
+        digits = "".join(ch for ch in address if ch.isdigit())
+        return f"sms.{digits}" if digits else f"sms.h{stable_id(address.strip().lower())}"
+    return f"email.{stable_id(address.strip().lower())}"

@@ -170,14 +170,25 @@ CONDUCTORS = BucketSpec(
 SESSIONS = BucketSpec(
     "sessions", "Agent sessions: lease, latest session id, transcript generation", ttl_s=30 * DAY
 )
+SUPPRESSIONS = BucketSpec(
+    "suppressions",
+    "Recipients never to write to: SMS opt-outs (STOP until START), hard bounces",
+    history=5,
+)
 #: Object store of agent transcripts and worker workspaces, so sessions move between replicas.
 TRANSCRIPTS = "transcripts"
+#: Object store of inbound email attachments (``Media.object`` names them).
+ATTACHMENTS = "attachments"
+_OBJECT_STORE_DESCRIPTIONS = {
+    TRANSCRIPTS: "Agent transcripts and workspaces",
+    ATTACHMENTS: "Inbound email attachments",
+}
 
 TOPOLOGY = Topology(
     streams=(INBOUND, TASKS, RESULTS, COMMANDS, DEADLETTER),
     consumers=(*CONDUCTOR_CONSUMERS, WORKER_TASKS, NOTIFIER_COMMANDS),
-    buckets=(CONVERSATIONS, TASK_STATE, OUTBOX, SESSIONS, CONDUCTORS),
-    object_stores=(TRANSCRIPTS,),
+    buckets=(CONVERSATIONS, TASK_STATE, OUTBOX, SESSIONS, CONDUCTORS, SUPPRESSIONS),
+    object_stores=(TRANSCRIPTS, ATTACHMENTS),
 )
 
 # BadRequest error code for "stream name already in use with a different configuration".
@@ -256,7 +267,7 @@ async def provision(
                 bucket=store,
                 config=ObjectStoreConfig(
                     bucket=store,
-                    description="Agent transcripts and workspaces",
+                    description=_OBJECT_STORE_DESCRIPTIONS.get(store, store),
                     storage=StorageType.FILE,
                     replicas=replicas,
                     ttl=30 * DAY,

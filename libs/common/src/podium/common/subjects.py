@@ -5,6 +5,8 @@
 | inbound.<channel>.<conversation>          | ingress   | conductor | INBOUND    |
 | tasks.<task_id> / tasks.<task_id>.followup| conductor | worker    | TASKS      |
 | results.<conversation>.<task_id>          | worker    | conductor | RESULTS    |
+| results.<conversation>.<command_id>       | notifier, | conductor | RESULTS    |
+|   (delivery failures)                     | ingress   |           |            |
 | commands.<email|sms|api>.<conversation>   | conductor | notifier  | COMMANDS   |
 | deadletter.<service>.<stream>             | any       | operators | DEADLETTER |
 | control.tasks.<task_id>.kill (core NATS)  | conductor | worker    | —          |
@@ -65,6 +67,11 @@ def task_followup(task_id: str) -> str:
 def result(conversation: str, task_id: str) -> str:
     """Subject of a worker's result for a task."""
     return f"results.{token(conversation)}.{token(task_id)}"
+
+
+def delivery_report(conversation: str, command_id: str) -> str:
+    """Subject of a delivery failure told to the conductor (in the conversation's partition)."""
+    return f"results.{token(conversation)}.{token(command_id)}"
 
 
 def command(kind: CommandKind, conversation: str) -> str:

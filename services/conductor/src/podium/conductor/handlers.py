@@ -26,6 +26,7 @@ from podium.common.consumer import Delivery
 from podium.common.errors import Conflict, Reject, Retry
 from podium.common.events import (
     AnyEvent,
+    DeliveryFailed,
     EventIds,
     InboundMessage,
     KillTask,
@@ -108,6 +109,8 @@ class Conductor:
                 await self.on_result(event, delivery)
             case TaskProgress():
                 await self.on_progress(event)
+            case DeliveryFailed():
+                await self.on_delivery_failed(event)
             case _:
                 raise Reject(f"the conductor does not handle {event_type(event)} events")
 
@@ -134,6 +137,33 @@ class Conductor:
                 return None
             task.state = "running"
             task.updated_at = utcnow()
+            return conv
+
+        await self.conversations.mutate(event.conversation_id, change)
+
+    async def on_delivery_failed(self, event: DeliveryFailed) -> None:
+        """The notifier could not deliver one of our messages: tell the agent next turn.
+
+        No turn is run for it: a failed reply must not prompt an immediate resend
+        (a suppressed or invalid recipient would fail again, in a loop). The note
+        rides along with the conversation's next message or worker result.
+        """
+        to = ", ".join(event.to) or "?"
+        note = (
+            f"{event.channel} {event.command_id} to {to} was not delivered ({event.outcome}): "
+            f"{event.reason[:300]}"
+        )
+        log.warning(
+            "delivery failed",
+            extra={"command_id": event.command_id, "outcome": event.outcome},
+        )
+
+        def change(conv: Conversation | None) -> Conversation | None:
+            if conv is None or event.event_id in conv.handled:
+                return None
+            conv.notes = [*conv.notes, note][-20:]
+            conv.handled = [*conv.handled, event.event_id][-MAX_HANDLED:]
+            conv.updated_at = utcnow()
             return conv
 
         await self.conversations.mutate(event.conversation_id, change)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import msgspec
+
 from podium.common.config import CommonSettings, Secret, setting
+from podium.ingress.parsing import sendgrid_public_key
 
 
 class IngressSettings(CommonSettings, frozen=True, kw_only=True):
@@ -33,6 +36,63 @@ class IngressSettings(CommonSettings, frozen=True, kw_only=True):
         Secret,
         setting("user:password that SendGrid Inbound Parse must send (basic auth); empty = off."),
     ] = Secret("")
+    sendgrid_webhook_public_key: Annotated[
+        str,
+        setting(
+            "Public key of the Inbound Parse security policy (base64 DER ECDSA, as SendGrid "
+            "shows it); when set, X-Twilio-Email-Event-Webhook-Signature is required and checked."
+        ),
+    ] = ""
+    sendgrid_webhook_max_age_s: Annotated[
+        float,
+        setting(
+            "Freshness window of a signed SendGrid webhook: an older (or future) "
+            "X-Twilio-Email-Event-Webhook-Timestamp is refused as a replay.",
+            gt=0,
+        ),
+    ] = 300.0
+    require_webhook_auth: Annotated[
+        bool,
+        setting(
+            "Refuse to start when a webhook would be unauthenticated (no Twilio auth token, "
+            "or neither SendGrid signature key nor basic auth). Set it in production."
+        ),
+    ] = False
+    attachment_max_bytes: Annotated[
+        int,
+        setting(
+            "Largest email attachment kept in the attachments object store; larger ones are "
+            "listed (name, type, size) but not stored.",
+            ge=0,
+        ),
+    ] = 10 * 1024 * 1024
+    attachments_max_count: Annotated[
+        int, setting("Most attachments kept from one email (the rest are listed only).", ge=0)
+    ] = 20
+    sms_opt_out_keywords: Annotated[
+        list[str],
+        setting("Whole-message SMS keywords that opt a number out (Twilio's defaults)."),
+    ] = msgspec.field(
+        default_factory=lambda: [
+            "STOP",
+            "STOPALL",
+            "UNSUBSCRIBE",
+            "CANCEL",
+            "END",
+            "QUIT",
+            "OPTOUT",
+            "REVOKE",
+        ]
+    )
+    sms_opt_in_keywords: Annotated[
+        list[str], setting("Whole-message SMS keywords that opt a number back in.")
+    ] = msgspec.field(default_factory=lambda: ["START", "YES", "UNSTOP"])
+    sms_help_keywords: Annotated[
+        list[str],
+        setting(
+            "Whole-message SMS keywords that ask for help (answered by Twilio; not forwarded)."
+        ),
+    ] = msgspec.field(default_factory=lambda: ["HELP", "INFO"])
     own_addresses: Annotated[
         list[str],
         setting(
@@ -68,6 +128,19 @@ class IngressSettings(CommonSettings, frozen=True, kw_only=True):
         user, sep, password = self.sendgrid_basic_auth.reveal().partition(":")
         if self.sendgrid_basic_auth and not (sep and user and password):
             raise ValueError("PODIUM_SENDGRID_BASIC_AUTH must be user:password")
+        if self.sendgrid_webhook_public_key:
+            try:
+                sendgrid_public_key(self.sendgrid_webhook_public_key)
+            except ValueError as err:
+                raise ValueError(f"PODIUM_SENDGRID_WEBHOOK_PUBLIC_KEY: {err}") from err
+        if self.require_webhook_auth:
+            if not self.twilio_auth_token:
+                raise ValueError("PODIUM_TWILIO_AUTH_TOKEN is required (require_webhook_auth)")
+            if not (self.sendgrid_basic_auth or self.sendgrid_webhook_public_key):
+                raise ValueError(
+                    "PODIUM_SENDGRID_WEBHOOK_PUBLIC_KEY or PODIUM_SENDGRID_BASIC_AUTH is required "
+                    "(require_webhook_auth)"
+                )
 
     def base_url(self) -> str:
         """The public base URL, without a trailing slash."""

@@ -8,22 +8,44 @@ acknowledge in time gets 503, so providers retry.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_plus
 
 import msgspec
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
+from aiohttp.base_protocol import BaseProtocol
 from nats.js import JetStreamContext
+from nats.js.api import ObjectMeta, PubAck
+from nats.js.object_store import ObjectStore
 
-from podium.common import subjects
-from podium.common.bus import publish
-from podium.common.events import InboundMessage, Media
-from podium.common.ids import conversation_id, email_thread_root, new_id, stable_id
+from podium.common import streams, subjects
+from podium.common.bus import Ack, Publisher, publish
+from podium.common.errors import Conflict
+from podium.common.events import DeliveryFailed, InboundMessage, Media, decode, utcnow
+from podium.common.ids import (
+    conversation_id,
+    conversation_of_address,
+    conversation_of_message_id,
+    email_thread_root,
+    new_id,
+    stable_id,
+)
 from podium.common.kv import Store
-from podium.common.state import Conversation, OutboxRecord
+from podium.common.state import (
+    DELIVERY_FAILED,
+    DELIVERY_RANK,
+    Conversation,
+    OutboxRecord,
+    Suppression,
+    delivery_of,
+    suppression_key,
+)
 from podium.ingress import parsing
 from podium.ingress.config import IngressSettings
 from podium.ingress.metrics import IngressMetrics
@@ -33,6 +55,7 @@ log = logging.getLogger(__name__)
 TWIML_EMPTY = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 MAX_TEXT = 64 * 1024
 MAX_IDEMPOTENCY_KEY = 255
+MAX_FORM_FIELDS = 1000
 
 
 class HttpError(Exception):
@@ -69,6 +92,10 @@ class Deps:
     metrics: IngressMetrics
     conversations: Store[Conversation] | None = None
     outbox: Store[OutboxRecord] | None = None
+    suppressions: Store[Suppression] | None = None
+    attachments: ObjectStore | None = None
+    #: The hot-path publisher of inbound events (``js.publish`` when absent).
+    publisher: Publisher | None = None
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -80,6 +107,18 @@ class Handlers:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
         self.tokens = deps.settings.tokens()
+        self._duplicate_seq = 0
+        settings = deps.settings
+        self.opt_out = frozenset(k.upper() for k in settings.sms_opt_out_keywords)
+        self.opt_in = frozenset(k.upper() for k in settings.sms_opt_in_keywords)
+        self.help = frozenset(k.upper() for k in settings.sms_help_keywords)
+        self.own = {a.strip().lower() for a in settings.own_addresses if a.strip()}
+        self.own_domains = parsing.own_domains(self.own)
+        self.sendgrid_key = (
+            parsing.sendgrid_public_key(settings.sendgrid_webhook_public_key)
+            if settings.sendgrid_webhook_public_key
+            else None
+        )
 
     def routes(self) -> list[web.RouteDef]:
         """The route table."""
@@ -87,6 +126,7 @@ class Handlers:
             web.post("/v1/messages", self._wrap("api", self.api_message)),
             web.get("/v1/conversations/{conversation_id}", self._wrap("api_get", self.api_get)),
             web.post("/webhooks/twilio/sms", self._wrap("twilio_sms", self.twilio_sms)),
+            web.post("/webhooks/twilio/status", self._wrap("twilio_status", self.twilio_status)),
             web.post(
                 "/webhooks/sendgrid/inbound", self._wrap("sendgrid_inbound", self.sendgrid_inbound)
             ),
@@ -94,9 +134,12 @@ class Handlers:
 
     def _wrap(self, route: str, handler: Handler) -> Handler:
         metrics = self.deps.metrics
+        # Labelled children looked up once: this is every request's path.
+        latency = metrics.latency.labels(route)
+        by_status: dict[int, Any] = {}
 
         async def wrapped(request: web.Request) -> web.StreamResponse:
-            with metrics.latency.labels(route).time():
+            with latency.time():
                 try:
                     response = await handler(request)
                 except HttpError as err:
@@ -108,35 +151,66 @@ class Handlers:
                     response = error_response(err.status, err.code, err.message)
                     if err.status == 401:
                         response.headers["WWW-Authenticate"] = 'Bearer realm="podium"'
-                metrics.requests.labels(route, str(response.status)).inc()
+                counter = by_status.get(response.status)
+                if counter is None:
+                    counter = by_status[response.status] = metrics.requests.labels(
+                        route, str(response.status)
+                    )
+                counter.inc()
                 return response
 
         return wrapped
 
     async def _store(self, subject: str, event: InboundMessage) -> bool:
         """Publish and wait for the ack; True if it was a duplicate. 503 on failure."""
+        timeout_s = self.deps.settings.publish_timeout_s
         try:
-            ack = await publish(
-                self.deps.js, subject, event, timeout_s=self.deps.settings.publish_timeout_s
-            )
+            if self.deps.publisher is not None:
+                ack: Ack | PubAck = await self.deps.publisher.publish(
+                    subject, event, timeout_s=timeout_s
+                )
+            else:
+                ack = await publish(self.deps.js, subject, event, timeout_s=timeout_s)
         except Exception as err:
             log.warning("could not store inbound event", extra={"error": repr(err)})
             raise HttpError(503, "unavailable", "could not store the message; retry later") from err
         duplicate = bool(ack.duplicate)
+        if duplicate:
+            self._duplicate_seq = ack.seq
         # Bodies are personal data: DEBUG only.
-        log.debug("inbound text", extra={"event_id": event.event_id, "text": event.text[:4000]})
         self.deps.metrics.accepted.labels(event.channel, str(duplicate).lower()).inc()
-        log.info(
-            "inbound stored",
-            extra={
-                "channel": event.channel,
-                "event_id": event.event_id,
-                "conversation_id": event.conversation_id,
-                "stream_seq": ack.seq,
-                "duplicate": duplicate,
-            },
-        )
+        # One line per accepted message costs as much CPU as the signature check and
+        # the event together (docs/performance.md), and INBOUND already records every
+        # message with its id: DEBUG. Refusals and ignored mail stay at INFO.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "inbound stored",
+                extra={
+                    "channel": event.channel,
+                    "event_id": event.event_id,
+                    "conversation_id": event.conversation_id,
+                    "stream_seq": ack.seq,
+                    "duplicate": duplicate,
+                    "text": event.text[:4000],
+                },
+            )
         return duplicate
+
+    async def _same_as_stored(self, event: InboundMessage) -> bool:
+        """Whether the message stored under ``event``'s id says the same as ``event``."""
+        try:
+            stored = await self.deps.js.get_msg(streams.INBOUND.name, self._duplicate_seq)
+            original = decode(stored.data or b"")
+        except Exception as err:
+            raise HttpError(503, "unavailable", "could not read the stored message") from err
+        if not isinstance(original, InboundMessage):
+            return False
+        return (original.text, original.thread_id, original.subject, original.sender) == (
+            event.text,
+            event.thread_id,
+            event.subject,
+            event.sender,
+        )
 
     def _check_size(self, request: web.Request, limit: int) -> None:
         length = request.content_length
@@ -145,6 +219,9 @@ class Handlers:
 
     async def _read_limited(self, request: web.Request, limit: int) -> bytes:
         self._check_size(request, limit)
+        if request.content_length is not None:
+            # Declared and within the limit: aiohttp reads exactly that much.
+            return await request.read()
         body = bytearray()
         async for chunk in request.content.iter_chunked(64 * 1024):
             body += chunk
@@ -202,6 +279,12 @@ class Handlers:
             thread_id=thread,
         )
         duplicate = await self._store(subjects.inbound("api", conversation), event)
+        if duplicate and not await self._same_as_stored(event):
+            raise HttpError(
+                409,
+                "idempotency_key_reused",
+                "this Idempotency-Key was already used for a different message",
+            )
         return web.json_response(
             {
                 "event_id": event_id,
@@ -238,6 +321,8 @@ class Handlers:
                     "body": out.body,
                     "at": out.at.isoformat(),
                     "delivery": delivery[0].state if delivery else "pending",
+                    # What the provider reported afterwards (status callbacks), if anything.
+                    "provider_status": delivery[0].delivery if delivery else "",
                 }
             )
         return web.json_response(
@@ -256,8 +341,8 @@ class Handlers:
 
     # --- Twilio ------------------------------------------------------------
 
-    async def twilio_sms(self, request: web.Request) -> web.Response:
-        """``POST /webhooks/twilio/sms``: an inbound SMS/MMS from Twilio."""
+    async def _twilio_form(self, request: web.Request) -> dict[str, str]:
+        """A Twilio webhook's form, after its signature was checked over the public URL."""
         if request.content_type != "application/x-www-form-urlencoded":
             raise HttpError(415, "unsupported_media_type", "expected a form post")
         raw = await self._read_limited(request, self.deps.settings.api_max_bytes)
@@ -273,7 +358,11 @@ class Handlers:
                 token.reveal(), url, pairs, signature
             ):
                 raise HttpError(403, "bad_signature", "X-Twilio-Signature does not match")
-        form = dict(pairs)
+        return dict(pairs)
+
+    async def twilio_sms(self, request: web.Request) -> web.Response:
+        """``POST /webhooks/twilio/sms``: an inbound SMS/MMS from Twilio."""
+        form = await self._twilio_form(request)
         missing = [f for f in ("From", "To", "MessageSid") if not form.get(f)]
         if missing:
             raise HttpError(400, "missing_fields", "missing " + ", ".join(missing))
@@ -283,14 +372,18 @@ class Handlers:
             raise HttpError(400, "invalid", "NumMedia is not a number") from err
         media = [
             Media(url=form[f"MediaUrl{i}"], content_type=form.get(f"MediaContentType{i}", ""))
-            for i in range(min(num_media, 10))
+            for i in range(min(max(num_media, 0), 10))
             if form.get(f"MediaUrl{i}")
         ]
         text = form.get("Body", "")
         if len(text) > MAX_TEXT:
             raise HttpError(413, "too_large", "message too long")
-        sender, ours = form["From"], form["To"]
-        event_id = stable_id("twilio", form["MessageSid"])
+        sender, ours, sid = form["From"], form["To"], form["MessageSid"]
+        keyword = text.strip().upper()
+        if keyword in self.opt_out or keyword in self.opt_in or keyword in self.help:
+            await self._keyword(keyword, sender, ours, sid)
+            return web.Response(text=TWIML_EMPTY, content_type="text/xml")
+        event_id = stable_id("twilio", sid)
         conversation = conversation_id("sms", sender, ours)
         event = InboundMessage(
             event_id=event_id,
@@ -300,13 +393,176 @@ class Handlers:
             sender=sender,
             recipients=[ours],
             text=text,
-            message_id=form["MessageSid"],
+            message_id=sid,
             media=media,
         )
         await self._store(subjects.inbound("sms", conversation), event)
         return web.Response(text=TWIML_EMPTY, content_type="text/xml")
 
+    async def _keyword(self, keyword: str, sender: str, ours: str, sid: str) -> None:
+        """STOP/START/HELP: recorded (opt-out/in) and counted, never forwarded to an agent.
+
+        Twilio answers these keywords itself (Advanced Opt-Out); what we must do
+        is never text an opted-out number until it says START. The record keeps
+        the MessageSids it applied, so Twilio's retry of an old STOP cannot undo
+        a later START.
+        """
+        kind = (
+            "opt-out" if keyword in self.opt_out else "opt-in" if keyword in self.opt_in else "help"
+        )
+        self.deps.metrics.ignored.labels("sms", kind).inc()
+        log.info("sms keyword", extra={"keyword": keyword, "kind": kind})
+        if kind == "help" or self.deps.suppressions is None:
+            return
+
+        def change(current: Suppression | None) -> Suppression | None:
+            if current is not None and sid in current.seen:
+                return None
+            if current is None and kind == "opt-in":
+                return None
+            return Suppression(
+                channel="sms",
+                address=sender,
+                suppressed=kind == "opt-out",
+                reason="opt-out",
+                keyword=keyword,
+                our_address=ours,
+                source_id=sid,
+                seen=[*(current.seen if current else []), sid][-20:],
+            )
+
+        try:
+            await self.deps.suppressions.mutate(suppression_key("sms", sender), change)
+        except Exception as err:
+            log.warning("could not record an sms keyword", extra={"error": repr(err)})
+            raise HttpError(
+                503, "unavailable", "could not record the opt-out; retry later"
+            ) from err
+
+    async def twilio_status(self, request: web.Request) -> web.Response:
+        """``POST /webhooks/twilio/status?cid=<command>``: how far Twilio got with our SMS.
+
+        The command id is in the callback URL the notifier gave Twilio, so it is
+        covered by the signature. Statuses only move forward (callbacks arrive
+        out of order and are retried); a failure is reported to the conductor.
+        """
+        form = await self._twilio_form(request)
+        command_id = request.query.get("cid", "")
+        sid, status = form.get("MessageSid", ""), form.get("MessageStatus", "").lower()
+        if not (sid and status):
+            raise HttpError(400, "missing_fields", "MessageSid and MessageStatus are required")
+        try:
+            subjects.token(command_id)
+        except ValueError as err:
+            raise HttpError(400, "invalid", "cid is missing or not a command id") from err
+        if status not in DELIVERY_RANK or self.deps.outbox is None:
+            self.deps.metrics.ignored.labels("sms_status", "unknown-status").inc()
+            return web.Response(text="")
+        error_code = form.get("ErrorCode", "")
+
+        def change(current: OutboxRecord | None) -> OutboxRecord | None:
+            if current is None or (
+                current.provider_ids and sid not in current.provider_ids and current.state == "sent"
+            ):
+                return None
+            previous = current.parts.get(sid, "")
+            if DELIVERY_RANK[status] <= DELIVERY_RANK.get(previous, 0):
+                return None
+            current.parts = {**current.parts, sid: status}
+            current.delivery = delivery_of(current.parts)
+            if status in DELIVERY_FAILED:
+                current.delivery_error = f"{status} {error_code}".strip()
+            if current.state == "ambiguous" and status not in DELIVERY_FAILED:
+                # Twilio has it after all: the send that timed out did go out.
+                current.state = "sent"
+                current.provider_id = current.provider_id or sid
+                current.provider_ids = current.provider_ids or [sid]
+            current.updated_at = utcnow()
+            return current
+
+        try:
+            record = await self.deps.outbox.mutate(command_id, change)
+        except Conflict as err:
+            raise HttpError(503, "unavailable", "outbox busy; retry later") from err
+        except Exception as err:
+            raise HttpError(503, "unavailable", "could not record the status") from err
+        if record is None:
+            self.deps.metrics.ignored.labels("sms_status", "unknown-command").inc()
+            return web.Response(text="")
+        self.deps.metrics.statuses.labels(status).inc()
+        if status in DELIVERY_FAILED and record.conversation_id:
+            await self._undelivered(record, command_id, form, status, error_code)
+        return web.Response(text="")
+
+    async def _undelivered(
+        self, record: OutboxRecord, command_id: str, form: dict[str, str], status: str, code: str
+    ) -> None:
+        if code == "21610" and self.deps.suppressions is not None:
+            await self._keyword_suppress(form.get("To", ""), form.get("From", ""), command_id)
+        report = DeliveryFailed(
+            event_id=stable_id("delivery", command_id, "undelivered"),
+            correlation_id=record.correlation_id or command_id,
+            conversation_id=record.conversation_id,
+            command_id=command_id,
+            channel="sms",
+            to=record.to,
+            outcome="undelivered",
+            reason=f"Twilio reported the message {status}" + (f" (error {code})" if code else ""),
+            provider_code=code,
+            transport="twilio",
+        )
+        try:
+            await publish(
+                self.deps.js,
+                subjects.delivery_report(record.conversation_id, command_id),
+                report,
+                timeout_s=self.deps.settings.publish_timeout_s,
+            )
+        except Exception as err:
+            raise HttpError(503, "unavailable", "could not report the failure") from err
+
+    async def _keyword_suppress(self, number: str, ours: str, command_id: str) -> None:
+        if not number or self.deps.suppressions is None:
+            return
+
+        def change(current: Suppression | None) -> Suppression | None:
+            if current is not None and current.suppressed:
+                return None
+            return Suppression(
+                channel="sms",
+                address=number,
+                suppressed=True,
+                reason="provider-opt-out",
+                our_address=ours,
+                source_id=command_id,
+                seen=current.seen if current else [],
+            )
+
+        try:
+            await self.deps.suppressions.mutate(suppression_key("sms", number), change)
+        except Exception as err:
+            raise HttpError(503, "unavailable", "could not record the opt-out") from err
+
     # --- SendGrid ----------------------------------------------------------
+
+    def _check_sendgrid_signature(self, request: web.Request, body: bytes) -> None:
+        key = self.sendgrid_key
+        if key is None:
+            return
+        signature = request.headers.get("X-Twilio-Email-Event-Webhook-Signature", "")
+        timestamp = request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp", "")
+        if not signature or not timestamp:
+            raise HttpError(403, "missing_signature", "signed webhook headers are missing")
+        try:
+            when = int(timestamp)
+        except ValueError as err:
+            raise HttpError(
+                403, "bad_signature", "the signature timestamp is not a number"
+            ) from err
+        if abs(time.time() - when) > self.deps.settings.sendgrid_webhook_max_age_s:
+            raise HttpError(403, "stale_signature", "the signature timestamp is outside the window")
+        if not parsing.sendgrid_signature_valid(key, body, signature, timestamp):
+            raise HttpError(403, "bad_signature", "the webhook signature does not match")
 
     async def sendgrid_inbound(self, request: web.Request) -> web.Response:
         """``POST /webhooks/sendgrid/inbound``: SendGrid Inbound Parse (parsed or raw mode)."""
@@ -318,22 +574,25 @@ class Handlers:
         self._check_size(request, settings.webhook_max_bytes)
         if not request.content_type.startswith("multipart/form-data"):
             raise HttpError(415, "unsupported_media_type", "expected multipart/form-data")
-        fields = await self._read_multipart(request, settings.webhook_max_bytes)
+        body = await self._read_limited(request, settings.webhook_max_bytes)
+        self._check_sendgrid_signature(request, body)
+        fields, files = await _read_multipart(request, body)
         charsets = _json_field(fields, "charsets")
         envelope = _json_field(fields, "envelope")
 
         def text_field(name: str) -> str:
-            value = fields.get(name, b"")
-            charset = str(charsets.get(name, "utf-8")) if isinstance(charsets, dict) else "utf-8"
-            try:
-                return value.decode(charset, errors="replace")
-            except LookupError:
-                return value.decode("utf-8", errors="replace")
+            charset = charsets.get(name) if isinstance(charsets, dict) else None
+            return parsing.decode_text(fields.get(name, b""), str(charset) if charset else None)
 
         envelope_from = envelope.get("from") if isinstance(envelope, dict) else None
+        envelope_to = envelope.get("to") if isinstance(envelope, dict) else None
+        if not isinstance(envelope_to, list):
+            envelope_to = []
+        if envelope_from is not None and not isinstance(envelope_from, str):
+            envelope_from = None
         if "email" in fields:
             facts = parsing.raw_email_facts(
-                fields["email"], settings.own_addresses, envelope_from=envelope_from
+                fields["email"], self.own, envelope_from=envelope_from, envelope_to=envelope_to
             )
         elif "from" in fields:
             facts = parsing.email_facts(
@@ -343,12 +602,14 @@ class Handlers:
                 text=text_field("text"),
                 html=text_field("html"),
                 raw_headers=text_field("headers"),
-                own_addresses=settings.own_addresses,
+                own_addresses=self.own,
                 envelope_from=envelope_from,
+                envelope_to=envelope_to,
+                attachments=_parsed_attachments(fields, files),
             )
         else:
             raise HttpError(400, "missing_fields", "neither 'from' (parsed) nor 'email' (raw)")
-        if not facts.sender:
+        if not facts.sender or "@" not in facts.sender:
             raise HttpError(400, "invalid", "no sender address")
         if facts.ignore_reason:
             self.deps.metrics.ignored.labels("email", facts.ignore_reason).inc()
@@ -356,67 +617,171 @@ class Handlers:
             return web.json_response({"ignored": facts.ignore_reason})
         natural_key = facts.message_id or stable_id(facts.sender, facts.subject, facts.text)
         event_id = stable_id("email", natural_key)
-        root = email_thread_root(facts.message_id, facts.in_reply_to, facts.references)
-        conversation = conversation_id("email", root or natural_key)
+        conversation = self._email_conversation(facts, natural_key)
+        media = await self._keep_attachments(event_id, facts.attachments)
         event = InboundMessage(
             event_id=event_id,
             correlation_id=event_id,
             conversation_id=conversation,
             channel="email",
             sender=facts.sender,
-            recipients=facts.recipients,
-            subject=facts.subject,
+            recipients=facts.recipients[:50],
+            subject=facts.subject[:998],
             text=facts.text[:MAX_TEXT],
-            message_id=facts.message_id,
-            in_reply_to=facts.in_reply_to,
-            references=facts.references,
-            media=[
-                Media(filename=name, content_type=ctype, size=size)
-                for name, ctype, size in facts.attachments
-            ],
+            message_id=facts.message_id[:998],
+            in_reply_to=facts.in_reply_to[:998],
+            references=[r[:998] for r in facts.references[-20:]],
+            media=media,
         )
         duplicate = await self._store(subjects.inbound("email", conversation), event)
         return web.json_response(
             {"event_id": event_id, "conversation_id": conversation, "duplicate": duplicate}
         )
 
-    async def _read_multipart(self, request: web.Request, limit: int) -> dict[str, bytes]:
-        try:
-            reader = await request.multipart()
-        except (ValueError, AssertionError) as err:
-            raise HttpError(400, "malformed_form", f"bad multipart body: {err}") from err
-        fields: dict[str, bytes] = {}
-        total = 0
-        try:
-            while True:
-                part = await reader.next()
-                if part is None:
-                    break
-                if not isinstance(part, BodyPartReader):
-                    raise HttpError(400, "malformed_form", "nested multipart is not supported")
-                data = bytearray()
-                while chunk := await part.read_chunk(64 * 1024):
-                    data += chunk
-                    total += len(chunk)
-                    if total > limit:
-                        raise HttpError(413, "too_large", f"body over {limit} bytes")
-                if part.name and part.filename is None:
-                    fields[part.name] = bytes(data)
-        except HttpError:
-            raise
-        except (ValueError, AssertionError, UnicodeDecodeError) as err:
-            raise HttpError(400, "malformed_form", f"bad multipart body: {err}") from err
-        return fields
+    def _email_conversation(self, facts: parsing.EmailFacts, natural_key: str) -> str:
+        """Which conversation an email joins.
+
+        1. a plus-addressed reply token in a recipient (``podium+<token>@…``);
+        2. one of our own Message-IDs in In-Reply-To / References;
+        3. the thread's root Message-ID (first of References, else In-Reply-To);
+        4. a new conversation named by the message itself.
+        """
+        for address in facts.recipients:
+            found = conversation_of_address(address, self.own)
+            if found:
+                return found
+        for mid in [facts.in_reply_to, *reversed(facts.references)]:
+            found = conversation_of_message_id(mid, self.own_domains) if mid else None
+            if found:
+                return found
+        root = email_thread_root(facts.message_id, facts.in_reply_to, facts.references)
+        return conversation_id("email", root or natural_key)
+
+    async def _keep_attachments(
+        self, event_id: str, attachments: list[parsing.Attachment]
+    ) -> list[Media]:
+        """Store attachments within the limits in the object store; list the others."""
+        settings = self.deps.settings
+        media: list[Media] = []
+        for index, item in enumerate(attachments):
+            size = len(item.data)
+            name = item.filename[:200]
+            note = ""
+            if index >= settings.attachments_max_count:
+                note = f"not stored: more than {settings.attachments_max_count} attachments"
+            elif size > settings.attachment_max_bytes:
+                note = f"not stored: over the {settings.attachment_max_bytes} byte limit"
+            elif self.deps.attachments is None:
+                note = "not stored: no attachment store"
+            if note:
+                media.append(
+                    Media(filename=name, content_type=item.content_type, size=size, note=note)
+                )
+                continue
+            object_name = f"{event_id}/{index}"
+            try:
+                assert self.deps.attachments is not None  # noqa: S101 - checked above
+                await self.deps.attachments.put(
+                    object_name,
+                    item.data,
+                    meta=ObjectMeta(name=object_name, description=f"{item.content_type} {name}"),
+                )
+            except Exception as err:
+                log.warning("could not store an attachment", extra={"error": repr(err)})
+                raise HttpError(503, "unavailable", "could not store an attachment") from err
+            media.append(
+                Media(filename=name, content_type=item.content_type, size=size, object=object_name)
+            )
+        return media
+
+
+def _stream_of(body: bytes) -> StreamReader:
+    """``body`` as the stream aiohttp's multipart reader reads.
+
+    The body is read whole first (a signature covers all of it, and the size
+    limit is enforced while reading), then parsed by aiohttp's own reader.
+    """
+    loop = asyncio.get_running_loop()
+    stream = StreamReader(BaseProtocol(loop), 2**16, loop=loop)
+    stream.feed_data(body)
+    stream.feed_eof()
+    return stream
+
+
+Files = dict[str, tuple[str, str, bytes]]
+
+
+async def _read_multipart(request: web.Request, body: bytes) -> tuple[dict[str, bytes], Files]:
+    """(fields, files) of a multipart/form-data body: files by part name, with their
+    filename and content type."""
+    try:
+        reader = MultipartReader(request.headers, _stream_of(body))
+    except (ValueError, AssertionError, KeyError) as err:
+        raise HttpError(400, "malformed_form", f"bad multipart body: {err}") from err
+    fields: dict[str, bytes] = {}
+    files: Files = {}
+    try:
+        for _ in range(1000):
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise HttpError(400, "malformed_form", "nested multipart is not supported")
+            data = bytearray()
+            while chunk := await part.read_chunk(64 * 1024):
+                data += chunk
+            if not part.name:
+                continue
+            if part.filename is None:
+                fields[part.name] = bytes(data)
+            else:
+                ctype = part.headers.get("Content-Type", "application/octet-stream")
+                files[part.name] = (part.filename, ctype, bytes(data))
+        else:
+            raise HttpError(400, "malformed_form", "too many parts")
+    except HttpError:
+        raise
+    except (ValueError, AssertionError, UnicodeDecodeError, KeyError, LookupError) as err:
+        raise HttpError(400, "malformed_form", f"bad multipart body: {err}") from err
+    return fields, files
+
+
+def _parsed_attachments(fields: dict[str, bytes], files: Files) -> list[parsing.Attachment]:
+    """Attachments of a parsed-mode post: ``attachmentN`` files, named by ``attachment-info``."""
+    info = _json_field(fields, "attachment-info")
+    out = []
+    for name in sorted(files, key=lambda n: (len(n), n)):
+        filename, ctype, data = files[name]
+        meta = info.get(name) if isinstance(info, dict) else None
+        if isinstance(meta, dict):
+            filename = str(meta.get("filename") or filename)
+            ctype = str(meta.get("type") or ctype)
+        out.append(parsing.Attachment(filename=filename, content_type=ctype, data=data))
+    return out
 
 
 def _parse_form(raw: bytes) -> list[tuple[str, str]]:
-    from urllib.parse import parse_qsl  # noqa: PLC0415
-
+    """The (name, value) pairs of an urlencoded form, as ``parse_qsl`` reads them
+    (blank values kept), decoding only the parts that are encoded: this runs for
+    every webhook."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError("form is not UTF-8") from err
-    return parse_qsl(text, keep_blank_values=True, strict_parsing=False, max_num_fields=1000)
+    fields = text.split("&")
+    if len(fields) > MAX_FORM_FIELDS:
+        raise ValueError(f"more than {MAX_FORM_FIELDS} fields")
+    pairs = []
+    for field in fields:
+        if not field:
+            continue
+        name, _, value = field.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        if "%" in value or "+" in value:
+            value = unquote_plus(value)
+        pairs.append((name, value))
+    return pairs
 
 
 def _json_field(fields: dict[str, bytes], name: str) -> Any:

@@ -36,6 +36,12 @@ class IngressMetrics:
             ["route", "reason"],
             registry=registry,
         )
+        self.statuses = Counter(
+            f"{PREFIX}_ingress_delivery_statuses_total",
+            "Twilio status callbacks applied to the outbox, by status",
+            ["status"],
+            registry=registry,
+        )
         self.ignored = Counter(
             f"{PREFIX}_ingress_ignored_total",
             "Inbound messages deliberately not forwarded (auto-replies, lists, bounces…)",

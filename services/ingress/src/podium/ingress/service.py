@@ -8,9 +8,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from podium.common import streams
+from podium.common.bus import Publisher
 from podium.common.kv import Store
 from podium.common.runtime import Context
-from podium.common.state import Conversation, OutboxRecord
+from podium.common.state import Conversation, OutboxRecord, Suppression
 from podium.ingress.config import IngressSettings
 from podium.ingress.handlers import Deps, Handlers, error_response
 from podium.ingress.metrics import IngressMetrics
@@ -36,12 +37,13 @@ class IngressService:
     """Serves the API and webhooks; every accepted message is stored in INBOUND first."""
 
     name = "ingress"
-    streams: Sequence[str] = (streams.INBOUND.name,)
+    streams: Sequence[str] = (streams.INBOUND.name, streams.RESULTS.name)
 
     def __init__(self, settings: IngressSettings) -> None:
         self.settings = settings
         self.port = settings.port
         self._runner: web.AppRunner | None = None
+        self._publisher: Publisher | None = None
 
     def build_app(self, deps: Deps) -> web.Application:
         """The public application (separate from the health side port)."""
@@ -54,18 +56,23 @@ class IngressService:
 
     async def start(self, ctx: Context) -> None:
         """Bind the buckets and start listening."""
+        self._publisher = await Publisher(ctx.nc).start()
         deps = Deps(
             settings=self.settings,
             js=ctx.js,
+            publisher=self._publisher,
             metrics=IngressMetrics(ctx.registry),
             conversations=await Store.open(ctx.js, streams.CONVERSATIONS.name, Conversation),
             outbox=await Store.open(ctx.js, streams.OUTBOX.name, OutboxRecord),
+            suppressions=await Store.open(ctx.js, streams.SUPPRESSIONS.name, Suppression),
+            attachments=await ctx.js.object_store(streams.ATTACHMENTS),
         )
         if not self.settings.twilio_auth_token:
             log.warning("PODIUM_TWILIO_AUTH_TOKEN is not set: Twilio signatures are NOT checked")
-        if not self.settings.sendgrid_basic_auth:
+        if not (self.settings.sendgrid_basic_auth or self.settings.sendgrid_webhook_public_key):
             log.warning(
-                "PODIUM_SENDGRID_BASIC_AUTH is not set: SendGrid webhook is NOT authenticated"
+                "neither PODIUM_SENDGRID_WEBHOOK_PUBLIC_KEY nor PODIUM_SENDGRID_BASIC_AUTH is "
+                "set: the SendGrid webhook is NOT authenticated"
             )
         self._runner = web.AppRunner(
             self.build_app(deps),
@@ -87,6 +94,8 @@ class IngressService:
         """Stop accepting connections; requests in flight finish (up to ``timeout_s``)."""
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._publisher is not None:
+            await self._publisher.close()
 
     def ready(self) -> bool:
         """Ready once the public server is listening."""

@@ -24,6 +24,18 @@ class NotifierMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.suppressed = Counter(
+            f"{PREFIX}_notifier_suppressed_total",
+            "Recipients left out because they are on the suppression list",
+            ["channel"],
+            registry=registry,
+        )
+        self.reported = Counter(
+            f"{PREFIX}_notifier_delivery_failures_total",
+            "Delivery failures reported to the conductor, by channel and outcome",
+            ["channel", "outcome"],
+            registry=registry,
+        )
         self.skipped = Counter(
             f"{PREFIX}_notifier_duplicates_total",
             "Commands not sent again because the outbox shows them sent",

@@ -10,11 +10,17 @@ from podium.common import streams
 from podium.common.consumer import PullConsumer
 from podium.common.kv import Store
 from podium.common.runtime import Context
-from podium.common.state import OutboxRecord
+from podium.common.state import OutboxRecord, Suppression
 from podium.notifier.config import NotifierSettings
 from podium.notifier.handlers import Notifier
 from podium.notifier.metrics import NotifierMetrics
-from podium.notifier.transports import OutboxTransport, SmtpTransport, Transport
+from podium.notifier.transports import (
+    OutboxTransport,
+    SendGridTransport,
+    SmtpTransport,
+    Transport,
+    TwilioTransport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,27 +34,39 @@ class NotifierService:
     def __init__(self, settings: NotifierSettings) -> None:
         self.settings = settings
         self.consumer: PullConsumer | None = None
+        self._transports: tuple[Transport, ...] = ()
 
     def transports(self) -> tuple[Transport, Transport, Transport]:
         """(email, sms, api) transports as configured."""
         s = self.settings
-        outbox = OutboxTransport(Path(s.outbox_path), s.email_from, s.sms_from)
-        email: Transport = SmtpTransport(s) if s.email_transport == "smtp" else outbox
-        return email, outbox, outbox
+        outbox = OutboxTransport(Path(s.outbox_path), s.email_from, s.sms_from, s.email_reply_to)
+        email: Transport = outbox
+        if s.email_transport == "smtp":
+            email = SmtpTransport(s)
+        elif s.email_transport == "sendgrid":
+            email = SendGridTransport(s)
+        sms: Transport = TwilioTransport(s) if s.sms_transport == "twilio" else outbox
+        return email, sms, outbox
 
     async def start(self, ctx: Context) -> None:
-        """Bind the outbox bucket and start consuming commands."""
-        email, sms, api = self.transports()
+        """Bind the outbox and suppression buckets and start consuming commands."""
+        email, sms, api = self._transports = self.transports()
         log.info(
             "transports",
             extra={"email": email.name, "sms": sms.name, "outbox_path": self.settings.outbox_path},
         )
         notifier = Notifier(
+            js=ctx.js,
             outbox=await Store.open(ctx.js, streams.OUTBOX.name, OutboxRecord),
+            suppressions=await Store.open(ctx.js, streams.SUPPRESSIONS.name, Suppression),
             email=email,
             sms=sms,
             api=api,
             metrics=NotifierMetrics(ctx.registry),
+            max_deliver=streams.NOTIFIER_COMMANDS.max_deliver,
+            sms_max_chars=self.settings.sms_max_chars,
+            retry_base_s=self.settings.retry_base_s,
+            retry_max_s=self.settings.retry_max_s,
         )
         self.consumer = PullConsumer(
             ctx.js,
@@ -64,6 +82,8 @@ class NotifierService:
         """Stop taking commands; let sends in flight finish up to ``timeout_s``."""
         if self.consumer is not None:
             await self.consumer.stop(timeout_s)
+        for transport in set(self._transports):
+            await transport.close()
 
     def ready(self) -> bool:
         """Ready once consuming."""
