@@ -38,6 +38,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 import nats
+import uvloop
 from aiohttp import web
 
 from podium.cli.natsserver import NatsServer, free_port
@@ -134,7 +135,15 @@ def bare_server(port: int, nats_url: str = "") -> None:
     app = web.Application()
     app.router.add_post(PATH, handle)
     app.cleanup_ctx.append(connect)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    # The same event loop as the services (uvloop), so the comparison is like for like.
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=port,
+        access_log=None,
+        print=None,
+        loop=uvloop.new_event_loop(),
+    )
 
 
 async def wait_port(port: int, timeout_s: float = 20.0) -> None:

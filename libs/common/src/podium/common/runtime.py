@@ -17,9 +17,9 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 from nats.aio.client import Client
@@ -208,6 +208,21 @@ async def run(
         log.info("stopped")
     finally:
         await health.stop()
+
+
+def serve_forever(main: Coroutine[Any, Any, None]) -> None:
+    """Run a service's main coroutine to completion, on uvloop where it is installed.
+
+    uvloop (libuv) runs the same asyncio code with a much cheaper event loop: the
+    ingress's webhook path spends a fifth of its time in the loop itself.
+    """
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - a platform without uvloop wheels
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def configure_logging(service: str, settings: CommonSettings) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from podium.common.config import load_or_exit
-from podium.common.runtime import configure_logging, run
+from podium.common.runtime import configure_logging, run, serve_forever
 from podium.conductor.config import ConductorSettings
 from podium.conductor.service import ConductorService
 
@@ -19,7 +19,7 @@ def main() -> None:
     """Entry point: settings from the environment, then run."""
     settings = load_or_exit(ConductorSettings, "conductor")
     configure_logging("conductor", settings)
-    asyncio.run(amain(settings))
+    serve_forever(amain(settings))
 
 
 if __name__ == "__main__":
