@@ -43,9 +43,17 @@ class Layout:
     health_base: int = 9090
     health_ports: dict[str, int] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    def allocate_ports(self, taken: set[int]) -> None:
+        """Choose the health ports (after NATS is up, so a free port is really free)."""
         for i, service in enumerate(SERVICES):
-            self.health_ports[service] = self.health_base + i if self.health_base else free_port()
+            if self.health_base:
+                self.health_ports[service] = self.health_base + i
+                continue
+            port = free_port()
+            while port in taken:
+                port = free_port()
+            taken.add(port)
+            self.health_ports[service] = port
 
     @property
     def token_file(self) -> Path:
@@ -220,6 +228,7 @@ async def up(layout: Layout) -> int:
         embedded = NatsServer(layout.home / "nats", port=parsed.port or 4222)
         embedded.start()
         print(f"embedded nats-server started on {embedded.url}", flush=True)  # noqa: T201
+    layout.allocate_ports({urlparse(nats_url).port or 4222, layout.ingress_port})
     token = api_token(layout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
