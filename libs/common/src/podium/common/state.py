@@ -12,7 +12,7 @@ from typing import Literal
 
 import msgspec
 
-from podium.common.events import Channel, TaskResult, utcnow
+from podium.common.events import AnyEvent, Channel, TaskResult, utcnow
 from podium.common.ids import stable_id
 
 TaskState = Literal["queued", "running", "needs_input", "complete", "failed", "cancelled"]
@@ -48,6 +48,21 @@ class Outbound(msgspec.Struct, kw_only=True):
     at: datetime = msgspec.field(default_factory=utcnow)
 
 
+class Pending(msgspec.Struct, kw_only=True):
+    """An event a conductor turn decided on and has saved, but perhaps not yet published.
+
+    The turn's decisions are saved with the conversation first and published
+    after (a transactional outbox): a crash in between leaves them here, and the
+    redelivered event publishes them. So a worker can never report on a task
+    the conversation does not know.
+    """
+
+    subject: str
+    event: AnyEvent
+    #: Core NATS (a kill), not JetStream.
+    core: bool = False
+
+
 class Conversation(msgspec.Struct, kw_only=True):
     """One conversation (email thread, SMS number pair, API thread): the conductor's memory."""
 
@@ -81,6 +96,8 @@ class Conversation(msgspec.Struct, kw_only=True):
     escalations: int = 0
     #: Whether an unknown sender has been told (once) that we do not take their work.
     refused: bool = False
+    #: Decisions of the last turn not yet confirmed published (see ``Pending``).
+    pending: list[Pending] = []
     created_at: datetime = msgspec.field(default_factory=utcnow)
     updated_at: datetime = msgspec.field(default_factory=utcnow)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from podium.common import subjects
 from podium.common.events import (
+    AnyEvent,
     ApiReply,
-    Event,
     EventIds,
     InboundMessage,
     KillTask,
@@ -42,7 +42,7 @@ Trigger = InboundMessage | TaskResult
 class Effects:
     """What one turn publishes, and what it escalates."""
 
-    stored: list[tuple[str, Event]] = field(default_factory=list)
+    stored: list[tuple[str, AnyEvent]] = field(default_factory=list)
     kills: list[KillTask] = field(default_factory=list)
     escalations: list[str] = field(default_factory=list)
 

@@ -44,6 +44,7 @@ from podium.common.state import (
     MAX_HANDLED,
     MAX_REFERENCES,
     Conversation,
+    Pending,
     TaskRecord,
     TaskState,
 )
@@ -119,7 +120,7 @@ class Conductor:
         found = await self.conversations.get(event.conversation_id)
         conv, revision = found if found else (_new(event), 0)
         if event.event_id in conv.handled:
-            log.info("already handled; skipping", extra={"event_id": event.event_id})
+            await self._already_handled(conv, event.event_id)
             return
         if not self.actions.policy.sender_allowed(event.channel, event.sender):
             await self._refuse_sender(conv, revision, event)
@@ -175,7 +176,7 @@ class Conductor:
             raise Reject(f"result for unknown conversation {event.conversation_id}")
         conv, revision = found
         if event.event_id in conv.handled:
-            log.info("already handled; skipping", extra={"event_id": event.event_id})
+            await self._already_handled(conv, event.event_id)
             return
         task = conv.tasks.get(event.task_id)
         if task is None:
@@ -218,9 +219,8 @@ class Conductor:
                 conversation_id=conv.conversation_id,
             )
             self.actions.reply(conv, base, REFUSAL, effects)
-        await self._publish(effects)
         conv.handled = [*conv.handled, event.event_id][-MAX_HANDLED:]
-        await self._save(conv, revision)
+        await self._commit(conv, revision, effects)
 
     # --- the turn ---------------------------------------------------------
 
@@ -263,7 +263,6 @@ class Conductor:
         if failures_before < limit <= conv.failed_tasks:
             effects.escalations.append(f"{conv.failed_tasks} tasks failed (limit {limit})")
         self.actions.escalate(conv, event, effects)
-        await self._publish(effects)
         log.info(
             "turn done",
             extra={
@@ -278,7 +277,7 @@ class Conductor:
         conv.handled = [*conv.handled, event.event_id][-MAX_HANDLED:]
         conv.turns += 1
         conv.updated_at = utcnow()
-        await self._save(conv, revision)
+        await self._commit(conv, revision, effects)
         log.info(
             "turn saved",
             extra={"trigger": trigger, "started_at": started_at, "ended_at": time.time()},
@@ -328,16 +327,44 @@ class Conductor:
             raise Retry(f"agent {answer.outcome}", delay_s=min(5.0 * delivery.attempt, 60))
         return answer
 
-    async def _publish(self, effects: Effects) -> None:
-        for subject, event in effects.stored:
-            await publish(self.js, subject, event)
-            self.metrics.events_out.labels(event_type(event)).inc()
-        for kill in effects.kills:
-            # Recorded first, so a worker that has not started the task yet skips it;
-            # then told on core NATS to whichever worker runs it now.
-            await self.tasks.mutate(kill.task_id, functools.partial(_cancel, kill))
-            await self.nc.publish(subjects.kill(kill.task_id), encode(kill))
-            self.metrics.events_out.labels(event_type(kill)).inc()
+    async def _commit(self, conv: Conversation, revision: int, effects: Effects) -> None:
+        """Save the turn with its decisions, then publish them (a transactional outbox)."""
+        conv.pending = [Pending(subject=s, event=e) for s, e in effects.stored] + [
+            Pending(subject=subjects.kill(k.task_id), event=k, core=True) for k in effects.kills
+        ]
+        await self._save(conv, revision)
+        await self._flush(conv)
+
+    async def _already_handled(self, conv: Conversation, event_id: str) -> None:
+        """A redelivered event: its turn is saved; publish what it left unpublished."""
+        log.info("already handled; skipping", extra={"event_id": event_id})
+        if conv.pending:
+            log.warning(
+                "publishing decisions a crash left unpublished", extra={"n": len(conv.pending)}
+            )
+            await self._flush(conv)
+
+    async def _flush(self, conv: Conversation) -> None:
+        """Publish the conversation's pending decisions (idempotent ids), then clear them."""
+        for item in conv.pending:
+            if item.core and isinstance(item.event, KillTask):
+                kill = item.event
+                # Recorded first, so a worker that has not started the task yet skips it;
+                # then told on core NATS to whichever worker runs it now.
+                await self.tasks.mutate(kill.task_id, functools.partial(_cancel, kill))
+                await self.nc.publish(item.subject, encode(kill))
+            else:
+                await publish(self.js, item.subject, item.event)
+            self.metrics.events_out.labels(event_type(item.event)).inc()
+        done = {item.event.event_id for item in conv.pending}
+
+        def clear(current: Conversation | None) -> Conversation | None:
+            if current is None or not current.pending:
+                return None
+            current.pending = [p for p in current.pending if p.event.event_id not in done]
+            return current
+
+        await self.conversations.mutate(conv.conversation_id, clear)
 
     async def _save(self, conv: Conversation, revision: int) -> None:
         try:
