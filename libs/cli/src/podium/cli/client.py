@@ -77,7 +77,8 @@ async def wait_for_command(
         subject, cb=on_msg, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
     )
     try:
-        return await asyncio.wait_for(found, timeout=timeout_s)
+        async with asyncio.timeout(timeout_s):
+            return await found
     except TimeoutError:
         return None
     finally:
@@ -300,7 +301,8 @@ async def provision_cmd(wait_s: float = 0.0) -> int:
     config = settings()
     try:
         # connect() retries until the server answers: bound it.
-        nc = await asyncio.wait_for(connect(config, name="podium-provision"), max(wait_s, 5.0))
+        async with asyncio.timeout(max(wait_s, 5.0)):
+            nc = await connect(config, name="podium-provision")
     except TimeoutError:
         _err(
             f"podium provision: no connection to NATS at {config.nats_url} in {wait_s:g}s "

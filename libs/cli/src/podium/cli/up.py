@@ -26,6 +26,7 @@ import aiohttp
 
 from podium.cli.natsserver import NatsServer, free_port
 from podium.common.agents import claude_credentials_present
+from podium.common.runtime import wait_set
 
 SERVICES = ("ingress", "conductor", "worker", "notifier")
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -290,8 +291,7 @@ async def supervise(children: list[Child], stop: asyncio.Event) -> int:
                 f"podium up: {child.service} exited ({task.result()}); restarting in {delay}s",
                 file=sys.stderr,
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+            await wait_set(stop, delay)
             if not stop.is_set():
                 await child.start()
     return 0
@@ -306,11 +306,13 @@ async def shutdown(children: list[Child], timeout_s: float = 35.0) -> None:
         if child.proc is None:
             continue
         try:
-            await asyncio.wait_for(child.proc.wait(), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await child.proc.wait()
         except TimeoutError:
             child.proc.kill()
             await child.proc.wait()
         if child.pump is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(child.pump, timeout=2)
+                async with asyncio.timeout(2):
+                    await child.pump
         child.log_file.close()

@@ -155,10 +155,24 @@ async def connect_until_ready(
                 "NATS not reachable, retrying",
                 extra={"nats_url": settings.nats_url, "error": repr(err), "retry_in_s": delay},
             )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=delay)
+        await wait_set(stop, delay)
         delay = min(delay * 2, 5.0)
     return None
+
+
+async def wait_set(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for ``event``; whether it was set.
+
+    ``asyncio.timeout`` rather than ``wait_for``: on Python 3.11, ``wait_for`` can
+    swallow a cancellation that arrives as its timeout fires, and a loop built on
+    it then never stops (seen here: a conductor that would not shut down).
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return event.is_set()
+    return True
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:
@@ -204,7 +218,8 @@ async def run(
         ctx.stopping.set()
         await service.stop(settings.drain_timeout_s)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.drain(), timeout=10)
+            async with asyncio.timeout(10):
+                await nc.drain()
         log.info("stopped")
     finally:
         await health.stop()

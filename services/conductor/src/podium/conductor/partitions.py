@@ -30,6 +30,7 @@ from nats.js.errors import NoKeysError
 
 from podium.common.errors import Conflict
 from podium.common.kv import Store
+from podium.common.runtime import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,9 @@ class PartitionManager:
         """Stop balancing, give up every partition, leave the membership."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            _, pending = await asyncio.wait({self._task}, timeout=10)
+            if pending:
+                log.error("the partition loop did not stop when cancelled")
         for partition in sorted(self.owned):
             self._hand_over(partition)
         if self.releasing:
@@ -102,8 +104,7 @@ class PartitionManager:
                 raise
             except Exception:
                 log.exception("partition rebalance failed; will try again")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.ttl_s / 3)
+            await wait_set(self._wake, self.ttl_s / 3)
             self._wake.clear()
 
     async def rebalance(self) -> None:
