@@ -1,15 +1,23 @@
-"""The ingress's hot-path publisher: stored durably with Podium's headers, duplicates
-recognised, and a failure to store is an error, never a silent success."""
+"""The ingress's hot-path publishers: stored durably with Podium's headers, duplicates
+recognised, and a failure to store is an error, never a silent success.
+
+Both implementations run every test: :class:`~podium.common.wire.DirectPublisher`
+(the default) and :class:`~podium.common.bus.Publisher` on nats-py's connection
+(used with TLS or a .creds file)."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from podium.cli.natsserver import NatsServer
 from podium.common import subjects
 from podium.common.bus import Publisher, PublishError
 from podium.common.events import InboundMessage, decode
+from podium.common.wire import DirectPublisher, EventPublisher
 
 
 def message(n: int) -> InboundMessage:
@@ -23,16 +31,27 @@ def message(n: int) -> InboundMessage:
     )
 
 
-async def test_stored_with_headers_and_duplicates_recognised(
-    nc: Client, js: JetStreamContext
-) -> None:
-    publisher = await Publisher(nc).start()
+@pytest.fixture(params=["direct", "nats-py"])
+async def publisher(
+    request: pytest.FixtureRequest, nats_server: NatsServer, nc: Client
+) -> AsyncIterator[EventPublisher]:
+    chosen: DirectPublisher | Publisher
+    if request.param == "direct":
+        chosen = await DirectPublisher([nats_server.url]).start()
+    else:
+        chosen = await Publisher(nc).start()
     try:
-        first = await publisher.publish(subjects.inbound("sms", "sms-1"), message(1))
-        again = await publisher.publish(subjects.inbound("sms", "sms-1"), message(1))
-        other = await publisher.publish(subjects.inbound("sms", "sms-1"), message(2))
+        yield chosen
     finally:
-        await publisher.close()
+        await chosen.close()
+
+
+async def test_stored_with_headers_and_duplicates_recognised(
+    publisher: EventPublisher, js: JetStreamContext
+) -> None:
+    first = await publisher.publish(subjects.inbound("sms", "sms-1"), message(1))
+    again = await publisher.publish(subjects.inbound("sms", "sms-1"), message(1))
+    other = await publisher.publish(subjects.inbound("sms", "sms-1"), message(2))
     assert (first.stream, first.duplicate) == ("INBOUND", False)
     # A duplicate answers with the sequence of the message first stored.
     assert (again.seq, again.duplicate) == (first.seq, True)
@@ -46,11 +65,7 @@ async def test_stored_with_headers_and_duplicates_recognised(
     assert (event.event_id, event.text) == ("e1", "hello 1")
 
 
-async def test_no_stream_is_an_error(nc: Client, js: JetStreamContext) -> None:
+async def test_no_stream_is_an_error(publisher: EventPublisher, js: JetStreamContext) -> None:
     await js.delete_stream("INBOUND")
-    publisher = await Publisher(nc).start()
-    try:
-        with pytest.raises(PublishError, match="503"):
-            await publisher.publish(subjects.inbound("sms", "sms-1"), message(1), timeout_s=2)
-    finally:
-        await publisher.close()
+    with pytest.raises(PublishError, match="503"):
+        await publisher.publish(subjects.inbound("sms", "sms-1"), message(1), timeout_s=2)

@@ -92,6 +92,11 @@ class Publisher:
         self._tokens = itertools.count(1)
         self._sub: Subscription | None = None
 
+    @property
+    def connected(self) -> bool:
+        """Whether publishes can go out now."""
+        return bool(self.nc.is_connected)
+
     async def start(self) -> Publisher:
         """Subscribe to the acknowledgements."""
         self._sub = await self.nc.subscribe(self._prefix + "*", cb=self._on_reply)

@@ -109,6 +109,13 @@ class IngressSettings(CommonSettings, frozen=True, kw_only=True):
         float,
         setting("How long to wait for JetStream to store an event before answering 503.", gt=0),
     ] = 5.0
+    direct_publish: Annotated[
+        bool,
+        setting(
+            "Store inbound events through Podium's lean publisher connection (plain TCP, "
+            "user/password); off, or with TLS or a .creds file, through nats-py."
+        ),
+    ] = True
 
     def tokens(self) -> dict[str, str]:
         """{name: token} parsed from ``api_tokens``."""

@@ -8,10 +8,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from podium.common import streams
-from podium.common.bus import Publisher
 from podium.common.kv import Store
 from podium.common.runtime import Context
 from podium.common.state import Conversation, OutboxRecord, Suppression
+from podium.common.wire import EventPublisher, open_publisher
 from podium.ingress.config import IngressSettings
 from podium.ingress.handlers import Deps, Handlers, error_response
 from podium.ingress.metrics import IngressMetrics
@@ -43,7 +43,7 @@ class IngressService:
         self.settings = settings
         self.port = settings.port
         self._runner: web.AppRunner | None = None
-        self._publisher: Publisher | None = None
+        self._publisher: EventPublisher | None = None
 
     def build_app(self, deps: Deps) -> web.Application:
         """The public application (separate from the health side port)."""
@@ -56,7 +56,9 @@ class IngressService:
 
     async def start(self, ctx: Context) -> None:
         """Bind the buckets and start listening."""
-        self._publisher = await Publisher(ctx.nc).start()
+        self._publisher = await open_publisher(
+            ctx.nc, self.settings, name="ingress", direct=self.settings.direct_publish
+        )
         deps = Deps(
             settings=self.settings,
             js=ctx.js,
@@ -98,5 +100,7 @@ class IngressService:
             await self._publisher.close()
 
     def ready(self) -> bool:
-        """Ready once the public server is listening."""
-        return self._runner is not None
+        """Ready once the public server is listening and events can be stored."""
+        return (
+            self._runner is not None and self._publisher is not None and self._publisher.connected
+        )
