@@ -1,6 +1,6 @@
 """Benchmark: signed Twilio SMS webhooks against the ingress, beside a bare aiohttp handler.
 
-    .venv/bin/python bench/ingress.py [--seconds 10] [--connections 32] [--messages 200000]
+    .venv/bin/python bench/ingress.py [--seconds 10] [--rounds 3] [--connections 32]
 
 Starts its own nats-server, then in the same run, with the same load generator
 (wrk from Debian's packages; an asyncio client when wrk is missing):
@@ -14,7 +14,11 @@ Starts its own nats-server, then in the same run, with the same load generator
    durably in JetStream (``Nats-Msg-Id`` from the MessageSid, so de-duplication
    is on) before the 200, at log level INFO.
 
-Every request carries a distinct, validly signed MessageSid. Prints a table,
+The three servers run side by side and are loaded in turn, ``--rounds`` times
+(bare, publish-only, ingress, bare, …): on a machine whose speed drifts (a
+shared VM) the drift weighs on all three alike, and each figure is the median
+of its rounds. Every request carries a distinct, validly signed MessageSid.
+Prints a table,
 then as its last line one JSON object with ``ingress_rps``, ``bare_rps``,
 ``ratio`` and ``p99_ms`` (the ingress's).
 """
@@ -27,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +54,7 @@ from podium.testing.services import Process, base_env
 TOKEN = "bench-twilio-auth-token-0123456789"
 PUBLIC = "https://podium.example.com"
 PATH = "/webhooks/twilio/sms"
+BASELINE_SUBJECT = "inbound.sms.bench"
 TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 
 WRK_SCRIPT = """
@@ -64,7 +70,7 @@ function init(args)
   for line in io.lines(args[1]) do
     lines[#lines + 1] = line
   end
-  offset = (id - 1) * math.floor(#lines / tonumber(args[2]))
+  offset = tonumber(args[3]) + (id - 1) * tonumber(args[4])
 end
 function request()
   i = i + 1
@@ -120,7 +126,7 @@ def bare_server(port: int, nats_url: str = "") -> None:
             return web.Response(status=400)
         if js:
             await js[0].publish(
-                "inbound.sms.bench", await request.read(), headers={"Nats-Msg-Id": str(sid)}
+                BASELINE_SUBJECT, await request.read(), headers={"Nats-Msg-Id": str(sid)}
             )
         return web.Response(text=TWIML, content_type="text/xml")
 
@@ -177,7 +183,9 @@ def parse_wrk(output: str) -> dict[str, float]:
     }
 
 
-def run_wrk(port: int, lines: Path, script: Path, args: argparse.Namespace) -> dict[str, float]:
+def run_wrk(
+    port: int, lines: Path, script: Path, args: argparse.Namespace, start: int
+) -> dict[str, float]:
     command = [
         "wrk",
         "-t2",
@@ -190,17 +198,21 @@ def run_wrk(port: int, lines: Path, script: Path, args: argparse.Namespace) -> d
         "--",
         str(lines),
         "2",
+        str(start),
+        str(args.stride),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
     return parse_wrk(done.stdout)
 
 
-async def run_asyncio_client(port: int, lines: Path, args: argparse.Namespace) -> dict[str, float]:
+async def run_asyncio_client(
+    port: int, lines: Path, args: argparse.Namespace, start: int
+) -> dict[str, float]:
     """Fallback load generator (slower than wrk: expect a lower ceiling)."""
     entries = [line.rstrip("\n").split("\t", 1) for line in lines.open()]
     latencies: list[float] = []
     errors = 0
-    index = 0
+    index = start
     deadline = time.monotonic() + args.seconds
     connector = aiohttp.TCPConnector(limit=args.connections)
     async with aiohttp.ClientSession(connector=connector) as http:
@@ -236,28 +248,40 @@ async def run_asyncio_client(port: int, lines: Path, args: argparse.Namespace) -
 
 
 async def measure(
-    port: int, lines: Path, script: Path, args: argparse.Namespace
+    port: int, lines: Path, script: Path, args: argparse.Namespace, start: int = 0
 ) -> dict[str, float]:
+    """One load phase; ``start`` is where in the request file it begins, so every
+    phase sends MessageSids no earlier phase sent (no duplicates)."""
     if shutil.which("wrk"):
-        return await asyncio.to_thread(run_wrk, port, lines, script, args)
-    return await run_asyncio_client(port, lines, args)
+        return await asyncio.to_thread(run_wrk, port, lines, script, args, start)
+    return await run_asyncio_client(port, lines, args, start)
 
 
-async def purge_inbound(url: str) -> None:
+async def inbound_count(url: str, exclude: str) -> int:
+    """Messages in INBOUND, less those on ``exclude`` (the publish-only baseline's)."""
     nc = await nats.connect(url)
     try:
-        await nc.jetstream().purge_stream("INBOUND")
+        js = nc.jetstream()
+        total = (await js.stream_info("INBOUND")).state.messages
+        theirs = await js.stream_info("INBOUND", subjects_filter=exclude)
+        return int(total) - sum((theirs.state.subjects or {}).values())
     finally:
         await nc.close()
 
 
-async def inbound_count(url: str) -> int:
-    nc = await nats.connect(url)
-    try:
-        info = await nc.jetstream().stream_info("INBOUND")
-        return int(info.state.messages)
-    finally:
-        await nc.close()
+async def start_baseline(port: int, nats_url: str) -> asyncio.subprocess.Process:
+    extra = ["--nats", nats_url] if nats_url else []
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--bare-server",
+        str(port),
+        *extra,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    await wait_port(port)
+    return proc
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -267,74 +291,86 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     requests_file(lines, args.messages, args.senders)
     script.write_text(WRK_SCRIPT.replace("{path}", PATH))
     generator = "wrk" if shutil.which("wrk") else "asyncio"
-    print(f"load generator: {generator}, {args.connections} connections, {args.seconds}s each")
+    print(
+        f"load generator: {generator}, {args.connections} connections, "
+        f"{args.rounds} rounds of {args.seconds}s per server"
+    )
 
     server = NatsServer(root / "jetstream").start()
     nc = await nats.connect(server.url)
     await streams.provision(nc.jetstream())
     await nc.close()
-    results: dict[str, dict[str, float]] = {}
-    for name, extra in (("bare", []), ("publish-only", ["--nats", server.url])):
-        bare_port = free_port()
-        bare = await asyncio.create_subprocess_exec(
-            sys.executable,
-            __file__,
-            "--bare-server",
-            str(bare_port),
-            *extra,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        try:
-            await wait_port(bare_port)
-            results[name] = await measure(bare_port, lines, script, args)
-        finally:
-            bare.terminate()
-            await asyncio.wait_for(bare.wait(), 10)
-    bare_result = results["bare"]
-    await purge_inbound(server.url)
-    port = free_port()
+    ports = {"bare": free_port(), "publish-only": free_port(), "ingress": free_port()}
     env = base_env(
         server.url,
         root,
         PODIUM_API_TOKENS="bench:bench-token-0123456789abcdef",
         PODIUM_TWILIO_AUTH_TOKEN=TOKEN,
         PODIUM_PUBLIC_URL=PUBLIC,
-        PODIUM_PORT=str(port),
+        PODIUM_PORT=str(ports["ingress"]),
         PODIUM_LOG_LEVEL="INFO",
     )
+    baselines = [
+        await start_baseline(ports["bare"], ""),
+        await start_baseline(ports["publish-only"], server.url),
+    ]
     ingress = Process("ingress", env, root / "logs").start()
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in ports}
     try:
         await ingress.wait_ready()
-        # Warm up (connections, JIT-free but cache-warm paths), then measure.
-        await wait_port(port)
-        ingress_result = await measure(port, lines, script, args)
-        stored = await inbound_count(server.url)
+        await wait_port(ports["ingress"])
+        # All three servers run throughout, idle while another is measured; the phases
+        # alternate (bare, publish-only, ingress, bare, …) so that a machine whose speed
+        # drifts — a shared VM — weighs on all three alike, and each figure is a median.
+        # Each publishing phase gets its own slice of the request file (each wrk thread
+        # half of it): no MessageSid is sent twice, so nothing is a duplicate.
+        step = args.messages // (args.rounds * 2)
+        args.stride = step // 2
+        phase = 0
+        for _ in range(args.rounds):
+            for name, port in ports.items():
+                start = 0 if name == "bare" else phase * step
+                rounds[name].append(await measure(port, lines, script, args, start))
+                phase += name != "bare"
+        stored = await inbound_count(server.url, exclude=BASELINE_SUBJECT + ".>")
     finally:
         ingress.stop()
+        for proc in baselines:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 10)
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
-    ratio = ingress_result["rps"] / bare_result["rps"]
-    results["ingress"] = ingress_result
-    print(f"{'':14} {'req/s':>10} {'p99 ms':>8} {'non-2xx':>8}")
-    for name, result in results.items():
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in rounds[name])
+
+    ratios = [i["rps"] / b["rps"] for i, b in zip(rounds["ingress"], rounds["bare"], strict=True)]
+    ratio = median("ingress", "rps") / median("bare", "rps")
+    print(f"{'':14} {'req/s (median)':>15} {'each round':>28} {'p99 ms':>8} {'non-2xx':>8}")
+    for name in ports:
+        each = " ".join(f"{r['rps']:>8,.0f}" for r in rounds[name])
+        non_2xx = sum(int(r["non_2xx"]) for r in rounds[name])
         print(
-            f"{name:14} {result['rps']:>10,.0f} {result['p99_ms']:>8.2f} "
-            f"{int(result['non_2xx']):>8}"
+            f"{name:14} {median(name, 'rps'):>15,.0f} {each:>28} "
+            f"{median(name, 'p99_ms'):>8.2f} {non_2xx:>8}"
         )
-    print(f"stored in INBOUND: {stored:,}   ratio ingress/bare: {ratio:.2f}")
+    print(
+        f"stored in INBOUND: {stored:,}   ratio ingress/bare: {ratio:.2f} "
+        f"(per round: {' '.join(f'{r:.2f}' for r in ratios)})"
+    )
     return {
-        "ingress_rps": round(ingress_result["rps"], 1),
-        "bare_rps": round(bare_result["rps"], 1),
+        "ingress_rps": round(median("ingress", "rps"), 1),
+        "bare_rps": round(median("bare", "rps"), 1),
         "ratio": round(ratio, 3),
-        "p99_ms": round(ingress_result["p99_ms"], 2),
-        "bare_p99_ms": round(bare_result["p99_ms"], 2),
-        "publish_only_rps": round(results["publish-only"]["rps"], 1),
-        "ingress_non_2xx": int(ingress_result["non_2xx"]),
+        "p99_ms": round(median("ingress", "p99_ms"), 2),
+        "bare_p99_ms": round(median("bare", "p99_ms"), 2),
+        "publish_only_rps": round(median("publish-only", "rps"), 1),
+        "round_ratios": [round(r, 3) for r in ratios],
+        "ingress_non_2xx": sum(int(r["non_2xx"]) for r in rounds["ingress"]),
         "stored": stored,
         "connections": args.connections,
         "seconds": args.seconds,
+        "rounds": args.rounds,
         "generator": generator,
         "cpus": os.cpu_count(),
     }
@@ -342,9 +378,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=10, help="length of each phase")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--messages", type=int, default=400_000)
     parser.add_argument("--senders", type=int, default=1000)
     parser.add_argument("--bare-server", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--nats", default="", help=argparse.SUPPRESS)

@@ -23,6 +23,7 @@ from podium.common.events import (
     encode,
     event_type,
 )
+from podium.common.ids import conversation_id, short_id, stable_id
 from podium.common.state import OutboxRecord
 
 IDS = EventIds(event_id="e1", correlation_id="c1", conversation_id="api-1")
@@ -111,3 +112,14 @@ def test_outbox_records_of_schema_1_still_decode() -> None:
     )
     record = msgspec.json.decode(old, type=OutboxRecord)
     assert (record.state, record.delivery, record.parts) == ("sent", "", {})
+
+
+def test_stable_ids_never_change() -> None:
+    # Event, conversation and task ids derived from providers' ids are stored in
+    # streams and buckets and used for de-duplication: a release that changed them
+    # would answer a redelivered message twice and split conversations in two.
+    assert stable_id("twilio", "SM0123") == "1049e4c5270ce779b94967209ec47b1e"
+    assert conversation_id("sms", "+15550100001", "+15550100999") == "sms-f33092a5886ff69865ecad9a"
+    assert short_id("e1", "SPAWN", "") == "tfb299c5e4957"
+    # The separator keeps the parts apart.
+    assert stable_id("ab", "c") != stable_id("a", "bc")

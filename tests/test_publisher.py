@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from podium.cli.natsserver import NatsServer
 from podium.common import subjects
 from podium.common.bus import Publisher, PublishError
-from podium.common.events import InboundMessage, decode
+from podium.common.events import SCHEMA_VERSION, InboundMessage, decode
 from podium.common.wire import DirectPublisher, EventPublisher
 
 
@@ -60,6 +60,8 @@ async def test_stored_with_headers_and_duplicates_recognised(
     assert stored.headers is not None
     assert stored.headers["Nats-Msg-Id"] == "e1"
     assert stored.headers["Podium-Event"] == "inbound.message"
+    assert stored.headers["Podium-Schema"] == str(SCHEMA_VERSION)
+    assert stored.headers["Podium-Correlation-Id"] == "e1"
     event = decode(stored.data or b"")
     assert isinstance(event, InboundMessage)
     assert (event.event_id, event.text) == ("e1", "hello 1")

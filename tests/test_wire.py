@@ -161,7 +161,7 @@ async def test_header_injection_is_refused(direct: DirectPublisher) -> None:
         event_id="e1", correlation_id="c1\r\nNats-Msg-Id: other", conversation_id="sms-1",
         channel="sms", text="hi", sender="+1555",
     )  # fmt: skip
-    with pytest.raises(PublishError, match="invalid header"):
+    with pytest.raises(PublishError, match="invalid header value"):
         await direct.publish(SUBJECT, forged)
 
 

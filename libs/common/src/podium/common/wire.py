@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import json
 import logging
@@ -37,9 +38,9 @@ import msgspec
 from nats.aio.client import Client
 
 from podium.common import subjects
-from podium.common.bus import _ACK, Ack, Publisher, PublishError, headers_for
+from podium.common.bus import _ACK, Ack, Publisher, PublishError
 from podium.common.config import CommonSettings
-from podium.common.events import Event, encode
+from podium.common.events import SCHEMA_VERSION, Event, encode
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +400,7 @@ class DirectPublisher:
         if not self.connected:
             raise PublishError("not connected to NATS")
         payload = encode(event)
-        header = _header_block(headers_for(event, msg_id=msg_id))
+        header = _header_block(event, msg_id or event.event_id)
         total = len(header) + len(payload)
         if total > self._max_payload:
             raise PublishError(f"message of {total} bytes over the server's max_payload")
@@ -434,13 +435,32 @@ class DirectPublisher:
         return ack
 
 
-def _header_block(headers: dict[str, str]) -> bytes:
-    lines = ["NATS/1.0"]
-    for key, value in headers.items():
-        if "\r" in value or "\n" in value or "\r" in key or "\n" in key or ":" in key:
-            raise PublishError(f"invalid header {key!r}")
-        lines.append(f"{key}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+@functools.lru_cache(maxsize=64)
+def _fixed_headers(kind: type[Event]) -> bytes:
+    """The header lines every event of one type carries (as :func:`headers_for` spells them)."""
+    return (
+        f"NATS/1.0\r\n{subjects.HDR_EVENT_TYPE}: {kind.__struct_config__.tag}\r\n"
+        f"{subjects.HDR_SCHEMA}: {SCHEMA_VERSION}\r\n"
+    ).encode()
+
+
+def _header_block(event: Event, msg_id: str) -> bytes:
+    """The NATS header block of a publish: the same headers as :func:`headers_for`."""
+    correlation = event.correlation_id
+    for value in (correlation, msg_id):
+        if "\r" in value or "\n" in value:
+            raise PublishError(f"invalid header value {value!r}")
+    return b"%s%s: %s\r\n%s: %s\r\n\r\n" % (
+        _fixed_headers(type(event)),
+        _CORRELATION,
+        correlation.encode(),
+        _MSG_ID,
+        msg_id.encode(),
+    )
+
+
+_CORRELATION = subjects.HDR_CORRELATION.encode()
+_MSG_ID = subjects.HDR_MSG_ID.encode()
 
 
 async def open_publisher(

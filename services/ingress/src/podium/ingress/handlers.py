@@ -142,25 +142,29 @@ class Handlers:
         by_status: dict[int, Any] = {}
 
         async def wrapped(request: web.Request) -> web.StreamResponse:
-            with latency.time():
-                try:
-                    response = await handler(request)
-                except HttpError as err:
-                    metrics.refused.labels(route, err.code).inc()
-                    log.info(
-                        "request refused",
-                        extra={"route": route, "status": err.status, "code": err.code},
-                    )
-                    response = error_response(err.status, err.code, err.message)
-                    if err.status == 401:
-                        response.headers["WWW-Authenticate"] = 'Bearer realm="podium"'
-                counter = by_status.get(response.status)
-                if counter is None:
-                    counter = by_status[response.status] = metrics.requests.labels(
-                        route, str(response.status)
-                    )
-                counter.inc()
-                return response
+            started = time.perf_counter()
+            try:
+                response = await handler(request)
+            except HttpError as err:
+                metrics.refused.labels(route, err.code).inc()
+                log.info(
+                    "request refused",
+                    extra={"route": route, "status": err.status, "code": err.code},
+                )
+                response = error_response(err.status, err.code, err.message)
+                if err.status == 401:
+                    response.headers["WWW-Authenticate"] = 'Bearer realm="podium"'
+            except BaseException:
+                latency.observe(time.perf_counter() - started)
+                raise
+            counter = by_status.get(response.status)
+            if counter is None:
+                counter = by_status[response.status] = metrics.requests.labels(
+                    route, str(response.status)
+                )
+            counter.inc()
+            latency.observe(time.perf_counter() - started)
+            return response
 
         return wrapped
 
@@ -378,11 +382,15 @@ class Handlers:
             num_media = int(form.get("NumMedia", "0") or "0")
         except ValueError as err:
             raise HttpError(400, "invalid", "NumMedia is not a number") from err
-        media = [
-            Media(url=form[f"MediaUrl{i}"], content_type=form.get(f"MediaContentType{i}", ""))
-            for i in range(min(max(num_media, 0), 10))
-            if form.get(f"MediaUrl{i}")
-        ]
+        media = (
+            [
+                Media(url=form[f"MediaUrl{i}"], content_type=form.get(f"MediaContentType{i}", ""))
+                for i in range(min(num_media, 10))
+                if form.get(f"MediaUrl{i}")
+            ]
+            if num_media > 0
+            else []
+        )
         text = form.get("Body", "")
         if len(text) > MAX_TEXT:
             raise HttpError(413, "too_large", "message too long")
