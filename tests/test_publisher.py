@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
@@ -71,3 +72,21 @@ async def test_no_stream_is_an_error(publisher: EventPublisher, js: JetStreamCon
     await js.delete_stream("INBOUND")
     with pytest.raises(PublishError, match="503"):
         await publisher.publish(subjects.inbound("sms", "sms-1"), message(1), timeout_s=2)
+
+
+async def test_a_reply_that_is_not_a_jetstream_ack_is_an_error(
+    publisher: EventPublisher, js: JetStreamContext, nc: Client
+) -> None:
+    # With the stream gone, something else that answers on the subject (a debugging
+    # `nats reply`, a misconfigured service) must not pass for "stored".
+    await js.delete_stream("INBOUND")
+
+    async def answer(msg: Msg) -> None:
+        await msg.respond(b"{}")
+
+    sub = await nc.subscribe("inbound.>", cb=answer)
+    try:
+        with pytest.raises(PublishError, match="not a JetStream acknowledgement"):
+            await publisher.publish(subjects.inbound("sms", "sms-1"), message(1), timeout_s=2)
+    finally:
+        await sub.unsubscribe()

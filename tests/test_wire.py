@@ -144,6 +144,20 @@ async def test_server_list_is_tried_in_turn(nats_server: NatsServer, js: JetStre
         await DirectPublisher([nobody]).start()
 
 
+async def test_each_publish_keeps_its_own_timeout(
+    nats_server: NatsServer, direct: DirectPublisher
+) -> None:
+    with paused(nats_server):
+        slow = asyncio.ensure_future(direct.publish(SUBJECT, message(1), timeout_s=30))
+        started = time.monotonic()
+        with pytest.raises(PublishError, match="no acknowledgement"):
+            await direct.publish(SUBJECT, message(2), timeout_s=0.3)
+        # Not held back by the earlier publish's longer deadline.
+        assert time.monotonic() - started < 2.0
+        assert not slow.done()
+    assert (await slow).stream == "INBOUND"
+
+
 async def test_message_over_max_payload_is_refused_before_sending(
     direct: DirectPublisher,
 ) -> None:
@@ -207,9 +221,11 @@ async def test_wrong_password_or_foreign_inbox_stops_the_start(
     assert access.ADMIN != "ingress"
 
 
-async def test_tls_or_creds_use_the_nats_py_connection(nc: Client) -> None:
+async def test_tls_creds_or_token_use_the_nats_py_connection(nc: Client) -> None:
     for config in (
         CommonSettings(nats_url="tls://127.0.0.1:4222"),
+        # A token in the URL: never sent as a user name (it would land in the server's log).
+        CommonSettings(nats_url="nats://s3cr3t-token@127.0.0.1:4222"),
         CommonSettings(nats_url="nats://127.0.0.1:1", nats_creds="/etc/podium/ingress.creds"),
     ):
         publisher = await open_publisher(nc, config, name="ingress")

@@ -147,6 +147,9 @@ class Publisher:
             raise PublishError(f"unreadable acknowledgement: {err}") from err
         if ack.error is not None:
             raise PublishError(f"JetStream error {ack.error.code}: {ack.error.description}")
+        if not ack.stream:
+            # Something answered that is not a stream (a core subscriber on the subject).
+            raise PublishError("the reply is not a JetStream acknowledgement")
         return ack
 
 

@@ -24,8 +24,8 @@ and reconnects in the background; publishes fail fast until it is back.
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
+import heapq
 import itertools
 import json
 import logging
@@ -50,6 +50,7 @@ _SWEEP_S = 0.1
 #: Silence on the connection for this long sends a PING; twice as long, it is given up
 #: (a peer gone without a FIN or RST is otherwise noticed only by publishes timing out).
 _IDLE_PING_S = 15.0
+_BAD_SUBJECT = re.compile(r"\s")
 _REFUSED_PUBLISH = re.compile(r'^Permissions Violation for Publish to "([^"]+)"')
 
 
@@ -79,6 +80,9 @@ class _Server:
         self.port = parts.port or 4222
         self.user = unquote(parts.username or "")
         self.password = unquote(parts.password or "")
+        if self.user and parts.password is None:
+            # nats://TOKEN@host is token authentication, which this client does not speak.
+            raise Unsupported("token authentication in the URL")
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
@@ -132,7 +136,8 @@ class DirectPublisher:
         self._tokens = itertools.count(1)
         #: reply token -> (waiter, subject): the subject names a publish the server refused.
         self._waiting: dict[bytes, tuple[asyncio.Future[tuple[bytes, bytes]], bytes]] = {}
-        self._deadlines: collections.deque[tuple[float, bytes]] = collections.deque()
+        #: (deadline, token), a heap: publishes may give different timeouts.
+        self._deadlines: list[tuple[float, bytes]] = []
         self._handshake: asyncio.Future[None] | None = None
         self._info: dict[str, Any] = {}
         self._max_payload = 1024 * 1024
@@ -172,41 +177,54 @@ class DirectPublisher:
 
     async def _connect_any(self) -> None:
         errors = []
+        unsupported: list[Unsupported] = []
         for i in range(len(self._servers)):
             server = self._servers[(self._next_server + i) % len(self._servers)]
             try:
                 await self._connect(server)
-            except Unsupported:
-                raise
+            except Unsupported as err:
+                unsupported.append(err)
+                errors.append(f"{server}: {err}")
+                continue
             except (OSError, TimeoutError, PublishError) as err:
                 errors.append(f"{server}: {err or type(err).__name__}")
                 continue
             self._next_server = (self._next_server + i + 1) % len(self._servers)
             return
+        if len(unsupported) == len(self._servers):
+            raise unsupported[0]  # no server this client can talk to: use nats-py
         raise PublishError("no NATS server answered: " + "; ".join(errors))
 
     async def _connect(self, server: _Server) -> None:
         self._current = server
         self._buf.clear()
         self._out.clear()
-        self._handshake = self._loop.create_future()
         self._info = {}
         self._last_heard = self._loop.time()
-        transport, _ = await asyncio.wait_for(
-            self._loop.create_connection(lambda: _Wire(self), server.host, server.port),
-            _CONNECT_TIMEOUT_S,
-        )
+        handshake = self._handshake = self._loop.create_future()
+        transport: asyncio.BaseTransport | None = None
         try:
+            transport, _ = await asyncio.wait_for(
+                self._loop.create_connection(lambda: _Wire(self), server.host, server.port),
+                _CONNECT_TIMEOUT_S,
+            )
             async with asyncio.timeout(_CONNECT_TIMEOUT_S):
                 # INFO arrives first; _feed answers it with CONNECT, SUB and PING, and
                 # the PONG (or an -ERR such as an authorization violation) settles it.
-                await self._handshake
+                await handshake
+            if self._transport is None:
+                raise PublishError("connection closed during the handshake")
         except BaseException:
-            transport.close()
+            if transport is not None:
+                transport.close()
             self._transport = self._wire = None
             raise
         finally:
             self._handshake = None
+            if not handshake.done():
+                handshake.cancel()
+            elif not handshake.cancelled():
+                handshake.exception()  # retrieved: no "never retrieved" warning
 
     def _on_info(self, info: dict[str, Any]) -> None:
         handshake = self._handshake
@@ -266,13 +284,11 @@ class DirectPublisher:
             while not self._closed:
                 try:
                     await self._connect_any()
-                except Unsupported as err:
-                    log.error(  # noqa: TRY400 - a known condition, not a crash
-                        "publisher cannot reconnect", extra={"error": str(err)}
-                    )
-                    return
-                except PublishError as err:
-                    log.debug("publisher reconnect failed", extra={"error": str(err)})
+                except (Unsupported, PublishError) as err:
+                    # Not ready meanwhile (readiness probe); keep trying: a server may
+                    # come back, or its configuration be put right.
+                    level = logging.ERROR if isinstance(err, Unsupported) else logging.DEBUG
+                    log.log(level, "publisher reconnect failed", extra={"error": str(err)})
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
                     continue
@@ -368,7 +384,7 @@ class DirectPublisher:
         now = self._loop.time()
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            _, token = deadlines.popleft()
+            _, token = heapq.heappop(deadlines)
             entry = self._waiting.pop(token, None)
             if entry is not None and not entry[0].done():
                 entry[0].set_exception(TimeoutError())
@@ -404,13 +420,13 @@ class DirectPublisher:
         total = len(header) + len(payload)
         if total > self._max_payload:
             raise PublishError(f"message of {total} bytes over the server's max_payload")
-        if not subject or " " in subject or "\r" in subject or "\n" in subject:
+        if not subject or _BAD_SUBJECT.search(subject):
             raise PublishError(f"invalid subject {subject!r}")
         token = str(next(self._tokens)).encode()
         subject_b = subject.encode()
         waiter: asyncio.Future[tuple[bytes, bytes]] = self._loop.create_future()
         self._waiting[token] = (waiter, subject_b)
-        self._deadlines.append((self._loop.time() + timeout_s, token))
+        heapq.heappush(self._deadlines, (self._loop.time() + timeout_s, token))
         self._out.append(
             b"HPUB %s %s%s %d %d\r\n%s%s\r\n"
             % (subject_b, self._prefix_b, token, len(header), total, header, payload)
@@ -432,6 +448,9 @@ class DirectPublisher:
             raise PublishError(f"unreadable acknowledgement: {err}") from err
         if ack.error is not None:
             raise PublishError(f"JetStream error {ack.error.code}: {ack.error.description}")
+        if not ack.stream:
+            # Something answered that is not a stream (a core subscriber on the subject).
+            raise PublishError("the reply is not a JetStream acknowledgement")
         return ack
 
 
