@@ -85,6 +85,7 @@ async def test_a_reply_that_is_not_a_jetstream_ack_is_an_error(
         await msg.respond(b"{}")
 
     sub = await nc.subscribe("inbound.>", cb=answer)
+    await nc.flush()  # the server knows the subscription before another connection publishes
     try:
         with pytest.raises(PublishError, match="not a JetStream acknowledgement"):
             await publisher.publish(subjects.inbound("sms", "sms-1"), message(1), timeout_s=2)
