@@ -84,13 +84,7 @@ class HealthServer:
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server  # noqa: SLF001 - aiohttp has no public accessor for the bound port
-        if server is not None and self.port == 0:
-            sockets = getattr(server, "sockets", None) or []
-            if sockets:
-                self.port = sockets[0].getsockname()[1]
+        self.port = await listen(self._runner, self.host, self.port)
 
     async def stop(self) -> None:
         """Stop listening."""
@@ -223,6 +217,16 @@ async def run(
         log.info("stopped")
     finally:
         await health.stop()
+
+
+async def listen(runner: web.AppRunner, host: str, port: int) -> int:
+    """Serve ``runner`` (set up) on ``host:port``; the port bound, the one picked for 0."""
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    # aiohttp has no public accessor for the bound port.
+    for sock in getattr(site._server, "sockets", None) or []:  # noqa: SLF001
+        return int(sock.getsockname()[1])
+    return port
 
 
 def serve_forever(main: Coroutine[Any, Any, None]) -> None:

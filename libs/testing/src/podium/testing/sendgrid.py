@@ -20,6 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
+from podium.common.runtime import listen
+
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 #: Headers SendGrid does not let a sender set.
 RESERVED = frozenset(
@@ -89,10 +91,7 @@ class FakeSendGrid:
         app.router.add_post("/v3/mail/send", self._send)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server  # noqa: SLF001 - aiohttp has no public accessor for the port
-        self.port = server.sockets[0].getsockname()[1] if server is not None else 0  # type: ignore[attr-defined]
+        self.port = await listen(self._runner, "127.0.0.1", 0)
         return self
 
     async def stop(self) -> None:

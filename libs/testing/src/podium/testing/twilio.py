@@ -25,6 +25,8 @@ import aiohttp
 from aiohttp import web
 from twilio.request_validator import RequestValidator
 
+from podium.common.runtime import listen
+
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 
 
@@ -80,10 +82,7 @@ class FakeTwilio:
         app.router.add_post("/2010-04-01/Accounts/{account}/Messages.json", self._create_message)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server  # noqa: SLF001 - aiohttp has no public accessor for the port
-        self.port = server.sockets[0].getsockname()[1] if server is not None else 0  # type: ignore[attr-defined]
+        self.port = await listen(self._runner, "127.0.0.1", 0)
         return self
 
     async def stop(self) -> None:

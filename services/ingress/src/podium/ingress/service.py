@@ -9,7 +9,7 @@ from aiohttp import web
 
 from podium.common import streams
 from podium.common.kv import Store
-from podium.common.runtime import Context
+from podium.common.runtime import Context, listen
 from podium.common.state import Conversation, OutboxRecord, Suppression
 from podium.common.wire import EventPublisher, open_publisher
 from podium.ingress.config import IngressSettings
@@ -83,11 +83,7 @@ class IngressService:
             shutdown_timeout=self.settings.drain_timeout_s,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
-        await site.start()
-        for sock in getattr(site._server, "sockets", None) or []:  # noqa: SLF001
-            self.port = sock.getsockname()[1]
-            break
+        self.port = await listen(self._runner, self.settings.host, self.settings.port)
         log.info(
             "ingress listening", extra={"port": self.port, "public_url": self.settings.base_url()}
         )
