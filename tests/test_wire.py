@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import access, subjects
+from podium.common import subjects
 from podium.common.bus import Publisher, PublishError
 from podium.common.config import CommonSettings, Secret
 from podium.common.events import InboundMessage
@@ -218,7 +218,6 @@ async def test_wrong_password_or_foreign_inbox_stops_the_start(
             password=NATS_PASSWORDS["ingress"],
             inbox_prefix=subjects.inbox_prefix("notifier"),
         ).start()
-    assert access.ADMIN != "ingress"
 
 
 async def test_tls_creds_or_token_use_the_nats_py_connection(nc: Client) -> None:

@@ -139,7 +139,6 @@ class DirectPublisher:
         #: (deadline, token), a heap: publishes may give different timeouts.
         self._deadlines: list[tuple[float, bytes]] = []
         self._handshake: asyncio.Future[None] | None = None
-        self._info: dict[str, Any] = {}
         self._max_payload = 1024 * 1024
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -199,7 +198,6 @@ class DirectPublisher:
         self._current = server
         self._buf.clear()
         self._out.clear()
-        self._info = {}
         self._last_heard = self._loop.time()
         handshake = self._handshake = self._loop.create_future()
         transport: asyncio.BaseTransport | None = None
@@ -228,7 +226,6 @@ class DirectPublisher:
 
     def _on_info(self, info: dict[str, Any]) -> None:
         handshake = self._handshake
-        self._info = info
         self._max_payload = int(info.get("max_payload", self._max_payload))
         if handshake is None or handshake.done():
             return  # an update (cluster membership, lame duck): nothing to do here
