@@ -239,3 +239,16 @@ async def test_the_corpus_through_the_webhook(
     # Everything automatic was counted, by reason.
     metrics = await (await ingress.http.get(f"{ingress.running.health_url}/metrics")).text()
     assert 'podium_ingress_ignored_total{channel="email",reason="bounce"} 1.0' in metrics
+
+
+def test_broken_encoded_words_are_kept_as_written() -> None:
+    # Seen by the webhook fuzzer: a NUL inside a base64 encoded word made the email
+    # package raise HeaderParseError (not a ValueError) and the ingress answer 500.
+    raw = (
+        b"From: Olga <olga@example.ru>\nTo: podium@example.com\n"
+        b"Subject: =?KOI8-R?B?\x009Teo9Q=?=\nMessage-ID: <ru-1@example.ru>\n"
+        b'Content-Type: application/octet-stream; name="=?UTF-8?B?\x00x=?="\n'
+        b"Content-Disposition: attachment\n\nhello\n"
+    )
+    facts = parsing.raw_email_facts(raw, OWN)
+    assert facts.subject == "=?KOI8-R?B?\x009Teo9Q=?="

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email import policy
+from email.errors import MessageError
 from email.header import decode_header
 from email.message import Message
 from email.parser import BytesParser, HeaderParser
@@ -503,7 +504,7 @@ def _decoded(msg: Message, name: str) -> str:
         return ""
     try:
         pieces = decode_header(str(value))
-    except (ValueError, LookupError):
+    except (ValueError, LookupError, MessageError):  # a broken encoded word: kept as is
         return str(value)
     out = []
     for chunk, charset in pieces:
@@ -516,7 +517,7 @@ def _decoded_filename(filename: str | None) -> str:
         return ""
     try:
         pieces = decode_header(filename)
-    except (ValueError, LookupError):
+    except (ValueError, LookupError, MessageError):  # a broken encoded word: kept as is
         return filename
     return "".join(
         decode_text(chunk, charset) if isinstance(chunk, bytes) else chunk
