@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -48,11 +49,32 @@ def message(n: int) -> InboundMessage:
 def paused(server: NatsServer) -> Iterator[None]:
     """The server process stopped (SIGSTOP): it holds every reply until resumed."""
     pid = server._proc.pid  # type: ignore[union-attr]
-    os.kill(pid, signal.SIGSTOP)
     try:
+        stop(pid)
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def stop(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until it is stopped.
+
+    kill() returns before the signal is acted on: until every thread is stopped, the
+    server (on the other core) may still answer a publish.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while not all(_stopped(task) for task in Path(f"/proc/{pid}/task").iterdir()):
+        assert time.monotonic() < deadline, "nats-server did not stop"
+        time.sleep(0.001)
+
+
+def _stopped(task: Path) -> bool:
+    try:
+        state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True  # a thread that ended
+    return state in ("T", "t")
 
 
 @pytest.fixture
@@ -88,7 +110,7 @@ async def test_lost_connection_fails_waiting_publishes_then_reconnects(
     nats_server: NatsServer, direct: DirectPublisher, nc: Client
 ) -> None:
     await direct.publish(SUBJECT, message(1))
-    os.kill(nats_server._proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+    stop(nats_server._proc.pid)  # type: ignore[union-attr]
     waiting = asyncio.ensure_future(direct.publish(SUBJECT, message(2), timeout_s=30))
     await asyncio.sleep(0.2)
     assert not waiting.done()
@@ -281,7 +303,7 @@ def test_replies_split_anywhere_resolve_the_same(cuts: list[int]) -> None:
         futures = {}
         for token in tokens:
             future = asyncio.get_running_loop().create_future()
-            publisher._waiting[token] = (future, b"inbound.sms.x")
+            publisher._waiting[token] = (future, b"inbound.sms.x", float("inf"))
             futures[token] = future
         data = server_bytes(publisher._prefix_b, tokens)
         points = sorted({c % len(data) for c in cuts} | {0, len(data)})

@@ -9,7 +9,8 @@ wire protocol with only what a publisher needs, on an ``asyncio.Protocol``:
 
 - writes made in one event-loop iteration go out in one ``transport.write``;
 - replies are parsed in ``data_received`` and resolve their waiter directly;
-- deadlines are kept in a queue swept by one timer, not a timer per publish.
+- deadlines are kept with the waiting publishes and swept by one timer, not a timer
+  per publish.
 
 Scope, on purpose: plain TCP with user/password (or none). A deployment with
 TLS or a ``.creds`` file uses :class:`podium.common.bus.Publisher` on the
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import heapq
 import itertools
 import json
 import logging
@@ -134,10 +134,10 @@ class DirectPublisher:
         self._prefix = f"{inbox_prefix}.{secrets.token_hex(8)}."
         self._prefix_b = self._prefix.encode()
         self._tokens = itertools.count(1)
-        #: reply token -> (waiter, subject): the subject names a publish the server refused.
-        self._waiting: dict[bytes, tuple[asyncio.Future[tuple[bytes, bytes]], bytes]] = {}
-        #: (deadline, token), a heap: publishes may give different timeouts.
-        self._deadlines: list[tuple[float, bytes]] = []
+        #: reply token -> (waiter, subject, deadline): the subject names a publish the
+        #: server refused; the sweep fails waiters past their deadline. Only publishes in
+        #: flight are here, so the sweep looks at a few dozen entries, not every publish.
+        self._waiting: dict[bytes, tuple[asyncio.Future[tuple[bytes, bytes]], bytes, float]] = {}
         self._handshake: asyncio.Future[None] | None = None
         self._max_payload = 1024 * 1024
         self._closed = False
@@ -350,7 +350,7 @@ class DirectPublisher:
             if refused:
                 # The server drops a publish its permissions forbid, and says so only here.
                 subject = refused.group(1).encode()
-                for token, (waiter, target) in list(self._waiting.items()):
+                for token, (waiter, target, _) in list(self._waiting.items()):
                     if target == subject:
                         del self._waiting[token]
                         if not waiter.done():
@@ -379,12 +379,11 @@ class DirectPublisher:
 
     def _sweep(self) -> None:
         now = self._loop.time()
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            _, token = heapq.heappop(deadlines)
-            entry = self._waiting.pop(token, None)
-            if entry is not None and not entry[0].done():
-                entry[0].set_exception(TimeoutError())
+        waiting = self._waiting
+        for token in [token for token, entry in waiting.items() if entry[2] <= now]:
+            waiter = waiting.pop(token)[0]
+            if not waiter.done():
+                waiter.set_exception(TimeoutError())
         if self.connected and self._transport is not None:
             silent = now - self._last_heard
             if silent > 2 * self._idle_ping_s:
@@ -399,8 +398,7 @@ class DirectPublisher:
 
     def _fail_all(self, reason: str) -> None:
         waiting, self._waiting = self._waiting, {}
-        self._deadlines.clear()
-        for waiter, _ in waiting.values():
+        for waiter, _, _ in waiting.values():
             if not waiter.done():
                 waiter.set_exception(PublishError(reason))
 
@@ -422,8 +420,7 @@ class DirectPublisher:
         token = str(next(self._tokens)).encode()
         subject_b = subject.encode()
         waiter: asyncio.Future[tuple[bytes, bytes]] = self._loop.create_future()
-        self._waiting[token] = (waiter, subject_b)
-        heapq.heappush(self._deadlines, (self._loop.time() + timeout_s, token))
+        self._waiting[token] = (waiter, subject_b, self._loop.time() + timeout_s)
         self._out.append(
             b"HPUB %s %s%s %d %d\r\n%s%s\r\n"
             % (subject_b, self._prefix_b, token, len(header), total, header, payload)
