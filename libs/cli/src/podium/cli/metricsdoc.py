@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from podium.common.metrics import Metrics
+from podium.common.metrics import LoopFamily, Metrics
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,14 @@ def _families(*owners: object) -> list[MetricDoc]:
     found = []
     for owner in owners:
         for collector in vars(owner).values():
-            if not isinstance(collector, MetricWrapperBase):
+            if isinstance(collector, LoopFamily):
+                labels = collector.labelnames
+            elif isinstance(collector, MetricWrapperBase):
+                labels = tuple(getattr(collector, "_labelnames", ()))
+            else:
                 continue
             (family,) = collector.describe()
             name = family.name + ("_total" if family.type == "counter" else "")
-            labels = tuple(getattr(collector, "_labelnames", ()))
             found.append(MetricDoc(name, family.type, labels, family.documentation))
     return found
 

@@ -8,7 +8,15 @@ same registry.
 
 from __future__ import annotations
 
+import bisect
+import time
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 PREFIX = "podium"
 
@@ -139,3 +147,143 @@ class Metrics:
             ["action", "reason"],
             registry=registry,
         )
+
+
+# --- Loop-local metrics ----------------------------------------------------------
+#
+# prometheus_client's Counter and Histogram take a lock on every update and find a
+# histogram's bucket with a Python loop: on the ingress that was several per cent of
+# the CPU of a webhook (docs/performance.md). Metrics updated only from the event
+# loop's thread — and scraped from it too (the side port's /metrics handler) — need
+# no lock. These expose exactly what prometheus_client's would: the same names,
+# samples (``_total``/``_created``, ``_bucket``/``_count``/``_sum``) and labels.
+
+
+class LoopFamily(Collector):
+    """A metric family whose children are updated without a lock (see above)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        registry.register(self)
+
+    def _key(self, values: tuple[str, ...]) -> tuple[str, ...]:
+        # Not for every update: callers on a hot path keep the child they got.
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+        return tuple(str(v) for v in values)
+
+
+class LoopCounterChild:
+    """One labelled counter: a float and when it was created."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount`` (not negative)."""
+        if amount < 0:
+            raise ValueError("counters only go up")
+        self.value += amount
+
+
+class LoopCounter(LoopFamily):
+    """A labelled counter updated from the event loop's thread only (no lock)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:
+        super().__init__(name.removesuffix("_total"), documentation, labelnames, registry)
+        self._children: dict[tuple[str, ...], LoopCounterChild] = {}
+
+    def labels(self, *values: str) -> LoopCounterChild:
+        """The child for these label values (created at first use)."""
+        key = self._key(values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = LoopCounterChild()
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        """The family as prometheus_client's Counter would expose it."""
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(values, child.value, created=child.created)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        """The family without samples (lets the registry check for name clashes)."""
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+
+class LoopHistogramChild:
+    """One labelled histogram: a count per bucket and the sum."""
+
+    __slots__ = ("bounds", "counts", "created", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        """Count one observation (a bucket's bound is inclusive, ``le``)."""
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+        self.total += amount
+
+
+class LoopHistogram(LoopFamily):
+    """A labelled histogram updated from the event loop's thread only (no lock)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        buckets: Sequence[float] = LATENCY_BUCKETS,
+    ) -> None:
+        super().__init__(name, documentation, labelnames, registry)
+        self.bounds = tuple(sorted(float(b) for b in buckets if b != float("inf")))
+        self._children: dict[tuple[str, ...], LoopHistogramChild] = {}
+
+    def labels(self, *values: str) -> LoopHistogramChild:
+        """The child for these label values (created at first use)."""
+        key = self._key(values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = LoopHistogramChild(self.bounds)
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        """The family as prometheus_client's Histogram would expose it."""
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        names = [*(floatToGoString(b) for b in self.bounds), "+Inf"]  # type: ignore[no-untyped-call]
+        for values, child in list(self._children.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(names, child.counts, strict=True):
+                cumulative += count
+                buckets.append((bound, float(cumulative)))
+            family.add_metric(values, buckets, child.total)
+            labels = dict(zip(self.labelnames, values, strict=True))
+            family.samples.append(Sample(self.name + "_created", labels, child.created))
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        """The family without samples (lets the registry check for name clashes)."""
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)

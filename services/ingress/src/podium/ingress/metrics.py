@@ -2,49 +2,49 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
-from podium.common.metrics import LATENCY_BUCKETS, PREFIX
+from podium.common.metrics import LATENCY_BUCKETS, PREFIX, LoopCounter, LoopHistogram
 
 
 class IngressMetrics:
-    """Every metric the ingress owns."""
+    """Every metric the ingress owns (updated from its event loop only: lock-free)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
+        self.requests = LoopCounter(
             f"{PREFIX}_ingress_requests_total",
             "HTTP requests, by route and status",
             ["route", "status"],
-            registry=registry,
+            registry,
         )
-        self.latency = Histogram(
+        self.latency = LoopHistogram(
             f"{PREFIX}_ingress_request_seconds",
             "HTTP request latency, by route",
             ["route"],
+            registry,
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.accepted = Counter(
+        self.accepted = LoopCounter(
             f"{PREFIX}_ingress_accepted_total",
             "Inbound messages stored, by channel and duplicate",
             ["channel", "duplicate"],
-            registry=registry,
+            registry,
         )
-        self.refused = Counter(
+        self.refused = LoopCounter(
             f"{PREFIX}_ingress_refused_total",
             "Requests refused, by route and reason",
             ["route", "reason"],
-            registry=registry,
+            registry,
         )
-        self.statuses = Counter(
+        self.statuses = LoopCounter(
             f"{PREFIX}_ingress_delivery_statuses_total",
             "Twilio status callbacks applied to the outbox, by status",
             ["status"],
-            registry=registry,
+            registry,
         )
-        self.ignored = Counter(
+        self.ignored = LoopCounter(
             f"{PREFIX}_ingress_ignored_total",
             "Inbound messages deliberately not forwarded (auto-replies, lists, bounces…)",
             ["channel", "reason"],
-            registry=registry,
+            registry,
         )
