@@ -10,6 +10,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from nats.js import JetStreamContext
 from twilio.request_validator import RequestValidator
 
@@ -17,6 +19,7 @@ from podium.cli.natsserver import NatsServer
 from podium.common.config import Secret
 from podium.common.events import InboundMessage, decode
 from podium.ingress.config import IngressSettings
+from podium.ingress.parsing import TwilioSignatures
 from podium.ingress.service import IngressService
 from podium.testing.services import Running, in_process
 
@@ -171,9 +174,19 @@ async def test_bad_api_requests_publish_nothing(
 
 
 async def test_unknown_route_has_the_same_error_shape(ingress: Ingress) -> None:
-    async with ingress.http.get(f"{ingress.url}/v1/nope") as resp:
-        assert resp.status == 404
-        assert (await resp.json())["error"]["code"] == "not_found"
+    for path in ("/v1/nope", "/", "/webhooks/twilio/sms/extra"):
+        async with ingress.http.get(f"{ingress.url}{path}") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == "not_found"
+    for method, path, allowed in [
+        ("GET", "/v1/messages", "POST"),
+        ("PUT", "/webhooks/twilio/sms", "POST"),
+        ("DELETE", "/v1/conversations/api-123", "GET, HEAD"),
+    ]:
+        async with ingress.http.request(method, f"{ingress.url}{path}") as resp:
+            assert resp.status == 405
+            assert resp.headers["Allow"] == allowed
+            assert (await resp.json())["error"]["code"] == "method_not_allowed"
 
 
 async def test_503_when_jetstream_cannot_store(ingress: Ingress, js: JetStreamContext) -> None:
@@ -236,6 +249,29 @@ async def test_signed_twilio_sms_is_stored_and_answered_with_twiml(
     # A retry of the same MessageSid is acknowledged but stored once.
     assert (await post_twilio(ingress, form)).status == 200
     await stored(js, expect=1)
+
+
+@given(
+    st.dictionaries(
+        st.text(st.characters(codec="utf-8"), min_size=1, max_size=12),
+        st.text(st.characters(codec="utf-8"), max_size=40),
+        max_size=12,
+    )
+)
+def test_signatures_are_twilios(form: dict[str, str]) -> None:
+    # The ingress's keyed HMAC signs exactly as Twilio's own library does, and accepts
+    # the URL with its default port spelled either way (as RequestValidator does).
+    ours = TwilioSignatures(TWILIO_TOKEN)
+    url = f"{PUBLIC}/webhooks/twilio/sms?x=1"
+    theirs = RequestValidator(TWILIO_TOKEN).compute_signature(url, form)
+    assert ours.sign(url, list(form.items())) == theirs
+    with_port = RequestValidator(TWILIO_TOKEN).compute_signature(
+        url.replace(".example.com/", ".example.com:443/"), form
+    )
+    assert ours.valid(url, list(form.items()), with_port)
+    tampered = ("B" if theirs[0] == "A" else "A") + theirs[1:]
+    assert not ours.valid(url, list(form.items()), tampered)
+    assert not TwilioSignatures("another-token").valid(url, list(form.items()), theirs)
 
 
 @pytest.mark.parametrize("case", ["missing", "invalid", "wrong-url", "tampered"])

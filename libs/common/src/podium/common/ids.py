@@ -21,8 +21,12 @@ def stable_id(*parts: str, length: int = 32) -> str:
     """A deterministic id for ``parts`` (hex, subject-token safe)."""
     # A separator after each part keeps ("ab","c") != ("a","bc"); one hash call over
     # the joined parts (the same bytes as hashing part, separator, part, … in turn).
-    data = ("\x1f".join(parts) + "\x1f").encode("utf-8", "surrogatepass")
-    return hashlib.sha256(data).hexdigest()[:length]
+    digest = _SHA256.copy()  # cheaper than a new one: OpenSSL 3 looks it up by name each time
+    digest.update(("\x1f".join(parts) + "\x1f").encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:length]
+
+
+_SHA256 = hashlib.sha256()
 
 
 def conversation_id(channel: str, *natural_key: str) -> str:

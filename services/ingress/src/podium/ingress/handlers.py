@@ -74,6 +74,19 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
+async def _not_found(request: web.Request) -> web.Response:
+    return error_response(404, "not_found", "Not Found")
+
+
+def _method_not_allowed(allowed: str) -> Handler:
+    async def refuse(request: web.Request) -> web.Response:
+        response = error_response(405, "method_not_allowed", "Method Not Allowed")
+        response.headers["Allow"] = allowed
+        return response
+
+    return refuse
+
+
 class ApiMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The body of ``POST /v1/messages``."""
 
@@ -115,8 +128,15 @@ class Handlers:
         self.opt_out = frozenset(k.upper() for k in settings.sms_opt_out_keywords)
         self.opt_in = frozenset(k.upper() for k in settings.sms_opt_in_keywords)
         self.help = frozenset(k.upper() for k in settings.sms_help_keywords)
+        self.keywords = self.opt_out | self.opt_in | self.help
         self.own = {a.strip().lower() for a in settings.own_addresses if a.strip()}
         self.own_domains = parsing.own_domains(self.own)
+        self.base_url = settings.base_url()
+        self.twilio = (
+            parsing.TwilioSignatures(settings.twilio_auth_token.reveal())
+            if settings.twilio_auth_token
+            else None
+        )
         self.sendgrid_key = (
             parsing.sendgrid_public_key(settings.sendgrid_webhook_public_key)
             if settings.sendgrid_webhook_public_key
@@ -124,16 +144,26 @@ class Handlers:
         )
 
     def routes(self) -> list[web.RouteDef]:
-        """The route table."""
-        return [
-            web.post("/v1/messages", self._wrap("api", self.api_message)),
-            web.get("/v1/conversations/{conversation_id}", self._wrap("api_get", self.api_get)),
-            web.post("/webhooks/twilio/sms", self._wrap("twilio_sms", self.twilio_sms)),
-            web.post("/webhooks/twilio/status", self._wrap("twilio_status", self.twilio_status)),
-            web.post(
-                "/webhooks/sendgrid/inbound", self._wrap("sendgrid_inbound", self.sendgrid_inbound)
-            ),
+        """The route table; unknown paths and methods answer in the JSON error shape too.
+
+        Routes, not a middleware: a middleware adds two coroutine layers to every
+        request, a measurable share of a webhook's CPU (docs/performance.md).
+        """
+        table = [
+            ("POST", "/v1/messages", "api", self.api_message),
+            ("GET", "/v1/conversations/{conversation_id}", "api_get", self.api_get),
+            ("POST", "/webhooks/twilio/sms", "twilio_sms", self.twilio_sms),
+            ("POST", "/webhooks/twilio/status", "twilio_status", self.twilio_status),
+            ("POST", "/webhooks/sendgrid/inbound", "sendgrid_inbound", self.sendgrid_inbound),
         ]
+        routes = []
+        for method, path, name, handler in table:
+            routes.append(web.route(method, path, self._wrap(name, handler)))
+            # Any other method on the same path (the same resource): 405 with Allow.
+            allowed = "GET, HEAD" if method == "GET" else method
+            routes.append(web.route("*", path, _method_not_allowed(allowed)))
+        routes.append(web.route("*", "/{path:.*}", _not_found))
+        return routes
 
     def _wrap(self, route: str, handler: Handler) -> Handler:
         metrics = self.deps.metrics
@@ -154,6 +184,13 @@ class Handlers:
                 response = error_response(err.status, err.code, err.message)
                 if err.status == 401:
                     response.headers["WWW-Authenticate"] = 'Bearer realm="podium"'
+            except web.HTTPException as err:
+                # aiohttp's own refusals inside a handler (a body over client_max_size…).
+                if err.status < 400:
+                    raise
+                code = err.reason.lower().replace(" ", "_")
+                metrics.refused.labels(route, code).inc()
+                response = error_response(err.status, code, err.reason)
             except BaseException:
                 latency.observe(time.perf_counter() - started)
                 raise
@@ -362,21 +399,19 @@ class Handlers:
             pairs = _parse_form(raw)
         except ValueError as err:
             raise HttpError(400, "malformed_form", str(err)) from err
-        token = self.deps.settings.twilio_auth_token
-        if token:
+        if self.twilio is not None:
             signature = request.headers.get("X-Twilio-Signature", "")
-            url = self.deps.settings.base_url() + request.path_qs
-            if not signature or not parsing.twilio_signature_valid(
-                token.reveal(), url, pairs, signature
-            ):
+            url = self.base_url + request.path_qs
+            if not signature or not self.twilio.valid(url, pairs, signature):
                 raise HttpError(403, "bad_signature", "X-Twilio-Signature does not match")
         return dict(pairs)
 
     async def twilio_sms(self, request: web.Request) -> web.Response:
         """``POST /webhooks/twilio/sms``: an inbound SMS/MMS from Twilio."""
         form = await self._twilio_form(request)
-        missing = [f for f in ("From", "To", "MessageSid") if not form.get(f)]
-        if missing:
+        sender, ours, sid = form.get("From"), form.get("To"), form.get("MessageSid")
+        if not (sender and ours and sid):
+            missing = [f for f in ("From", "To", "MessageSid") if not form.get(f)]
             raise HttpError(400, "missing_fields", "missing " + ", ".join(missing))
         try:
             num_media = int(form.get("NumMedia", "0") or "0")
@@ -394,9 +429,8 @@ class Handlers:
         text = form.get("Body", "")
         if len(text) > MAX_TEXT:
             raise HttpError(413, "too_large", "message too long")
-        sender, ours, sid = form["From"], form["To"], form["MessageSid"]
         keyword = text.strip().upper()
-        if keyword in self.opt_out or keyword in self.opt_in or keyword in self.help:
+        if keyword in self.keywords:
             await self._keyword(keyword, sender, ours, sid)
             return web.Response(text=TWIML_EMPTY, content_type="text/xml")
         event_id = stable_id("twilio", sid)

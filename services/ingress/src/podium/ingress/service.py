@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -13,24 +13,10 @@ from podium.common.runtime import Context, listen
 from podium.common.state import Conversation, OutboxRecord, Suppression
 from podium.common.wire import EventPublisher, open_publisher
 from podium.ingress.config import IngressSettings
-from podium.ingress.handlers import Deps, Handlers, error_response
+from podium.ingress.handlers import Deps, Handlers
 from podium.ingress.metrics import IngressMetrics
 
 log = logging.getLogger(__name__)
-
-
-@web.middleware
-async def json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """aiohttp's own errors (404, 405, 413…) in Podium's JSON error shape."""
-    try:
-        return await handler(request)
-    except web.HTTPException as err:
-        if err.status < 400:
-            raise
-        code = err.reason.lower().replace(" ", "_")
-        return error_response(err.status, code, err.reason)
 
 
 class IngressService:
@@ -48,8 +34,7 @@ class IngressService:
     def build_app(self, deps: Deps) -> web.Application:
         """The public application (separate from the health side port)."""
         app = web.Application(
-            client_max_size=max(self.settings.api_max_bytes, self.settings.webhook_max_bytes),
-            middlewares=[json_errors],
+            client_max_size=max(self.settings.api_max_bytes, self.settings.webhook_max_bytes)
         )
         app.add_routes(Handlers(deps).routes())
         return app
