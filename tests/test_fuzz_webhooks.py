@@ -7,6 +7,7 @@ running, and stores nothing for a request it refused.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import string
 from collections.abc import AsyncIterator
@@ -305,3 +306,74 @@ async def test_fuzz_api(ingress: Ingress, js: JetStreamContext, body: str, key: 
     if key is not None:
         headers["Idempotency-Key"] = key
     await check(ingress, js, "/v1/messages", data=body.encode(), headers=headers)
+
+
+async def raw_request(ingress: Ingress, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """One HTTP/1.1 request written byte for byte (clients refuse non-ASCII headers)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", ingress.service.port)
+    try:
+        writer.write(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        response = await reader.read()
+    finally:
+        writer.close()
+    status_line, _, rest = response.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+raw_values = st.one_of(
+    st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+    st.text(max_size=20).map(str.encode),
+    st.just(b"\xff\xfe"),
+)
+
+
+@FUZZ
+@given(
+    target=st.sampled_from(
+        [
+            b"/webhooks/twilio/sms",
+            b"/webhooks/twilio/status?cid=c",
+            b"/webhooks/sendgrid/inbound",
+            b"/v1/messages",
+            b"/v1/conversations/",
+        ]
+    ),
+    suffix=raw_values.map(lambda b: b.replace(b" ", b"")),
+    header=st.sampled_from(
+        [
+            b"X-Twilio-Signature",
+            b"Authorization",
+            b"Idempotency-Key",
+            b"X-Twilio-Email-Event-Webhook-Signature",
+            b"X-Twilio-Email-Event-Webhook-Timestamp",
+            b"Content-Type",
+        ]
+    ),
+    value=raw_values,
+)
+async def test_fuzz_raw_bytes_in_path_and_headers(
+    ingress: Ingress,
+    js: JetStreamContext,
+    target: bytes,
+    suffix: bytes,
+    header: bytes,
+    value: bytes,
+) -> None:
+    # Bytes that are not UTF-8 reach the handlers as surrogate escapes; whatever they
+    # are, the answer is a clean refusal (or success), never a 500.
+    before = await counts(js)
+    method = b"GET" if target.startswith(b"/v1/conversations") else b"POST"
+    form = urlencode({"From": "+15550100001", "To": "+15550100999", "MessageSid": "SM1"})
+    head = b"%s %s%s HTTP/1.1\r\nHost: x\r\n%s: %s\r\n" % (method, target, suffix, header, value)
+    if header != b"Content-Type":
+        head += b"Content-Type: application/x-www-form-urlencoded\r\n"
+    if header != b"Authorization":
+        head += b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+    status, body = await raw_request(ingress, head, form.encode())
+    assert status < 500 or status == 503, (status, body[:300])
+    if status >= 400 and body:
+        if status != 400 or body.startswith(b"{"):
+            assert set(json.loads(body)["error"]) == {"code", "message"}
+        assert await counts(js) == before
+    assert not ingress.running.task.done()

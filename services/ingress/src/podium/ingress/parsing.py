@@ -63,7 +63,8 @@ class TwilioSignatures:
         default port added and with it removed: Twilio signs the URL exactly as it
         called it, and a configured URL may spell the port either way.
         """
-        given = signature.encode()
+        # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as sent.
+        given = signature.encode("utf-8", "surrogateescape")
         primary, *others = _url_variants(url)  # cached: webhooks call back the same few URLs
         encode = binascii.b2a_base64
         if hmac.compare_digest(encode(self._digest(primary, pairs), newline=False), given):
@@ -153,7 +154,7 @@ def bearer_client(header: str, tokens: Mapping[str, str]) -> str | None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         return None
-    given = _digest(value.strip().encode())
+    given = _digest(value.strip().encode("utf-8", "surrogateescape"))  # bytes as sent
     found = None
     for name, token in tokens.items():
         if hmac.compare_digest(given, _digest(token.encode())):
