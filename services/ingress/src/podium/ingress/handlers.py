@@ -310,6 +310,8 @@ class Handlers:
         key = request.headers.get("Idempotency-Key", "")
         if len(key) > MAX_IDEMPOTENCY_KEY:
             raise HttpError(400, "invalid_idempotency_key", "Idempotency-Key is too long")
+        if not _is_utf8(key):
+            raise HttpError(400, "invalid_idempotency_key", "Idempotency-Key is not UTF-8")
         event_id = stable_id("api", client, key) if key else new_id()
         thread = body.thread_id or event_id
         if len(thread) > 200:
@@ -808,6 +810,16 @@ def _parsed_attachments(fields: dict[str, bytes], files: Files) -> list[parsing.
             ctype = str(meta.get("type") or ctype)
         out.append(parsing.Attachment(filename=filename, content_type=ctype, data=data))
     return out
+
+
+def _is_utf8(header_value: str) -> bool:
+    """Whether a header's bytes were UTF-8 (aiohttp turns other bytes into surrogates,
+    which no event can carry)."""
+    try:
+        header_value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_form(raw: bytes) -> list[tuple[str, str]]:
