@@ -85,7 +85,13 @@ async def test_a_reply_that_is_not_a_jetstream_ack_is_an_error(
         await msg.respond(b"{}")
 
     sub = await nc.subscribe("inbound.>", cb=answer)
-    await nc.flush()  # the server knows the subscription before another connection publishes
+    # The server must know the subscription before another connection publishes. One
+    # flush is not enough: nats-py writes its PING straight to the socket, ahead of the
+    # SUB still waiting in its buffer for the flusher task (seen: "no responders").
+    # By the time the first PONG is back the flusher has run, so the second PING
+    # follows the SUB.
+    await nc.flush()
+    await nc.flush()
     try:
         with pytest.raises(PublishError, match="not a JetStream acknowledgement"):
             await publisher.publish(subjects.inbound("sms", "sms-1"), message(1), timeout_s=2)
