@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import time
 from collections import defaultdict
+from typing import cast
 
 import pytest
 from nats.aio.client import Client
@@ -200,6 +203,42 @@ async def test_stop_hands_unfinished_work_back_for_redelivery(jsc: JetStreamCont
     await asyncio.wait_for(done.wait(), 1.5)
     await c2.stop(5)
     assert got == [2]
+
+
+class SwallowsCancellation:
+    """A JetStream context whose consumer_info swallows a cancellation, as nats-py's
+    requests (``asyncio.wait_for`` on Python 3.11) do when the reply and the
+    cancellation arrive together."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self.asked = asyncio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._js, name)
+
+    async def consumer_info(self, stream: str, durable: str) -> object:
+        self.asked.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.5)
+        return await self._js.consumer_info(stream, durable)
+
+
+async def test_stop_is_prompt_even_when_a_request_swallows_the_cancellation(
+    jsc: JetStreamContext,
+) -> None:
+    async def handler(event: AnyEvent, delivery: Delivery) -> None:
+        pass
+
+    swallowing = SwallowsCancellation(jsc)
+    c, _ = consumer(cast("JetStreamContext", swallowing), handler, lag_interval_s=60)
+    c.start()
+    await asyncio.wait_for(swallowing.asked.wait(), 5)
+    # Before: the lag watcher went on to sleep 60 s and stop() waited for it.
+    started = time.monotonic()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(c.stop(1), 5)
+    assert time.monotonic() - started < 3
 
 
 async def test_ordered_consumer_retries_in_place_so_nothing_overtakes(

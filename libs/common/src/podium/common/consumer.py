@@ -49,6 +49,7 @@ from podium.common.errors import Reject, Retry
 from podium.common.events import AnyEvent, DeadLetter, decode, event_type
 from podium.common.ids import stable_id
 from podium.common.metrics import Metrics
+from podium.common.runtime import wait_set
 from podium.common.streams import ConsumerSpec
 
 log = logging.getLogger(__name__)
@@ -151,9 +152,7 @@ class PullConsumer:
         self._stopping.set()
         await self._stop_watching_lag()
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await _cancel(self._loop_task, "fetch loop")
         # Drop the pull subscription now: a pending fetch would hold up nc.drain().
         await self._unsubscribe()
         if self._tasks:
@@ -206,7 +205,9 @@ class PullConsumer:
         still reports the backlog growing behind them.
         """
         labels = (self.spec.stream, self.spec.durable)
-        while True:
+        # Not `while True`: nats-py's requests wait with `wait_for`, which on Python 3.11
+        # can swallow the cancellation stop() sends (seen: a stop that hung for good).
+        while not self._stopping.is_set():
             try:
                 info = await self.js.consumer_info(*labels)
             except asyncio.CancelledError:
@@ -216,14 +217,12 @@ class PullConsumer:
             else:
                 self.metrics.consumer_pending.labels(*labels).set(info.num_pending or 0)
                 self.metrics.consumer_ack_pending.labels(*labels).set(info.num_ack_pending or 0)
-            await asyncio.sleep(self.lag_interval_s)
+            await wait_set(self._stopping, self.lag_interval_s)
 
     async def _stop_watching_lag(self) -> None:
         task, self._lag_task = self._lag_task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _cancel(task, "lag watcher")
         # A consumer this replica no longer runs is reported by whoever runs it now.
         labels = (self.spec.stream, self.spec.durable)
         for gauge in (self.metrics.consumer_pending, self.metrics.consumer_ack_pending):
@@ -436,3 +435,16 @@ class PullConsumer:
                 "reason": reason[:500],
             },
         )
+
+
+async def _cancel(task: asyncio.Task[None], what: str, timeout_s: float = 5.0) -> None:
+    """Cancel one of the consumer's own loops and wait for it to end.
+
+    ``asyncio.wait``, not ``await task`` under ``suppress(CancelledError)``: that
+    would also swallow a cancellation of the caller. The loops check the stop flag
+    too, since nats-py can swallow the cancellation (its ``wait_for`` on 3.11).
+    """
+    task.cancel()
+    _, pending = await asyncio.wait({task}, timeout=timeout_s)
+    if pending:
+        log.error("a consumer loop did not stop when cancelled", extra={"loop": what})

@@ -78,6 +78,7 @@ class PartitionManager:
         self.releasing: dict[int, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._closing = False
 
     def start(self) -> None:
         """Start balancing in the background."""
@@ -85,6 +86,7 @@ class PartitionManager:
 
     async def close(self) -> None:
         """Stop balancing, give up every partition, leave the membership."""
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             _, pending = await asyncio.wait({self._task}, timeout=10)
@@ -97,13 +99,17 @@ class PartitionManager:
         await self._forget(f"member.{self.replica}")
 
     async def _loop(self) -> None:
-        while True:
+        # Not only cancellation: a KV request's `wait_for` (nats-py) can swallow it on
+        # Python 3.11, and a loop that went on would take partitions while closing.
+        while not self._closing:
             try:
                 await self.rebalance()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("partition rebalance failed; will try again")
+            if self._closing:
+                return
             await wait_set(self._wake, self.ttl_s / 3)
             self._wake.clear()
 
