@@ -168,9 +168,15 @@ class Agents:
                     )  # fmt: skip
                 raise
             finally:
+                # asyncio.wait, not `await renew` under suppress(CancelledError): that
+                # would swallow a cancellation of this call too. The renewal also ends
+                # by itself once the turn is done (nats-py may swallow the cancel).
                 renew.cancel()
-                with contextlib.suppress(asyncio.CancelledError, LeaseLost):
-                    await renew
+                await asyncio.wait({renew}, timeout=10)
+                if renew.done() and not renew.cancelled():
+                    error = renew.exception()  # LeaseLost was handled above
+                    if error is not None and not isinstance(error, LeaseLost):
+                        raise error
             # Store the turn in the background; the lease is held until that is done.
             self._pending[call.key] = asyncio.create_task(
                 self._persist(records, name, call, record, answer)
@@ -320,8 +326,10 @@ class Agents:
     ) -> None:
         """Extend the lease every third of its TTL; cancel the turn if it was taken."""
         ttl = self.settings.agent_lease_ttl_s
-        while True:
+        while not turn.done():
             await asyncio.sleep(ttl / 3)
+            if turn.done():
+                return
 
             def extend(current: SessionRecord | None) -> SessionRecord | None:
                 if current is None or current.holder != self.replica:
