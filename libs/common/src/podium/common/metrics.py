@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -159,7 +160,10 @@ class Metrics:
 # samples (``_total``/``_created``, ``_bucket``/``_count``/``_sum``) and labels.
 
 
-class LoopFamily(Collector):
+Child = TypeVar("Child")
+
+
+class LoopFamily(Collector, Generic[Child]):
     """A metric family whose children are updated without a lock (see above)."""
 
     def __init__(
@@ -172,13 +176,31 @@ class LoopFamily(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], Child] = {}
         registry.register(self)
 
-    def _key(self, values: tuple[str, ...]) -> tuple[str, ...]:
-        # Not for every update: callers on a hot path keep the child they got.
+    def labels(self, *values: str) -> Child:
+        """The child for these label values (created at first use).
+
+        Not for every update: callers on a hot path keep the child they got.
+        """
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-        return tuple(str(v) for v in values)
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._new_child()
+        return child
+
+    def _new_child(self) -> Child:
+        raise NotImplementedError
+
+    def _empty(self) -> Metric:
+        raise NotImplementedError
+
+    def describe(self) -> Iterator[Metric]:
+        """The family without samples (lets the registry check for name clashes)."""
+        yield self._empty()
 
 
 class LoopCounterChild:
@@ -197,37 +219,23 @@ class LoopCounterChild:
         self.value += amount
 
 
-class LoopCounter(LoopFamily):
+class LoopCounter(LoopFamily[LoopCounterChild]):
     """A labelled counter updated from the event loop's thread only (no lock)."""
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        registry: CollectorRegistry,
-    ) -> None:
-        super().__init__(name.removesuffix("_total"), documentation, labelnames, registry)
-        self._children: dict[tuple[str, ...], LoopCounterChild] = {}
+    def _new_child(self) -> LoopCounterChild:
+        return LoopCounterChild()
 
-    def labels(self, *values: str) -> LoopCounterChild:
-        """The child for these label values (created at first use)."""
-        key = self._key(values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = LoopCounterChild()
-        return child
+    def _empty(self) -> CounterMetricFamily:
+        # Like prometheus_client, the family is named without "_total".
+        name = self.name.removesuffix("_total")
+        return CounterMetricFamily(name, self.documentation, labels=self.labelnames)
 
     def collect(self) -> Iterator[Metric]:
         """The family as prometheus_client's Counter would expose it."""
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._empty()
         for values, child in list(self._children.items()):
             family.add_metric(values, child.value, created=child.created)
         yield family
-
-    def describe(self) -> Iterator[Metric]:
-        """The family without samples (lets the registry check for name clashes)."""
-        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
 class LoopHistogramChild:
@@ -247,7 +255,7 @@ class LoopHistogramChild:
         self.total += amount
 
 
-class LoopHistogram(LoopFamily):
+class LoopHistogram(LoopFamily[LoopHistogramChild]):
     """A labelled histogram updated from the event loop's thread only (no lock)."""
 
     def __init__(
@@ -258,21 +266,18 @@ class LoopHistogram(LoopFamily):
         registry: CollectorRegistry,
         buckets: Sequence[float] = LATENCY_BUCKETS,
     ) -> None:
-        super().__init__(name, documentation, labelnames, registry)
         self.bounds = tuple(sorted(float(b) for b in buckets if b != float("inf")))
-        self._children: dict[tuple[str, ...], LoopHistogramChild] = {}
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> LoopHistogramChild:
-        """The child for these label values (created at first use)."""
-        key = self._key(values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = LoopHistogramChild(self.bounds)
-        return child
+    def _new_child(self) -> LoopHistogramChild:
+        return LoopHistogramChild(self.bounds)
+
+    def _empty(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
     def collect(self) -> Iterator[Metric]:
         """The family as prometheus_client's Histogram would expose it."""
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._empty()
         names = [*(floatToGoString(b) for b in self.bounds), "+Inf"]  # type: ignore[no-untyped-call]
         for values, child in list(self._children.items()):
             cumulative, buckets = 0, []
@@ -283,7 +288,3 @@ class LoopHistogram(LoopFamily):
             labels = dict(zip(self.labelnames, values, strict=True))
             family.samples.append(Sample(self.name + "_created", labels, child.created))
         yield family
-
-    def describe(self) -> Iterator[Metric]:
-        """The family without samples (lets the registry check for name clashes)."""
-        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
