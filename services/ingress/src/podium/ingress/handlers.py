@@ -184,13 +184,6 @@ class Handlers:
                 response = error_response(err.status, err.code, err.message)
                 if err.status == 401:
                     response.headers["WWW-Authenticate"] = 'Bearer realm="podium"'
-            except web.HTTPException as err:
-                # aiohttp's own refusals inside a handler (a body over client_max_size…).
-                if err.status < 400:
-                    raise
-                code = err.reason.lower().replace(" ", "_")
-                metrics.refused.labels(route, code).inc()
-                response = error_response(err.status, code, err.reason)
             except BaseException:
                 latency.observe(time.perf_counter() - started)
                 raise
