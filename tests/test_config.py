@@ -7,10 +7,12 @@ import sys
 
 import pytest
 
-from podium.common.config import CommonSettings, Secret, load
+from podium.common.config import CommonSettings, Secret, load, variables
 from podium.common.errors import ConfigError
+from podium.conductor.config import ConductorSettings
 from podium.ingress.config import IngressSettings
 from podium.notifier.config import NotifierSettings
+from podium.worker.config import WorkerSettings
 
 TOKEN = "local:abcdefghijklmnopqrstuvwxyz"
 
@@ -125,3 +127,49 @@ def test_provider_secrets_are_never_shown() -> None:
     shown = repr(settings)
     assert "twilio-secret-value-123" not in shown
     assert "SG.secret-value-456" not in shown
+
+
+def test_agent_settings_are_per_role_from_one_environment() -> None:
+    env = {
+        "PODIUM_CLAUDE_MODEL": "shared-model",
+        "PODIUM_CONDUCTOR_CLAUDE_MODEL": "conductor-model",
+        "PODIUM_AGENT_TIMEOUT_S": "90",
+        "PODIUM_WORKER_AGENT_TIMEOUT_S": "1200",
+        "PODIUM_WORKER_CLAUDE_PERMISSION_MODE": "bypassPermissions",
+    }
+    conductor, worker = load(ConductorSettings, env), load(WorkerSettings, env)
+    assert (conductor.claude_model, worker.claude_model) == ("conductor-model", "shared-model")
+    assert (conductor.agent_timeout_s, worker.agent_timeout_s) == (90.0, 1200.0)
+    # One role's own variable does not reach the other.
+    assert conductor.claude_permission_mode == "default"
+    assert worker.claude_permission_mode == "bypassPermissions"
+    # Untouched, each role keeps its own defaults.
+    bare_conductor, bare_worker = load(ConductorSettings, {}), load(WorkerSettings, {})
+    assert (bare_conductor.agent_max_turns, bare_worker.agent_max_turns) == (3, 0)
+    assert (bare_conductor.agent_timeout_s, bare_worker.agent_timeout_s) == (180.0, 600.0)
+
+
+def test_shared_tool_settings_never_give_the_conductor_tools() -> None:
+    env = {
+        "PODIUM_CLAUDE_TOOLS": "default",
+        "PODIUM_CLAUDE_ALLOWED_TOOLS": "Bash(python3:*)",
+        "PODIUM_CLAUDE_PERMISSION_MODE": "bypassPermissions",
+        "PODIUM_CLAUDE_MCP_CONFIG": "/etc/mcp.json",
+    }
+    conductor, worker = load(ConductorSettings, env), load(WorkerSettings, env)
+    assert (conductor.claude_tools, conductor.claude_allowed_tools) == ("", "")
+    assert conductor.claude_permission_mode == "default"
+    assert conductor.claude_mcp_config == ""
+    assert (worker.claude_tools, worker.claude_allowed_tools) == ("default", "Bash(python3:*)")
+    # Only its own variables change what the conductor may do.
+    own = load(ConductorSettings, {"PODIUM_CONDUCTOR_CLAUDE_TOOLS": "Read"})
+    assert own.claude_tools == "Read"
+    assert "PODIUM_CLAUDE_TOOLS" not in variables(ConductorSettings)
+    assert "PODIUM_CONDUCTOR_CLAUDE_TOOLS" in variables(ConductorSettings)
+    assert {"PODIUM_CLAUDE_TOOLS", "PODIUM_WORKER_CLAUDE_TOOLS"} <= variables(WorkerSettings)
+
+
+def test_a_bad_role_setting_is_named_by_the_variable_that_holds_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(WorkerSettings, {"PODIUM_AGENT_POOL_SIZE": "4", "PODIUM_WORKER_AGENT_POOL_SIZE": "-1"})
+    assert "PODIUM_WORKER_AGENT_POOL_SIZE='-1' is invalid" in str(caught.value)

@@ -35,7 +35,7 @@ from compose_spec.compose_spec import PyOptions
 from podium.cli import monitoring
 from podium.cli.natsserver import NatsServer, free_port
 from podium.common import access, streams
-from podium.common.config import describe
+from podium.common.config import variables
 from podium.conductor.config import ConductorSettings
 from podium.ingress.config import IngressSettings
 from podium.notifier.config import NotifierSettings
@@ -196,7 +196,7 @@ def test_services_are_operable(rendered: dict[str, list[dict[str, Any]]], path: 
         ref = env["PODIUM_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
         assert ref["key"] == access.SERVICES[name].password_env
         # Every variable it is given is one of its settings.
-        known = {row[0] for row in describe(SETTINGS[name])}
+        known = variables(SETTINGS[name])
         # (ANTHROPIC_API_KEY is read by the agent runtime and the Claude CLI itself.)
         given = (set(env) | set(config)) - {"ANTHROPIC_API_KEY"}
         assert given <= known, f"{name}: unknown settings {sorted(given - known)}"
@@ -340,7 +340,7 @@ def test_compose_names_what_exists() -> None:
                 assert source in declared, f"{name}: undeclared volume {source}"
     for name in SERVICES:
         env = compose["services"][name]["environment"]
-        known = {row[0] for row in describe(SETTINGS[name])}
+        known = variables(SETTINGS[name])
         assert set(env) - {"ANTHROPIC_API_KEY"} <= known, name
         assert env["PODIUM_NATS_USER"] == name
         assert access.SERVICES[name].password_env in env["PODIUM_NATS_PASSWORD"]

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import msgspec
 
-from podium.common.config import AgentSettings, CommonSettings, describe
+from podium.common.config import (
+    AgentSettings,
+    CommonSettings,
+    default_text,
+    describe,
+    env_names,
+)
 
 HEADER = """\
 # Configuration reference
@@ -42,14 +48,55 @@ def _table(rows: list[tuple[str, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+AGENTS_INTRO = """\
+Each of these is set per role. The conductor reads `PODIUM_CONDUCTOR_<NAME>`
+first, the worker `PODIUM_WORKER_<NAME>` (for example
+`PODIUM_CONDUCTOR_CLAUDE_MODEL`, `PODIUM_WORKER_AGENT_TIMEOUT_S`), then both read
+the shared `PODIUM_<NAME>` below, then their own default. So one environment
+(`podium up`) can give the roles different models, tools and limits. What the
+conductor may *do* — rows marked "own variable only" — it reads only from its own
+`PODIUM_CONDUCTOR_…` variable, never from the shared one: a value meant for
+workers does not give the conductor tools. See [agents](agents.md#tools-and-shell-commands)
+for letting workers run shell commands.
+"""
+
+
+def _agent_table() -> str:
+    from podium.conductor.config import ConductorSettings  # noqa: PLC0415
+    from podium.worker.config import WorkerSettings  # noqa: PLC0415
+
+    common = {f.name for f in msgspec.structs.fields(CommonSettings)}
+    conductor = {f.name: f for f in msgspec.structs.fields(ConductorSettings)}
+    worker = {f.name: f for f in msgspec.structs.fields(WorkerSettings)}
+    lines = [
+        "| shared variable | conductor default | worker default | type | description |",
+        "|---|---|---|---|---|",
+    ]
+    for (variable, kind, _, description), field in zip(
+        describe(AgentSettings), msgspec.structs.fields(AgentSettings), strict=True
+    ):
+        if field.name in common:
+            continue
+        cells = []
+        for cls, fields in ((ConductorSettings, conductor), (WorkerSettings, worker)):
+            cell = f"`{default_text(fields[field.name])}`"
+            names = env_names(cls, fields[field.name])
+            if variable not in names:
+                cell += f" (own variable only: `{names[0]}`)"
+            cells.append(cell)
+        lines.append(f"| `{variable}` | {cells[0]} | {cells[1]} | {kind} | {description} |")
+    return "\n".join(lines)
+
+
 def render() -> str:
     """The whole reference, as Markdown."""
     common = {row[0] for row in describe(CommonSettings)}
     agent = {row[0] for row in describe(AgentSettings)}
     parts = [HEADER]
     parts.append("## Every service\n\n" + _table(describe(CommonSettings)))
-    agent_rows = [r for r in describe(AgentSettings) if r[0] not in common]
-    parts.append("## Services that run agents (conductor, worker)\n\n" + _table(agent_rows))
+    parts.append(
+        "## Services that run agents (conductor, worker)\n\n" + AGENTS_INTRO + "\n" + _agent_table()
+    )
     for name, cls in _settings():
         own = [r for r in describe(cls) if r[0] not in common and r[0] not in agent]
         parts.append(f"## {name}\n\n" + _table(own))

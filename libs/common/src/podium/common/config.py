@@ -14,11 +14,11 @@ import sys
 import types
 import typing
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
-from podium.common.errors import ConfigError
+from podium.common.errors import EXIT_STARTUP, ConfigError
 
 
 class Secret:
@@ -76,6 +76,14 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     ] = ""
     nats_user: Annotated[str, setting("NATS user name, if the server uses user/password.")] = ""
     nats_password: Annotated[Secret, setting("NATS password for PODIUM_NATS_USER.")] = Secret("")
+    nats_connect_timeout_s: Annotated[
+        float,
+        setting(
+            "How long one attempt to connect to NATS may take; `podium` verbs give up "
+            "after this long.",
+            gt=0,
+        ),
+    ] = 5.0
     stream_replicas: Annotated[
         int, setting("Replicas of each stream and bucket (3 in a production cluster).", ge=1, le=5)
     ] = 1
@@ -103,9 +111,18 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
 class AgentSettings(CommonSettings, frozen=True, kw_only=True):
     """Settings of services that run agents (conductor, worker), besides the common ones.
 
-    Each role's service reads its own copy, so every setting is per role; the
-    conductor and worker settings classes give some of them different defaults.
+    Every one is per role: a role's service reads ``PODIUM_<ROLE>_<NAME>`` first
+    (``PODIUM_CONDUCTOR_CLAUDE_MODEL``), then the shared ``PODIUM_<NAME>``, then
+    its own default — so one environment (``podium up``) can set the roles apart.
+    Settings in ``ROLE_ONLY`` (what a conductor may do: its tools and permissions)
+    are read from the role's own variable only, so a shared value meant for
+    workers never widens them.
     """
+
+    #: The role whose ``PODIUM_<ROLE>_*`` variables override the shared ones ("" = none).
+    ROLE: ClassVar[str] = ""
+    #: Settings that this role reads only from its own ``PODIUM_<ROLE>_*`` variable.
+    ROLE_ONLY: ClassVar[frozenset[str]] = frozenset()
 
     agent: Annotated[
         AgentKind,
@@ -121,7 +138,13 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
             "same path on every replica: a session resumes only from the same directory."
         ),
     ] = ".podium/workspaces"
-    claude_bin: Annotated[str, setting("The Claude Code CLI executable.")] = "claude"
+    claude_bin: Annotated[
+        str,
+        setting(
+            "The Claude Code CLI executable (empty = `claude` on PATH, else the project's "
+            "pinned CLI in tools/claude, installed by `make setup`)."
+        ),
+    ] = ""
     claude_model: Annotated[str, setting("--model for agent sessions (empty = CLI default).")] = ""
     claude_permission_mode: Annotated[
         PermissionMode,
@@ -197,11 +220,37 @@ S = TypeVar("S", bound=msgspec.Struct)
 
 
 def env_name(field: msgspec.structs.FieldInfo) -> str:
-    """The environment variable that sets ``field``."""
+    """The shared environment variable that sets ``field``."""
     meta = _meta(field.type)
     if meta is not None and meta.extra and "env" in meta.extra:
         return str(meta.extra["env"])
     return "PODIUM_" + field.name.upper()
+
+
+def _agent_fields() -> frozenset[str]:
+    common = {f.name for f in msgspec.structs.fields(CommonSettings)}
+    return frozenset(f.name for f in msgspec.structs.fields(AgentSettings) if f.name not in common)
+
+
+def env_names(cls: type[msgspec.Struct], field: msgspec.structs.FieldInfo) -> list[str]:
+    """The variables that set ``field`` of ``cls``, the one that wins first.
+
+    For a role's agent settings: ``PODIUM_<ROLE>_<NAME>``, then (unless the
+    setting is one of the role's ``ROLE_ONLY``) the shared ``PODIUM_<NAME>``.
+    """
+    shared = env_name(field)
+    role = str(getattr(cls, "ROLE", ""))
+    if not role or field.name not in _agent_fields():
+        return [shared]
+    own = f"PODIUM_{role.upper()}_{field.name.upper()}"
+    if field.name in getattr(cls, "ROLE_ONLY", frozenset()):
+        return [own]
+    return [own, shared]
+
+
+def variables(cls: type[msgspec.Struct]) -> set[str]:
+    """Every environment variable ``cls`` reads."""
+    return {name for field in msgspec.structs.fields(cls) for name in env_names(cls, field)}
 
 
 def _meta(tp: Any) -> msgspec.Meta | None:
@@ -235,7 +284,8 @@ def load(cls: type[S], environ: Mapping[str, str] | None = None) -> S:
     values: dict[str, Any] = {}
     problems: list[str] = []
     for field in msgspec.structs.fields(cls):
-        name = env_name(field)
+        names = env_names(cls, field)
+        name = next((n for n in names if n in env), names[0])
         raw = env.get(name)
         if raw is None or (raw == "" and field.required):
             if field.required:
@@ -267,24 +317,27 @@ def load_or_exit(cls: type[S], service: str) -> S:
     try:
         return load(cls)
     except ConfigError as err:
-        print(f"podium-{service}: cannot start, {err}", file=sys.stderr)  # noqa: T201
-        raise SystemExit(2) from None
+        print(f"podium-{service}: cannot start: {err}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(EXIT_STARTUP) from None
 
 
 def describe(cls: type[msgspec.Struct]) -> list[tuple[str, str, str, str]]:
-    """(variable, type, default, description) for each setting of ``cls``."""
+    """(shared variable, type, default, description) for each setting of ``cls``."""
     rows = []
     for field in msgspec.structs.fields(cls):
         meta = _meta(field.type)
         description = meta.description if meta and meta.description else ""
-        if field.required:
-            default = "(required)"
-        elif field.default_factory is not msgspec.NODEFAULT:
-            default = repr(field.default_factory())
-        else:
-            default = _show_default(field.default)
-        rows.append((env_name(field), _type_name(field.type), default, description))
+        rows.append((env_name(field), _type_name(field.type), default_text(field), description))
     return rows
+
+
+def default_text(field: msgspec.structs.FieldInfo) -> str:
+    """How the reference shows ``field``'s default."""
+    if field.required:
+        return "(required)"
+    if field.default_factory is not msgspec.NODEFAULT:
+        return repr(field.default_factory())
+    return _show_default(field.default)
 
 
 def _show_default(value: Any) -> str:

@@ -13,12 +13,48 @@ class PodiumError(Exception):
     """Base of every error Podium raises on purpose."""
 
 
-class ConfigError(PodiumError):
+#: Exit status of a service that stopped at start on a fault a restart cannot fix
+#: (``StartupError``): ``podium up`` stops the platform instead of restarting it.
+EXIT_STARTUP = 2
+
+
+class StartupError(PodiumError):
+    """A fault found at start that a restart cannot fix: a setting, the NATS server,
+    the agent CLI, a port. The service exits with :data:`EXIT_STARTUP` and this message."""
+
+
+class ConfigError(StartupError):
     """One or more settings are missing or invalid; the service must not start."""
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+class IncompatibleServer(StartupError):
+    """The NATS server answers, but is older than the features Podium uses need."""
+
+    def __init__(self, url: str, found: str, needed: str) -> None:
+        self.url = url
+        self.found = found
+        self.needed = needed
+        super().__init__(
+            f"the NATS server at {url} is nats-server {found}; Podium needs {needed} or newer "
+            "(JetStream consumer reset, subject transforms)"
+        )
+
+
+class NatsUnreachable(PodiumError):
+    """No connection to NATS could be made (a restart or a retry may help)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"cannot connect to NATS at {url}: {reason}")
+
+
+class AgentUnavailable(StartupError):
+    """The configured agent CLI cannot be run."""
 
 
 class Retry(PodiumError):

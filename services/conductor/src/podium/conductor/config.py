@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from podium.common.config import AgentSettings, PermissionMode, setting
 
 
 class ConductorSettings(AgentSettings, frozen=True, kw_only=True):
-    """Settings of ``podium-conductor``."""
+    """Settings of ``podium-conductor``.
 
-    # The conductor decides and delegates; it answers with commands, not tool calls.
+    Its agent settings are read from ``PODIUM_CONDUCTOR_<NAME>``, then the shared
+    ``PODIUM_<NAME>``; what it may do (tools, permissions, MCP servers) only from
+    its own variables: the conductor decides and delegates, it answers with
+    commands, not tool calls, and a value meant for workers must not change that.
+    """
+
+    ROLE: ClassVar[str] = "conductor"
+    ROLE_ONLY: ClassVar[frozenset[str]] = frozenset(
+        {
+            "claude_tools",
+            "claude_allowed_tools",
+            "claude_disallowed_tools",
+            "claude_permission_mode",
+            "claude_mcp_config",
+        }
+    )
+
     claude_tools: Annotated[
         str,
         setting('--tools for the conductor: "" (none) by default; the conductor only decides.'),
@@ -84,6 +100,14 @@ class ConductorSettings(AgentSettings, frozen=True, kw_only=True):
             ge=2,
         ),
     ] = 15.0
+    turn_retry_delay_s: Annotated[
+        float,
+        setting(
+            "Delay before a failed conductor turn (its agent failed) is tried again; it grows "
+            "with each attempt, up to 60 s. The last attempt escalates to the operator.",
+            gt=0,
+        ),
+    ] = 5.0
     task_timeout_s: Annotated[
         float, setting("Deadline of a worker task; past it the worker kills it (FAILED).", gt=0)
     ] = 1800.0

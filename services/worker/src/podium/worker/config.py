@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from podium.common.config import AgentSettings, setting
 
 
 class WorkerSettings(AgentSettings, frozen=True, kw_only=True):
-    """Settings of ``podium-worker``."""
+    """Settings of ``podium-worker``: agent settings from ``PODIUM_WORKER_<NAME>``, then
+    the shared ``PODIUM_<NAME>``."""
+
+    ROLE: ClassVar[str] = "worker"
 
     worker_slots: Annotated[
         int, setting("Tasks this worker runs at once (each is one agent process).", ge=1, le=256)
