@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import subprocess
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from podium.cli.natsserver import NatsServer
+from podium.cli.natsserver import NatsServer, free_port, wait_for_port
 from podium.common import access
 from podium.common.streams import provision
 
@@ -125,3 +129,82 @@ def claude_bin() -> str:
             "the Claude Code CLI is not installed: run `make test` (npm ci in tools/claude)"
         )
     return found
+
+
+#: Debian's nats-server package (2.9.10 on this kind of machine): too old for Podium.
+DEBIAN_NATS_SERVER = Path("/usr/sbin/nats-server")
+OLD_VERSION = "2.9.10"
+
+
+def _old_enough(binary: Path) -> bool:
+    try:
+        out = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except OSError:
+        return False
+    return OLD_VERSION in out
+
+
+class _OldServerGreeter:
+    """Where Debian's server is missing: a TCP server that speaks just enough NATS
+    (INFO with version 2.9.10, PONG to PING) for a client to connect and read it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        info = {"server_id": "OLD", "version": OLD_VERSION, "proto": 1, "headers": True}
+        info |= {"jetstream": True, "max_payload": 1048576, "host": "127.0.0.1"}
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._client, args=(conn, info), daemon=True).start()
+
+    @staticmethod
+    def _client(conn: socket.socket, info: dict[str, object]) -> None:
+        with conn:
+            conn.sendall(b"INFO " + json.dumps(info).encode() + b"\r\n")
+            buffer = b""
+            while chunk := conn.recv(4096):
+                buffer += chunk
+                while b"\r\n" in buffer:
+                    line, buffer = buffer.split(b"\r\n", 1)
+                    if line.startswith(b"PING"):
+                        conn.sendall(b"PONG\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def old_nats(tmp_path: Path) -> Iterator[str]:
+    """The URL of a NATS server older than Podium needs: Debian's nats-server 2.9.10 (as
+    on every fresh machine of this kind) on a free port, else a server that greets as it."""
+    if DEBIAN_NATS_SERVER.exists() and _old_enough(DEBIAN_NATS_SERVER):
+        port = free_port()
+        store = tmp_path / "old-nats"
+        store.mkdir()
+        proc = subprocess.Popen(
+            [str(DEBIAN_NATS_SERVER), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port("127.0.0.1", port, 10)
+            yield f"nats://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+        return
+    greeter = _OldServerGreeter()
+    try:
+        yield f"nats://127.0.0.1:{greeter.port}"
+    finally:
+        greeter.close()

@@ -14,6 +14,12 @@ any other exception    ``nak`` with exponential backoff, dead-lettered at the en
 shutdown cancellation  ``nak`` at once, so another replica takes it
 =====================  =========================================================
 
+Before a decodable message is dead-lettered, the service's ``on_dead_letter``
+hook turns it into a visible outcome (the worker: a FAILED result; the
+conductor: an escalation to the operator), so no request is stranded. An
+undecodable one cannot be attributed: it is counted (``podium_dead_letters_total``,
+alerted on) and kept in DEADLETTER.
+
 An ordered consumer (``retry_in_place=True``, the conductor's) retries a
 ``Retry`` or a crash in place, holding the message and its lane, so that the
 next message of the same conversation can never overtake it.
@@ -73,6 +79,10 @@ class Delivery:
 
 
 Handler = Callable[[AnyEvent, Delivery], Awaitable[None]]
+#: Called with an event and the reason before it is dead-lettered: the service turns
+#: it into a visible outcome (a FAILED result, an escalation). It must be idempotent
+#: (stable event ids), since a dead letter that cannot be recorded is tried again.
+DeadLetterHook = Callable[[AnyEvent, str], Awaitable[None]]
 
 
 class Lanes:
@@ -105,6 +115,7 @@ class PullConsumer:
         lanes: Lanes | None = None,
         retry_in_place: bool = False,
         lag_interval_s: float = 15.0,
+        on_dead_letter: DeadLetterHook | None = None,
     ) -> None:
         self.js = js
         self.spec = spec
@@ -119,7 +130,10 @@ class PullConsumer:
         # held ones include those waiting behind an earlier message of their key.
         self.lanes = lanes or Lanes(concurrency)
         self.retry_in_place = retry_in_place
+        self.on_dead_letter = on_dead_letter
         self.max_held = max_held or concurrency * 4
+        #: Why fetching fails now ("" while it works): the service is not ready meanwhile.
+        self.problem = ""
         self._room = asyncio.Event()
         self._room.set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -180,7 +194,11 @@ class PullConsumer:
                     )
                 msgs = await self._sub.fetch(max(1, min(free, 256)), timeout=self.fetch_timeout_s)
                 failures = 0
+                self.problem = ""
             except (FetchTimeoutError, NatsTimeoutError, TimeoutError):
+                # The server answered "nothing yet" (or a fetch was slow): the consumer works.
+                failures = 0
+                self.problem = ""
                 continue
             except asyncio.CancelledError:
                 raise
@@ -188,6 +206,7 @@ class PullConsumer:
                 return
             except Exception as err:  # noqa: BLE001 - keep consuming through server trouble
                 failures += 1
+                self.problem = f"consumer {self.spec.stream}/{self.name} cannot fetch: {err!r}"
                 log.warning("fetch failed", extra={"consumer": self.name, "error": repr(err)})
                 # After a server restart a pull subscription can stop for good
                 # (nats.py #504): bind a new one.
@@ -339,17 +358,23 @@ class PullConsumer:
         except Retry as err:
             if last_try:
                 reason = f"gave up: {err.reason}"
-                await self._dead_letter(delivery.msg, delivery, reason, kind="exhausted")
+                await self._dead_letter(
+                    delivery.msg, delivery, reason, kind="exhausted", event=event
+                )
                 return "dead_letter", None
             return "retry", err.delay_s
         except Reject as err:
-            await self._dead_letter(delivery.msg, delivery, err.reason, kind="rejected")
+            await self._dead_letter(
+                delivery.msg, delivery, err.reason, kind="rejected", event=event
+            )
             return "rejected", None
         except Exception as err:
             log.exception("handler failed", extra={"consumer": self.name})
             if last_try:
                 reason = f"gave up: {err!r}"
-                await self._dead_letter(delivery.msg, delivery, reason, kind="exhausted")
+                await self._dead_letter(
+                    delivery.msg, delivery, reason, kind="exhausted", event=event
+                )
                 return "dead_letter", None
             return "retry", min(2.0 ** (delivery.attempt - 1), 60.0)
         await delivery.msg.ack()
@@ -362,11 +387,12 @@ class PullConsumer:
             await self.handler(event, delivery)
         except Reject as err:
             log.warning("rejected", extra={"consumer": self.name, "reason": err.reason})
-            await self._dead_letter(msg, delivery, err.reason, kind="rejected")
+            await self._dead_letter(msg, delivery, err.reason, kind="rejected", event=event)
             return "rejected"
         except Retry as err:
             if last_try:
-                await self._dead_letter(msg, delivery, f"gave up: {err.reason}", kind="exhausted")
+                reason = f"gave up: {err.reason}"
+                await self._dead_letter(msg, delivery, reason, kind="exhausted", event=event)
                 return "dead_letter"
             log.info(
                 "retry later",
@@ -377,7 +403,8 @@ class PullConsumer:
         except Exception as err:
             log.exception("handler failed", extra={"consumer": self.name})
             if last_try:
-                await self._dead_letter(msg, delivery, f"gave up: {err!r}", kind="exhausted")
+                reason = f"gave up: {err!r}"
+                await self._dead_letter(msg, delivery, reason, kind="exhausted", event=event)
                 return "dead_letter"
             await msg.nak(delay=min(2.0 ** (delivery.num_delivered - 1), 60.0))
             return "error"
@@ -390,22 +417,61 @@ class PullConsumer:
             await asyncio.sleep(interval)
             await delivery.in_progress()
 
-    async def _dead_letter(self, msg: Msg, delivery: Delivery, reason: str, *, kind: str) -> None:
-        """Record ``msg`` in the DEADLETTER stream, then terminate it.
+    async def _dead_letter(
+        self,
+        msg: Msg,
+        delivery: Delivery,
+        reason: str,
+        *,
+        kind: str,
+        event: AnyEvent | None = None,
+    ) -> None:
+        """Turn ``msg`` into its visible outcome, record it in DEADLETTER, then terminate it.
 
-        The record is written first: if that fails the message is nak'ed and
-        comes back, so a dead letter is never lost between the two steps.
+        The service's ``on_dead_letter`` hook runs first (a FAILED result, an
+        escalation), then the record is written, then the message is terminated.
+        Until both succeed they are tried again here, holding the message: a nak
+        would not bring back a message that has used up its ``max_deliver``.
         """
+        record = self._record(msg, delivery, reason)
+        delay = 0.5
+        while True:
+            try:
+                if event is not None and self.on_dead_letter is not None:
+                    await self.on_dead_letter(event, reason)
+                await publish(self.js, subjects.dead_letter(self.service, self.spec.stream), record)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "could not dead-letter the message; trying again",
+                    extra={"consumer": self.name, "retry_in_s": delay},
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        await msg.term()
+        self.metrics.dead_letters.labels(self.name, kind).inc()
+        log.error(
+            "dead letter",
+            extra={
+                "consumer": self.name,
+                "subject": delivery.subject,
+                "stream_seq": delivery.stream_seq,
+                "reason": reason[:500],
+            },
+        )
+
+    def _record(self, msg: Msg, delivery: Delivery, reason: str) -> DeadLetter:
         try:
             text = msg.data.decode("utf-8")
             payload, encoding = text, "utf-8"
         except UnicodeDecodeError:
             payload, encoding = base64.b64encode(msg.data).decode(), "base64"
         headers = dict(msg.headers or {})
-        correlation = headers.get(subjects.HDR_CORRELATION, "")
-        record = DeadLetter(
+        return DeadLetter(
             event_id=stable_id("deadletter", self.spec.stream, str(delivery.stream_seq)),
-            correlation_id=correlation,
+            correlation_id=headers.get(subjects.HDR_CORRELATION, ""),
             conversation_id="",
             service=self.service,
             stream=self.spec.stream,
@@ -417,23 +483,6 @@ class PullConsumer:
             headers=headers,
             payload=payload,
             payload_encoding=encoding,  # type: ignore[arg-type]
-        )
-        try:
-            await publish(self.js, subjects.dead_letter(self.service, self.spec.stream), record)
-        except Exception:
-            log.exception("could not record dead letter; will retry", extra={"consumer": self.name})
-            await msg.nak(delay=5.0)
-            return
-        await msg.term()
-        self.metrics.dead_letters.labels(self.name, kind).inc()
-        log.error(
-            "dead letter",
-            extra={
-                "consumer": self.name,
-                "subject": delivery.subject,
-                "stream_seq": delivery.stream_seq,
-                "reason": reason[:500],
-            },
         )
 
 

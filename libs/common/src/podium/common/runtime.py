@@ -4,10 +4,16 @@ Every service's ``main()`` reads its settings, builds its ``Service`` and calls
 :func:`run`. The runtime owns what all four have in common:
 
 1. JSON logging, a ``/healthz`` ``/readyz`` ``/metrics`` side port;
-2. connecting to NATS (retrying until it answers) and idempotent provisioning;
+2. the service's own start-up checks (its agent CLI), then connecting to NATS
+   (retrying until it answers, refusing a server too old for Podium) and
+   idempotent provisioning;
 3. on SIGTERM/SIGINT: stop taking work, let in-flight work finish up to
    ``PODIUM_DRAIN_TIMEOUT_S``, cancel the rest (their messages are nak'ed and
-   redelivered elsewhere), then drain the NATS connection.
+   redelivered elsewhere), then drain the NATS connection — all of it within
+   the drain timeout plus :data:`CLOSE_GRACE_S`, even if NATS is gone.
+
+A fault that a restart cannot fix stops the service at start with one line
+naming it and exit status 2 (:class:`~podium.common.errors.StartupError`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -27,8 +34,9 @@ from nats.js import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from podium.common import logs, subjects
-from podium.common.bus import connect
+from podium.common.bus import connect, server_problem, shown_url
 from podium.common.config import CommonSettings
+from podium.common.errors import EXIT_STARTUP, NatsUnreachable, StartupError
 from podium.common.metrics import Metrics
 from podium.common.streams import TOPOLOGY, missing_streams, provision
 
@@ -45,6 +53,8 @@ class Context:
     metrics: Metrics
     registry: CollectorRegistry
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The NATS URL(s) as they may be shown (no password).
+    nats_url: str = ""
 
 
 class Service(Protocol):
@@ -54,14 +64,20 @@ class Service(Protocol):
     #: Streams that must exist for the service to be ready.
     streams: Sequence[str]
 
+    async def check(self) -> None:
+        """Check what the service needs besides NATS (its agent CLI, …), before connecting.
+
+        Raises :class:`~podium.common.errors.StartupError` naming the fault.
+        """
+
     async def start(self, ctx: Context) -> None:
         """Start consuming/serving; return once started."""
 
     async def stop(self, timeout_s: float) -> None:
         """Stop taking work; wait for in-flight work up to ``timeout_s``; cancel the rest."""
 
-    def ready(self) -> bool:
-        """Whether the service itself is ready (beyond NATS and streams)."""
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why): whether the service can do its work now, beyond NATS and streams."""
 
 
 class HealthServer:
@@ -84,7 +100,14 @@ class HealthServer:
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        self.port = await listen(self._runner, self.host, self.port)
+        try:
+            self.port = await listen(self._runner, self.host, self.port)
+        except OSError as err:
+            await self._runner.cleanup()
+            raise StartupError(
+                f"PODIUM_HEALTH_PORT={self.port}: cannot listen on {self.host}:{self.port} "
+                f"({err.strerror or err})"
+            ) from err
 
     async def stop(self) -> None:
         """Stop listening."""
@@ -102,7 +125,8 @@ class HealthServer:
         )
 
     async def readiness(self) -> tuple[bool, str]:
-        """(ready, reason): NATS connected, streams present, service ready, not stopping."""
+        """(ready, reason): NATS connected to a usable server, streams present, the service
+        able to work, not stopping. The reason says why not, or what the service reports."""
         ctx = self.ctx
         if ctx is None:
             return False, "connecting to NATS"
@@ -110,20 +134,24 @@ class HealthServer:
             return False, "stopping"
         if not ctx.nc.is_connected:
             return False, "NATS disconnected"
-        if not self.service.ready():
-            return False, "service not ready"
-        checked_at, ok, reason = self._ready_cache
+        problem = server_problem(ctx.nc, ctx.nats_url)
+        if problem is not None:
+            return False, problem
+        ready, reason = self.service.readiness()
+        if not ready:
+            return False, reason
+        checked_at, ok, stream_reason = self._ready_cache
         # Checking streams costs a request per stream: cache the answer briefly.
         if time.monotonic() - checked_at > 5.0:
             try:
                 missing = await missing_streams(ctx.js, tuple(self.service.streams))
             except Exception as err:  # noqa: BLE001 - any failure means not ready
-                ok, reason = False, f"stream check failed: {err!r}"
+                ok, stream_reason = False, f"stream check failed: {err!r}"
             else:
                 ok = not missing
-                reason = "ok" if ok else "missing streams: " + ", ".join(missing)
-            self._ready_cache = (time.monotonic(), ok, reason)
-        return ok, reason
+                stream_reason = "ok" if ok else "missing streams: " + ", ".join(missing)
+            self._ready_cache = (time.monotonic(), ok, stream_reason)
+        return (True, reason) if ok else (False, stream_reason)
 
     async def _metrics(self, _: web.Request) -> web.Response:
         body = generate_latest(self.registry)
@@ -135,19 +163,31 @@ async def connect_until_ready(
 ) -> Client | None:
     """Connect as service ``name``, retrying with backoff until NATS answers or ``stop`` is set.
 
-    Replies come to the service's own inbox prefix, the only one its NATS user may
-    subscribe to (see :mod:`podium.common.access`).
+    None once ``stop`` is set (a SIGTERM is obeyed even if NATS never answered).
+    An incompatible server raises :class:`~podium.common.errors.IncompatibleServer`:
+    no retry makes it usable. Replies come to the service's own inbox prefix, the
+    only one its NATS user may subscribe to (see :mod:`podium.common.access`).
     """
     delay = 0.25
     while not stop.is_set():
+        attempt = asyncio.create_task(
+            connect(settings, name=f"podium-{name}", inbox_prefix=subjects.inbox_prefix(name))
+        )
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({attempt, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if attempt not in done:
+            attempt.cancel()
+            await asyncio.wait({attempt}, timeout=2)
+            if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+                await attempt.result().close()
+            return None
         try:
-            return await connect(
-                settings, name=f"podium-{name}", inbox_prefix=subjects.inbox_prefix(name)
-            )
-        except Exception as err:  # noqa: BLE001 - any connect failure is retried
+            return attempt.result()
+        except NatsUnreachable as err:
             log.warning(
                 "NATS not reachable, retrying",
-                extra={"nats_url": settings.nats_url, "error": repr(err), "retry_in_s": delay},
+                extra={"nats_url": err.url, "error": err.reason, "retry_in_s": delay},
             )
         await wait_set(stop, delay)
         delay = min(delay * 2, 5.0)
@@ -177,6 +217,11 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
+#: How long closing may take after in-flight work had its drain timeout: the whole
+#: stop takes at most ``PODIUM_DRAIN_TIMEOUT_S`` + this (Kubernetes' grace is above it).
+CLOSE_GRACE_S = 5.0
+
+
 async def run(
     service: Service,
     settings: CommonSettings,
@@ -187,7 +232,11 @@ async def run(
     signals: bool = True,
     health: HealthServer | None = None,
 ) -> None:
-    """Run ``service`` until SIGTERM/SIGINT (or ``stop`` is set), then stop gracefully."""
+    """Run ``service`` until SIGTERM/SIGINT (or ``stop`` is set), then stop gracefully.
+
+    A fault a restart cannot fix (settings, an incompatible server, an agent CLI
+    that cannot run, a port in use) raises :class:`~podium.common.errors.StartupError`.
+    """
     stop = stop or asyncio.Event()
     if signals:
         install_signal_handlers(stop)
@@ -197,26 +246,51 @@ async def run(
     await health.start()
     log.info("health port listening", extra={"port": health.port})
     try:
+        await service.check()
         nc = await connect_until_ready(settings, service.name, stop)
         if nc is None:
+            log.info("stopped before NATS answered", extra={"nats_url": shown_url(settings)})
             return
-        js = nc.jetstream()
-        if settings.provision:
-            await provision(js, TOPOLOGY, replicas=settings.stream_replicas)
-        ctx = Context(service.name, nc, js, metrics, registry, stopping=asyncio.Event())
-        await service.start(ctx)
-        health.ctx = ctx
-        log.info("started", extra={"nats_url": settings.nats_url})
-        await stop.wait()
-        log.info("stopping", extra={"drain_timeout_s": settings.drain_timeout_s})
-        ctx.stopping.set()
-        await service.stop(settings.drain_timeout_s)
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(10):
-                await nc.drain()
+        try:
+            js = nc.jetstream()
+            if settings.provision:
+                await provision(js, TOPOLOGY, replicas=settings.stream_replicas)
+            ctx = Context(service.name, nc, js, metrics, registry, nats_url=shown_url(settings))
+            await service.start(ctx)
+            health.ctx = ctx
+            log.info("started", extra={"nats_url": ctx.nats_url})
+            await stop.wait()
+            log.info("stopping", extra={"drain_timeout_s": settings.drain_timeout_s})
+            ctx.stopping.set()
+            await _stop_within(service, settings.drain_timeout_s)
+        finally:
+            await _close(nc)
         log.info("stopped")
     finally:
         await health.stop()
+
+
+async def _stop_within(service: Service, drain_timeout_s: float) -> None:
+    """``service.stop``, bounded: even with NATS gone, the process exits in time."""
+    try:
+        async with asyncio.timeout(drain_timeout_s + CLOSE_GRACE_S):
+            await service.stop(drain_timeout_s)
+    except TimeoutError:
+        log.error(  # noqa: TRY400 - a deadline, not a fault: no traceback
+            "stopping took longer than the drain timeout allows; exiting anyway",
+            extra={"drain_timeout_s": drain_timeout_s, "grace_s": CLOSE_GRACE_S},
+        )
+
+
+async def _close(nc: Client) -> None:
+    """Drain the connection if the server is there to drain to, else just close it."""
+    if nc.is_connected:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_GRACE_S):
+                await nc.drain()
+    if not nc.is_closed:
+        with contextlib.suppress(Exception):
+            await nc.close()
 
 
 async def listen(runner: web.AppRunner, host: str, port: int) -> int:
@@ -229,19 +303,26 @@ async def listen(runner: web.AppRunner, host: str, port: int) -> int:
     return port
 
 
-def serve_forever(main: Coroutine[Any, Any, None]) -> None:
+def serve_forever(main: Coroutine[Any, Any, None], service: str) -> None:
     """Run a service's main coroutine to completion, on uvloop where it is installed.
 
     uvloop (libuv) runs the same asyncio code with a much cheaper event loop: the
-    ingress's webhook path spends a fifth of its time in the loop itself.
+    ingress's webhook path spends a fifth of its time in the loop itself. A
+    :class:`~podium.common.errors.StartupError` ends the process with one line
+    naming the fault and status :data:`~podium.common.errors.EXIT_STARTUP`, which
+    tells a supervisor (``podium up``) that restarting will not help.
     """
     try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - a platform without uvloop wheels
-        asyncio.run(main)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main)
+        try:
+            import uvloop  # noqa: PLC0415
+        except ImportError:  # pragma: no cover - a platform without uvloop wheels
+            asyncio.run(main)
+            return
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
+    except StartupError as err:
+        print(f"podium-{service}: cannot start: {err}", file=sys.stderr, flush=True)  # noqa: T201
+        raise SystemExit(EXIT_STARTUP) from None
 
 
 def configure_logging(service: str, settings: CommonSettings) -> None:

@@ -169,6 +169,18 @@ class Process:
         configured = int(self.env.get("PODIUM_HEALTH_PORT", "0"))
         return configured or self.logged_port("health port listening")
 
+    async def readyz(self) -> tuple[int, dict[str, Any]]:
+        """The process's /readyz: (status, body) — the body says why when it is not ready."""
+        port = self.health_port()
+        if not port:
+            raise RuntimeError(f"{self.name} has not logged its health port yet")
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+            http.get(f"http://127.0.0.1:{port}/readyz") as resp,
+        ):
+            body: dict[str, Any] = await resp.json()
+            return resp.status, body
+
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Wait until the process's /readyz answers 200."""
         deadline = time.monotonic() + timeout_s

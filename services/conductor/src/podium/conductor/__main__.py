@@ -19,7 +19,7 @@ def main() -> None:
     """Entry point: settings from the environment, then run."""
     settings = load_or_exit(ConductorSettings, "conductor")
     configure_logging("conductor", settings)
-    serve_forever(amain(settings))
+    serve_forever(amain(settings), "conductor")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from podium.common.events import (
     EventIds,
     InboundMessage,
     KillTask,
+    SendEmail,
     TaskProgress,
     TaskResult,
     encode,
@@ -85,7 +86,6 @@ class Conductor:
         tasks: Store[TaskRecord],
         metrics: Metrics,
         own_metrics: ConductorMetrics,
-        max_deliver: int,
         role_prompt: str = ROLE,
     ) -> None:
         self.settings = settings
@@ -96,7 +96,6 @@ class Conductor:
         self.tasks = tasks
         self.metrics = metrics
         self.own = own_metrics
-        self.max_deliver = max_deliver
         self.role_prompt = role_prompt
         self.actions = Actions(settings, metrics, own_metrics)
         self.schema = COMMANDS_SCHEMA if settings.command_format == "structured" else None
@@ -114,6 +113,50 @@ class Conductor:
                 await self.on_delivery_failed(event)
             case _:
                 raise Reject(f"the conductor does not handle {event_type(event)} events")
+
+    async def on_dead_letter(self, event: AnyEvent, reason: str) -> None:
+        """A message no turn could handle (it is being dead-lettered): tell the operator.
+
+        Published directly, not through the conversation's record, since saving
+        that record may be what failed. The command id is stable, so a second
+        attempt sends nothing twice. ``podium replay deadletter`` runs the turn
+        again once the cause is fixed.
+        """
+        operator = self.settings.operator_email
+        self.own.escalations.labels("dead_letter", str(bool(operator)).lower()).inc()
+        log.error(
+            "escalation",
+            extra={"reasons": [f"dead letter: {reason[:300]}"], "operator": bool(operator)},
+        )
+        if not operator:
+            return
+        what = event_type(event)
+        match event:
+            case InboundMessage():
+                what = (
+                    f"a {event.channel} message from {event.sender}"
+                    f"{f' ({event.subject!r})' if event.subject else ''}:\n\n{event.text[:2000]}"
+                )
+            case TaskResult():
+                what = f"task {event.task_id}'s {event.status} result: {event.summary[:500]}"
+        command_id = stable_id(event.event_id, "dead-letter-escalation")
+        message = SendEmail(
+            event_id=command_id,
+            correlation_id=event.correlation_id,
+            conversation_id=event.conversation_id,
+            command_id=command_id,
+            to=[operator],
+            subject=f"[Podium] escalation: a message was not handled ({event.conversation_id})",
+            body=(
+                f"Podium could not handle a message of conversation {event.conversation_id}; "
+                f"no agent turn answered it.\n\nWhy:\n- {reason[:1000]}\n\n"
+                f"The message was {what}\n\n"
+                "It is kept in the DEADLETTER stream: `podium replay deadletter --list` shows "
+                "it, and replaying it runs the turn again once the cause is fixed.\n"
+            ),
+        )
+        await publish(self.js, subjects.command("email", event.conversation_id), message)
+        self.metrics.events_out.labels(event_type(message)).inc()
 
     async def on_inbound(self, event: InboundMessage, delivery: Delivery) -> None:
         """A message from a person: check who it is, absorb it, take a turn."""
@@ -243,22 +286,17 @@ class Conductor:
         answer = await self._ask(conv, prompt, delivery, trigger)
         conv.spend_usd += answer.cost_usd
         effects = Effects()
-        if not answer.ok:
-            effects.escalations.append(
-                f"the conductor agent failed ({answer.outcome}): {answer.error[:300]}"
-            )
-        else:
-            conv.session_id = answer.session_id
-            log.debug("agent turn", extra={"prompt": prompt[:4000], "answer": answer.text[:4000]})
-            parsed = self._commands(answer)
-            if not parsed.commands and not parsed.rejected:
-                conv.notes.append("your answer held no command; answer with commands only")
-            for rejection in parsed.rejected:
-                self.own.rejected.inc()
-                conv.notes.append(f"rejected {rejection.line[:120]!r}: {rejection.reason}")
-                log.warning("command rejected", extra={"reason": rejection.reason})
-            for index, command in enumerate(parsed.commands):
-                self.actions.apply(conv, event, index, command, effects)
+        conv.session_id = answer.session_id
+        log.debug("agent turn", extra={"prompt": prompt[:4000], "answer": answer.text[:4000]})
+        parsed = self._commands(answer)
+        if not parsed.commands and not parsed.rejected:
+            conv.notes.append("your answer held no command; answer with commands only")
+        for rejection in parsed.rejected:
+            self.own.rejected.inc()
+            conv.notes.append(f"rejected {rejection.line[:120]!r}: {rejection.reason}")
+            log.warning("command rejected", extra={"reason": rejection.reason})
+        for index, command in enumerate(parsed.commands):
+            self.actions.apply(conv, event, index, command, effects)
         limit = self.settings.max_failed_tasks
         if failures_before < limit <= conv.failed_tasks:
             effects.escalations.append(f"{conv.failed_tasks} tasks failed (limit {limit})")
@@ -294,7 +332,13 @@ class Conductor:
     async def _ask(
         self, conv: Conversation, prompt: str, delivery: Delivery, trigger: str
     ) -> AgentAnswer:
-        """Run the agent; a failure is retried (``Retry``) until the last delivery."""
+        """Run the agent; the answer if it succeeded.
+
+        A failure raises ``Retry``: the turn is tried again (after
+        ``PODIUM_TURN_RETRY_DELAY_S`` times the attempt), and after the last attempt the
+        message is dead-lettered, which escalates it to the operator
+        (:meth:`on_dead_letter`) and keeps it for a replay once the cause is fixed.
+        """
         call = AgentCall(
             role="conductor",
             key=conv.conversation_id,
@@ -323,9 +367,10 @@ class Conductor:
             "conductor turn failed",
             extra={"outcome": answer.outcome, "error": answer.error[:500]},
         )
-        if delivery.attempt < self.max_deliver:
-            raise Retry(f"agent {answer.outcome}", delay_s=min(5.0 * delivery.attempt, 60))
-        return answer
+        delay = min(self.settings.turn_retry_delay_s * delivery.attempt, 60.0)
+        raise Retry(
+            f"the conductor agent failed ({answer.outcome}): {answer.error[:500]}", delay_s=delay
+        )
 
     async def _commit(self, conv: Conversation, revision: int, effects: Effects) -> None:
         """Save the turn with its decisions, then publish them (a transactional outbox)."""

@@ -74,19 +74,31 @@ class PartitionManager:
         self._start = start
         self._stop = stop
         self.owned: set[int] = set()
+        #: The partitions that are this replica's by the last round's membership.
+        self.mine: set[int] = set()
+        #: Why the last round failed ("" if it did not); the replica is not ready meanwhile.
+        self.problem = ""
+        self._balanced = False
         # Partitions being handed over: their turns are finishing, their lease still held.
         self.releasing: dict[int, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
+        self._release = True
 
     def start(self) -> None:
         """Start balancing in the background."""
         self._task = asyncio.create_task(self._loop(), name="partitions")
 
-    async def close(self) -> None:
-        """Stop balancing, give up every partition, leave the membership."""
+    async def close(self, *, release: bool = True) -> None:
+        """Stop balancing, give up every partition, leave the membership.
+
+        ``release=False`` (no server to tell, NATS is gone): stop consuming but leave
+        the leases to lapse on their own, instead of waiting on requests that cannot
+        be answered.
+        """
         self._closing = True
+        self._release = release
         if self._task is not None:
             self._task.cancel()
             _, pending = await asyncio.wait({self._task}, timeout=10)
@@ -96,7 +108,8 @@ class PartitionManager:
             self._hand_over(partition)
         if self.releasing:
             await asyncio.wait(set(self.releasing.values()))
-        await self._forget(f"member.{self.replica}")
+        if release:
+            await self._forget(f"member.{self.replica}")
 
     async def _loop(self) -> None:
         # Not only cancellation: a KV request's `wait_for` (nats-py) can swallow it on
@@ -104,9 +117,12 @@ class PartitionManager:
         while not self._closing:
             try:
                 await self.rebalance()
+                self.problem = ""
+                self._balanced = True
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as err:
+                self.problem = repr(err)
                 log.exception("partition rebalance failed; will try again")
             if self._closing:
                 return
@@ -119,6 +135,7 @@ class PartitionManager:
         await self._put(f"member.{self.replica}")
         members = await self.members(now)
         mine = {p for p in range(self.partitions) if owner(p, members) == self.replica}
+        self.mine = mine
         for partition in sorted(self.owned | set(self.releasing)):
             if not await self._renew(partition):
                 log.error("partition lease lost; stopping it", extra={"partition": partition})
@@ -127,10 +144,35 @@ class PartitionManager:
             elif partition in self.owned and partition not in mine:
                 self._hand_over(partition)
         for partition in sorted(mine - self.owned - set(self.releasing)):
-            if await self._take(partition):
-                log.info("took partition", extra={"partition": partition})
-                self.owned.add(partition)
+            if not await self._take(partition):
+                continue
+            try:
                 await self._start(partition)
+            except BaseException:
+                # Not consumed here: free the lease, so the next round (or another
+                # replica) tries again instead of holding a partition nobody serves.
+                with contextlib.suppress(Exception):
+                    await self._forget(f"partition.{partition}")
+                raise
+            log.info("took partition", extra={"partition": partition})
+            self.owned.add(partition)
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready while it consumes partitions, or as a standby that has none to own."""
+        total = self.partitions
+        if self.problem:
+            return False, f"partition rebalance failing: {self.problem}"
+        if not self._balanced:
+            return False, "balancing partitions"
+        waiting = len(self.mine - self.owned)
+        if self.owned:
+            reason = f"owns {len(self.owned)} of {total} partitions"
+            if waiting:
+                reason += f"; {waiting} more once another replica's lease lapses"
+            return True, reason
+        if not self.mine:
+            return True, f"standby: the other replicas own all {total} partitions"
+        return False, f"waiting for {waiting} partition leases held by another replica to lapse"
 
     async def members(self, now: float) -> list[str]:
         """Replicas whose heartbeat has not lapsed."""
@@ -195,7 +237,8 @@ class PartitionManager:
         async def release() -> None:
             try:
                 await self._stop(partition)
-                await self._forget(f"partition.{partition}")
+                if self._release:
+                    await self._forget(f"partition.{partition}")
             finally:
                 self.releasing.pop(partition, None)
 

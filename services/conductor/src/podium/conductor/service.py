@@ -47,12 +47,25 @@ class ConductorService:
         # One set of lanes for all partitions: the ``concurrency`` setting bounds turns
         # across the replica, and a conversation's events share one lane.
         self._lanes = Lanes(settings.concurrency)
+        self._role_prompt = ROLE
+        #: What runs its agents, as the start-up check found it.
+        self._agent = ""
+        self._conductor: Conductor | None = None
+
+    async def check(self) -> None:
+        """Build the agent runtime and check that it can run (before connecting)."""
+        self._role_prompt = role_prompt(self.settings.claude_role_prompt_file, ROLE)
+        if self.runtime is None:
+            self.runtime = build_runtime(self.settings, Path(self.settings.state_dir), self.name)
+        self._agent = await self.runtime.check()
+        log.info("agent checked", extra={"agent": self.runtime.kind, "runs": self._agent})
 
     async def start(self, ctx: Context) -> None:
         """Open the buckets, then start taking this replica's share of the partitions."""
-        runtime = self.runtime or build_runtime(
-            self.settings, Path(self.settings.state_dir), self.name
-        )
+        if self.runtime is None:
+            await self.check()
+        runtime = self.runtime
+        assert runtime is not None  # noqa: S101 - set by check()
         ctx.metrics.info.labels(self.name, runtime.kind).set(1)
         self.agents = Agents(
             runtime, role="conductor", settings=self.settings, metrics=ctx.metrics, js=ctx.js
@@ -63,15 +76,15 @@ class ConductorService:
             nc=ctx.nc,
             js=ctx.js,
             agents=self.agents,
-            role_prompt=role_prompt(self.settings.claude_role_prompt_file, ROLE),
+            role_prompt=self._role_prompt,
             conversations=await Store.open(ctx.js, streams.CONVERSATIONS.name, Conversation),
             tasks=await Store.open(ctx.js, streams.TASK_STATE.name, TaskRecord),
             metrics=ctx.metrics,
             own_metrics=ConductorMetrics(ctx.registry),
-            max_deliver=streams.conductor_inbound(0).max_deliver,
         )
         self._ctx = ctx
         self._handler = conductor.handle
+        self._conductor = conductor
         self.partitions = PartitionManager(
             await Store.open(ctx.js, streams.CONDUCTORS.name, Lease),
             replica=self.agents.replica,
@@ -96,6 +109,7 @@ class ConductorService:
                 lanes=self._lanes,
                 max_held=self.settings.concurrency,
                 retry_in_place=True,
+                on_dead_letter=self._conductor.on_dead_letter if self._conductor else None,
             )
             for spec in (streams.conductor_inbound(partition), streams.conductor_results(partition))
         ]
@@ -115,10 +129,24 @@ class ConductorService:
     async def stop(self, timeout_s: float) -> None:
         """Hand every partition back (turns in flight finish up to ``timeout_s``)."""
         if self.partitions is not None:
-            await self.partitions.close()
+            connected = self._ctx is not None and self._ctx.nc.is_connected
+            await self.partitions.close(release=connected)
         if self.agents is not None:
             await self.agents.close()
 
-    def ready(self) -> bool:
-        """Ready once balancing partitions."""
-        return self.partitions is not None
+    def readiness(self) -> tuple[bool, str]:
+        """Ready while it owns partitions and consumes them, or as a standby.
+
+        Not ready while its partitions cannot be balanced or consumed, or its agent
+        cannot start: the reason says which.
+        """
+        if self.partitions is None:
+            return False, "starting"
+        if self.agents is not None and (problem := self.agents.runtime.problem()):
+            return False, problem
+        for consumers in self.consumers.values():
+            for consumer in consumers:
+                if consumer.problem:
+                    return False, consumer.problem
+        ready, reason = self.partitions.readiness()
+        return ready, f"{reason}; agent: {self._agent}"

@@ -19,7 +19,7 @@ def main() -> None:
     """Entry point: settings from the environment, then run."""
     settings = load_or_exit(IngressSettings, "ingress")
     configure_logging("ingress", settings)
-    serve_forever(amain(settings))
+    serve_forever(amain(settings), "ingress")
 
 
 if __name__ == "__main__":

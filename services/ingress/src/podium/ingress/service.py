@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from podium.common import streams
+from podium.common.errors import StartupError
 from podium.common.kv import Store
 from podium.common.runtime import Context, listen
 from podium.common.state import Conversation, OutboxRecord, Suppression
@@ -39,6 +40,9 @@ class IngressService:
         app.add_routes(Handlers(deps).routes())
         return app
 
+    async def check(self) -> None:
+        """Nothing to check before connecting: settings were checked as they were read."""
+
     async def start(self, ctx: Context) -> None:
         """Bind the buckets and start listening."""
         self._publisher = await open_publisher(
@@ -68,7 +72,13 @@ class IngressService:
             shutdown_timeout=self.settings.drain_timeout_s,
         )
         await self._runner.setup()
-        self.port = await listen(self._runner, self.settings.host, self.settings.port)
+        host, port = self.settings.host, self.settings.port
+        try:
+            self.port = await listen(self._runner, host, port)
+        except OSError as err:
+            raise StartupError(
+                f"PODIUM_PORT={port}: cannot listen on {host}:{port} ({err.strerror or err})"
+            ) from err
         log.info(
             "ingress listening", extra={"port": self.port, "public_url": self.settings.base_url()}
         )
@@ -80,8 +90,10 @@ class IngressService:
         if self._publisher is not None:
             await self._publisher.close()
 
-    def ready(self) -> bool:
+    def readiness(self) -> tuple[bool, str]:
         """Ready once the public server is listening and events can be stored."""
-        return (
-            self._runner is not None and self._publisher is not None and self._publisher.connected
-        )
+        if self._runner is None or self._publisher is None:
+            return False, "starting"
+        if not self._publisher.connected:
+            return False, "the publisher's NATS connection is down"
+        return True, f"listening on port {self.port}"

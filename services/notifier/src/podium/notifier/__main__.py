@@ -19,7 +19,7 @@ def main() -> None:
     """Entry point: settings from the environment, then run."""
     settings = load_or_exit(NotifierSettings, "notifier")
     configure_logging("notifier", settings)
-    serve_forever(amain(settings))
+    serve_forever(amain(settings), "notifier")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ class NotifierService:
         sms: Transport = TwilioTransport(s) if s.sms_transport == "twilio" else outbox
         return email, sms, outbox
 
+    async def check(self) -> None:
+        """Nothing to check before connecting: transports connect when they send."""
+
     async def start(self, ctx: Context) -> None:
         """Bind the outbox and suppression buckets and start consuming commands."""
         email, sms, api = self._transports = self.transports()
@@ -85,6 +88,11 @@ class NotifierService:
         for transport in set(self._transports):
             await transport.close()
 
-    def ready(self) -> bool:
-        """Ready once consuming."""
-        return self.consumer is not None
+    def readiness(self) -> tuple[bool, str]:
+        """Ready while consuming commands."""
+        if self.consumer is None:
+            return False, "starting"
+        if self.consumer.problem:
+            return False, self.consumer.problem
+        email, sms, _ = self._transports
+        return True, f"email via {email.name}, SMS via {sms.name}"

@@ -19,7 +19,7 @@ def main() -> None:
     """Entry point: settings from the environment, then run."""
     settings = load_or_exit(WorkerSettings, "worker")
     configure_logging("worker", settings)
-    serve_forever(amain(settings))
+    serve_forever(amain(settings), "worker")
 
 
 if __name__ == "__main__":

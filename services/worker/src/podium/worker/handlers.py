@@ -90,6 +90,44 @@ class Worker:
             case _:
                 raise Reject(f"the worker does not handle {event_type(event)} events")
 
+    async def on_dead_letter(self, event: AnyEvent, reason: str) -> None:
+        """A task turn no attempt could run (it is being dead-lettered): report it FAILED.
+
+        The conductor hears of it like any other result, so the requester (or the
+        operator) is told and the task stops counting as open. The result's id is
+        the one a real result of this turn would have had: if one was published,
+        this one is dropped as its duplicate.
+        """
+        if not isinstance(event, TaskRequested | TaskFollowup):
+            return
+        summary = "the task could not be run and was given up"
+        result = TaskResult(
+            event_id=stable_id("result", event.event_id),
+            correlation_id=event.correlation_id,
+            conversation_id=event.conversation_id,
+            task_id=event.task_id,
+            status="FAILED",
+            summary=summary,
+            details=f"Every attempt failed; the last error: {reason[:1500]}",
+            answers=event.event_id,
+        )
+
+        def failed(current: TaskRecord | None) -> TaskRecord | None:
+            if current is None or current.state in ("complete", "failed", "cancelled"):
+                return None
+            current.state = "failed"
+            current.last_event_id = event.event_id
+            current.last_result = result
+            current.updated_at = utcnow()
+            return current
+
+        await self.tasks.mutate(event.task_id, failed)
+        kind = "task" if isinstance(event, TaskRequested) else "followup"
+        self.own.tasks.labels(kind, "FAILED").inc()
+        await publish(self.js, subjects.result(event.conversation_id, event.task_id), result)
+        self.metrics.events_out.labels(event_type(result)).inc()
+        log.error("task given up; reported FAILED", extra={"task_id": event.task_id})
+
     async def on_kill(self, msg: Msg) -> None:
         """A kill request (core NATS): stop the task's agent if it runs here."""
         try:
@@ -178,6 +216,10 @@ class Worker:
             answer = await self._run_agent(task_id, replace(call, prompt=restart, session_id=None))
         if answer is not None and answer.outcome == "busy":
             raise Retry(f"task {task_id}'s session is held by another worker", delay_s=5.0)
+        if answer is not None and answer.outcome == "cannot_start":
+            # This worker's CLI is broken (it reports not ready meanwhile): give the task
+            # back so another worker may run it. The last delivery ends it FAILED.
+            raise Retry(answer.error, delay_s=2.0)
         if answer is None:
             reason = self.killed.pop(task_id, "killed")
             self.own.tasks.labels(kind, "CANCELLED").inc()
@@ -294,4 +336,5 @@ def _failure_summary(answer: AgentAnswer) -> str:
         "execution_error": "the agent reported an error",
         "crashed": "the agent process failed",
         "session_lost": "the task's agent session could not be resumed",
+        "cannot_start": "the agent could not be started on this worker",
     }.get(answer.outcome, f"the agent failed ({answer.outcome})")

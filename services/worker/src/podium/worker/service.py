@@ -41,12 +41,24 @@ class WorkerService:
         self.consumer: PullConsumer | None = None
         self._kills: Subscription | None = None
         self.agents: Agents | None = None
+        self._role_prompt = ROLE
+        #: What runs its agents, as the start-up check found it.
+        self._agent = ""
+
+    async def check(self) -> None:
+        """Build the agent runtime and check that it can run (before connecting)."""
+        self._role_prompt = role_prompt(self.settings.claude_role_prompt_file, ROLE)
+        if self.runtime is None:
+            self.runtime = build_runtime(self.settings, Path(self.settings.state_dir), self.name)
+        self._agent = await self.runtime.check()
+        log.info("agent checked", extra={"agent": self.runtime.kind, "runs": self._agent})
 
     async def start(self, ctx: Context) -> None:
         """Subscribe to kill requests, then start taking tasks."""
-        runtime = self.runtime or build_runtime(
-            self.settings, Path(self.settings.state_dir), self.name
-        )
+        if self.runtime is None:
+            await self.check()
+        runtime = self.runtime
+        assert runtime is not None  # noqa: S101 - set by check()
         ctx.metrics.info.labels(self.name, runtime.kind).set(1)
         self.agents = Agents(
             runtime, role="worker", settings=self.settings, metrics=ctx.metrics, js=ctx.js
@@ -56,7 +68,7 @@ class WorkerService:
             settings=self.settings,
             js=ctx.js,
             agents=self.agents,
-            role_prompt=role_prompt(self.settings.claude_role_prompt_file, ROLE),
+            role_prompt=self._role_prompt,
             tasks=await Store.open(ctx.js, streams.TASK_STATE.name, TaskRecord),
             metrics=ctx.metrics,
             own_metrics=WorkerMetrics(ctx.registry, self.settings.worker_slots),
@@ -73,6 +85,7 @@ class WorkerService:
             # worker could have started.
             max_held=self.settings.worker_slots,
             order_key=by_task,
+            on_dead_letter=worker.on_dead_letter,
         )
         self.consumer.start()
 
@@ -85,6 +98,12 @@ class WorkerService:
         if self.agents is not None:
             await self.agents.close()
 
-    def ready(self) -> bool:
-        """Ready once consuming."""
-        return self.consumer is not None
+    def readiness(self) -> tuple[bool, str]:
+        """Ready while it consumes tasks and its agent can start."""
+        if self.consumer is None or self.agents is None:
+            return False, "starting"
+        if problem := self.agents.runtime.problem():
+            return False, problem
+        if self.consumer.problem:
+            return False, self.consumer.problem
+        return True, f"{self.settings.worker_slots} task slots; agent: {self._agent}"

@@ -35,6 +35,8 @@ Outcome = Literal[
     "session_lost",
     # Another replica holds the session and did not free it in time.
     "busy",
+    # The agent's process could not be started (the CLI is missing or not executable).
+    "cannot_start",
 ]
 Mode = Literal["cold", "warm"]
 
@@ -88,6 +90,16 @@ class AgentRuntime(Protocol):
 
     kind: str
 
+    async def check(self) -> str:
+        """Check at start that agents can run; what runs them (for the log).
+
+        Raises :class:`~podium.common.errors.AgentUnavailable` naming the setting,
+        the path tried and the error.
+        """
+
+    def problem(self) -> str:
+        """Why agents cannot run now ("" when they can): the service is not ready."""
+
     async def run(self, call: AgentCall) -> AgentAnswer:
         """Run one turn. Cancelling kills the agent's process group."""
 
@@ -125,11 +137,16 @@ def role_prompt(path: str, default: str) -> str:
         ) from err
 
 
+def agent_kind(settings: AgentSettings, environ: dict[str, str] | None = None) -> str:
+    """The runtime ``PODIUM_AGENT`` selects: ``auto`` is claude only with credentials."""
+    if settings.agent == "auto":
+        return "claude" if claude_credentials_present(environ) else "offline"
+    return settings.agent
+
+
 def build_runtime(settings: AgentSettings, state_dir: Path, service: str) -> AgentRuntime:
     """The runtime ``PODIUM_AGENT`` selects; ``auto`` picks claude only with credentials."""
-    kind = settings.agent
-    if kind == "auto":
-        kind = "claude" if claude_credentials_present() else "offline"
+    kind = agent_kind(settings)
     if kind == "claude":
         from podium.common.agents.claude import ClaudeRuntime  # noqa: PLC0415
 

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from collections import OrderedDict
@@ -38,6 +39,7 @@ from typing import IO, Any
 
 from podium.common.agents import AgentAnswer, AgentCall, Mode, Outcome
 from podium.common.config import AgentSettings
+from podium.common.errors import AgentUnavailable
 from podium.common.procs import die_with_parent, kill_group
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,37 @@ _PASS_ENV = (
 # Long tool results arrive as one JSON line: allow big lines.
 _LINE_LIMIT = 64 * 1024 * 1024
 _LOST = "No conversation found"
+#: Where ``make setup`` installs the pinned CLI, relative to the project's root.
+PINNED_CLI = Path("tools/claude/node_modules/.bin/claude")
+
+
+def pinned_cli(start: Path | None = None) -> Path | None:
+    """The project's pinned CLI (``make setup``), found above this package or the cwd."""
+    here = Path(__file__).resolve()
+    for base in (start, Path.cwd(), here):
+        if base is None:
+            continue
+        for folder in (base, *base.parents):
+            candidate = folder / PINNED_CLI
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def resolve_claude_bin(configured: str) -> str:
+    """The CLI to run: ``PODIUM_CLAUDE_BIN`` if set, else ``claude`` on PATH, else the
+    project's pinned CLI; ``claude`` (to fail with its name) when there is none."""
+    if configured:
+        return configured
+    found = shutil.which("claude")
+    if found is not None:
+        return found
+    pinned = pinned_cli()
+    return str(pinned) if pinned is not None else "claude"
+
+
+class CannotStart(Exception):
+    """The CLI's process could not be started (becomes a ``cannot_start`` answer)."""
 
 
 def project_dir_name(workdir: Path) -> str:
@@ -135,9 +168,63 @@ class ClaudeRuntime:
     def __init__(self, settings: AgentSettings, config_root: Path) -> None:
         self.settings = settings
         self.config_root = config_root
+        #: The executable run for every turn (see :func:`resolve_claude_bin`).
+        self.bin = resolve_claude_bin(settings.claude_bin)
         self.pool: OrderedDict[str, WarmSession] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._problem = ""
+
+    # --- can it run at all -------------------------------------------------
+
+    def _setting(self) -> str:
+        role = str(getattr(self.settings, "ROLE", ""))
+        own = f" (or PODIUM_{role.upper()}_CLAUDE_BIN)" if role else ""
+        if self.settings.claude_bin:
+            return f"PODIUM_CLAUDE_BIN{own}={self.settings.claude_bin!r}"
+        if self.bin == "claude":
+            return (
+                f"PODIUM_CLAUDE_BIN{own} is not set, and `claude` is neither on PATH nor "
+                f"installed in {PINNED_CLI} (run `make setup`)"
+            )
+        return f"PODIUM_CLAUDE_BIN{own} is not set; tried {self.bin}"
+
+    async def check(self) -> str:
+        """Run ``<cli> --version`` once; raise :class:`AgentUnavailable` if it cannot run."""
+        scratch = self.config_root / "check"
+        scratch.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL")}
+        env.update(HOME=str(scratch), CLAUDE_CONFIG_DIR=str(scratch), DISABLE_AUTOUPDATER="1")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.bin, "--version",
+                env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )  # fmt: skip
+        except OSError as err:
+            raise AgentUnavailable(
+                f"the Claude Code CLI cannot be run: {self._setting()}: {_os_error(err)}"
+            ) from err
+        try:
+            async with asyncio.timeout(30):
+                out, err_out = await proc.communicate()
+        except TimeoutError:
+            await kill_group(proc, grace_s=0)
+            raise AgentUnavailable(
+                f"the Claude Code CLI did not answer `--version` in 30 s: {self._setting()}"
+            ) from None
+        if proc.returncode != 0:
+            detail = _tail((err_out or out).decode("utf-8", "replace").strip(), 500)
+            raise AgentUnavailable(
+                f"the Claude Code CLI failed `--version` (exit status {proc.returncode}): "
+                f"{self._setting()}: {detail}"
+            )
+        return f"{out.decode('utf-8', 'replace').strip()} at {self.bin}"
+
+    def problem(self) -> str:
+        """Why the last attempt to start the CLI failed ("" once one succeeds)."""
+        return self._problem
 
     # --- where things live -------------------------------------------------
 
@@ -163,7 +250,7 @@ class ClaudeRuntime:
     ) -> list[str]:
         """The CLI's arguments for ``call`` (no prompt: it goes on stdin)."""
         s = self.settings
-        cmd = [s.claude_bin, "-p"]
+        cmd = [self.bin, "-p"]
         if streaming:
             cmd += ["--input-format", "stream-json", "--output-format", "stream-json", "--verbose"]
         else:
@@ -222,7 +309,7 @@ class ClaudeRuntime:
         if streaming:
             stderr = (self.config_dir(call) / "stderr.log").open("ab")
         try:
-            return await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 *self.command(call, session_id, resume=resume, streaming=streaming),
                 cwd=call.workdir,
                 env=self.environment(call),
@@ -235,9 +322,18 @@ class ClaudeRuntime:
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
+        except OSError as err:
+            # The CLI vanished or lost its execute bit after the start-up check: an
+            # outcome for the caller (a FAILED task, an escalation), never an exception.
+            self._problem = f"the Claude Code CLI cannot be started: {self._setting()}: "
+            self._problem += _os_error(err)
+            log.error("agent cannot start", extra={"error": self._problem})  # noqa: TRY400
+            raise CannotStart(self._problem) from err
         finally:
             if not isinstance(stderr, int):
                 stderr.close()
+        self._problem = ""
+        return proc
 
     # --- turns -----------------------------------------------------------
 
@@ -247,6 +343,14 @@ class ClaudeRuntime:
     async def run(self, call: AgentCall) -> AgentAnswer:
         """One turn: warm if ``call.key`` has a live session, else cold."""
         self._start_reaper()
+        try:
+            return await self._run(call)
+        except CannotStart as err:
+            return AgentAnswer(
+                text="", session_id=call.session_id or "", outcome="cannot_start", error=str(err)
+            )
+
+    async def _run(self, call: AgentCall) -> AgentAnswer:
         async with self._lock(call.key):
             warm = self.pool.get(call.key)
             if warm is not None and (
@@ -485,8 +589,20 @@ def parse_result(
     )
 
 
+def _os_error(err: OSError) -> str:
+    return f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+
+
 def _tail(text: str, limit: int = 2000) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-__all__ = ["ClaudeRuntime", "WarmSession", "answer_from", "parse_result", "project_dir_name"]
+__all__ = [
+    "ClaudeRuntime",
+    "WarmSession",
+    "answer_from",
+    "parse_result",
+    "pinned_cli",
+    "project_dir_name",
+    "resolve_claude_bin",
+]

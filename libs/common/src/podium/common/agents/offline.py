@@ -37,6 +37,14 @@ class OfflineRuntime:
         self.sessions_dir = sessions_dir
         self.delay_s = delay_s
 
+    async def check(self) -> str:
+        """Nothing to check: the offline agent runs in this process."""
+        return "the built-in offline agent"
+
+    def problem(self) -> str:
+        """Never a problem."""
+        return ""
+
     async def run(self, call: AgentCall) -> AgentAnswer:
         """Answer one turn deterministically from the prompt and the session's history."""
         started = time.monotonic()
