@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up the project on a fresh machine and run it or its tests.
 #   scripts/dev.sh setup   uv (if missing) + the locked virtual environment (+ the Claude CLI)
-#   scripts/dev.sh up      setup, then `podium up`
+#   scripts/dev.sh up      setup (the Claude CLI too: ANTHROPIC_API_KEY=… make up runs real
+#                          agents), then `podium up`
 #   scripts/dev.sh test    setup, then ruff, mypy --strict and the whole pytest suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ setup() {
 setup_claude() {
   # The real Claude Code CLI, pinned in tools/claude, for the agent tests.
   if ! command -v npm >/dev/null 2>&1; then
-    echo "npm not found: tests that need the Claude Code CLI will be skipped" >&2
+    echo "npm not found: no Claude Code CLI (its tests are skipped; agents run offline)" >&2
     return
   fi
   if [ ! -x tools/claude/node_modules/.bin/claude ]; then
@@ -45,6 +46,7 @@ case "${1:-}" in
     ;;
   up)
     setup
+    setup_claude
     shift
     exec .venv/bin/podium up "$@"
     ;;

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -82,3 +85,120 @@ def test_demo_without_a_platform_fails_clearly(tmp_path: Path) -> None:
     )
     assert demo.returncode == 1
     assert "cannot reach the ingress" in demo.stderr
+
+
+def start_up(args: list[str], env: dict[str, str], output: Path) -> subprocess.Popen[bytes]:
+    """``podium up`` with ``args``; its output goes to ``output``."""
+    with output.open("wb") as log:
+        return subprocess.Popen(
+            [*PODIUM, "up", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PODIUM_", "ANTHROPIC_"))}
+    env.pop("NATS_URL", None)
+    return {**env, **extra}
+
+
+def hold(port: int) -> socket.socket | None:
+    """Listen on ``port`` (None if something else already does: it is taken either way)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    sock.listen()
+    return sock
+
+
+def test_up_beside_an_old_nats_and_taken_ports_runs_elsewhere_and_says_so(
+    old_nats: str, tmp_path: Path
+) -> None:
+    # This machine's own situation: Debian's nats-server 2.9.10 answers where podium up
+    # would look, and the default ports (8080, 9090 is also Prometheus's) are taken.
+    held = [hold(8080), hold(9090)]
+    home = tmp_path / "home"
+    env = clean_env(NATS_URL=old_nats)
+    output = tmp_path / "up.log"
+    up = start_up(["--home", str(home)], env, output)
+    try:
+        deadline = time.monotonic() + 90
+        while "Podium is up." not in output.read_text():
+            assert up.poll() is None, output.read_text()
+            assert time.monotonic() < deadline, output.read_text()
+            time.sleep(0.1)
+        text = output.read_text()
+        assert (
+            f"podium up: the NATS server at {old_nats} is nats-server 2.9.10; Podium needs "
+            "2.14.0 or newer: using an embedded nats-server on a free port instead"
+        ) in text
+        assert "podium up: ingress port 8080 is in use: using " in text
+        assert "podium up: health ports 9090-9093 are in use" in text
+        assert "conductor: owns 16 of 16 partitions" in text
+        platform = json.loads((home / "platform.json").read_text())
+        assert platform["nats_url"] != old_nats
+        assert not platform["ingress_url"].endswith(":8080")
+        # The other verbs find the platform by itself: no NATS_URL, no --url.
+        demo = subprocess.run(
+            [*PODIUM, "demo", "--timeout", "30"],
+            env=clean_env(PODIUM_HOME=str(home)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert demo.returncode == 0, demo.stdout + demo.stderr + output.read_text()
+        assert "← reply to ada@example.com" in demo.stdout
+    finally:
+        up.send_signal(signal.SIGINT)
+        code = up.wait(timeout=60)
+        for sock in held:
+            if sock is not None:
+                sock.close()
+    assert code == 0, output.read_text()
+    assert not (home / "platform.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["--port", "--health-base"])
+def test_up_on_a_port_that_is_taken_stops_with_one_line(flag: str, tmp_path: Path) -> None:
+    port = free_port()
+    sock = hold(port)
+    try:
+        env = clean_env(NATS_URL=f"nats://127.0.0.1:{free_port()}")
+        output = tmp_path / "up.log"
+        up = start_up(["--home", str(tmp_path / "home"), flag, str(port)], env, output)
+        code = up.wait(timeout=60)
+    finally:
+        if sock is not None:
+            sock.close()
+    text = output.read_text()
+    assert code == 1, text
+    what = f"ingress port {port} (--port) is" if flag == "--port" else f"{port} already"
+    (line,) = [line for line in text.splitlines() if line.startswith("podium up: ")]
+    assert what in line
+    assert "restarting" not in text
+    assert "Traceback" not in text
+
+
+def test_up_stops_when_a_service_cannot_start_instead_of_restarting_it(tmp_path: Path) -> None:
+    env = clean_env(
+        NATS_URL=f"nats://127.0.0.1:{free_port()}",
+        PODIUM_AGENT="claude",
+        PODIUM_CLAUDE_BIN=str(tmp_path / "no" / "claude"),
+    )
+    output = tmp_path / "up.log"
+    up = start_up(["--home", str(tmp_path / "home"), "--health-base", "0"], env, output)
+    code = up.wait(timeout=90)
+    text = output.read_text()
+    assert code == 1, text
+    (line,) = [line for line in text.splitlines() if line.startswith("podium up: ")]
+    assert re.fullmatch(
+        r"podium up: (conductor|worker) cannot start: the Claude Code CLI cannot be run: "
+        r"PODIUM_CLAUDE_BIN \(or PODIUM_(CONDUCTOR|WORKER)_CLAUDE_BIN\)='.*/no/claude': "
+        r"No such file or directory",
+        line,
+    ), line
+    assert "restarting" not in text
+    assert "Podium is up." not in text

@@ -21,29 +21,54 @@ from pathlib import Path
 
 from podium.cli import client
 from podium.cli.up import Layout, api_token, up
+from podium.common.errors import PodiumError
+
+ENVIRONMENT = """\
+environment:
+  NATS_URL                       the NATS server (default: the one a running `podium up`
+                                 uses, from PODIUM_HOME/platform.json; else 127.0.0.1:4222)
+  PODIUM_NATS_USER, PODIUM_NATS_PASSWORD, PODIUM_NATS_CREDS
+                                 NATS credentials (the admin user, where the server has users)
+  PODIUM_NATS_CONNECT_TIMEOUT_S  give up connecting to NATS after this long (default 5)
+  PODIUM_HOME                    podium up's folder: state, logs, outbox, token (.podium)
+  PODIUM_URL                     the ingress demo and send talk to (default: podium up's)
+  PODIUM_API_TOKEN               the API token send uses (default: PODIUM_HOME/api-token,
+                                 which podium up generates; the ingress reads PODIUM_API_TOKENS)
+Every service setting is described in docs/configuration.md.
+"""
 
 
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(
-        prog="podium", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="podium",
+        description=__doc__,
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="verb", required=True)
     home = os.environ.get("PODIUM_HOME", ".podium")
-    url = os.environ.get("PODIUM_URL", "http://127.0.0.1:8080")
+    url_help = "the ingress (default: PODIUM_URL, else the running `podium up`'s)"
 
     p_up = sub.add_parser("up", help="run the whole platform on this machine")
     p_up.add_argument("--home", default=home, help="state, logs and outbox folder")
-    p_up.add_argument("--port", type=int, default=8080, help="ingress port")
-    p_up.add_argument("--health-base", type=int, default=9090, help="first health/metrics port")
+    p_up.add_argument(
+        "--port", type=int, default=None, help="ingress port (default 8080, or a free one)"
+    )
+    p_up.add_argument(
+        "--health-base",
+        type=int,
+        default=None,
+        help="first of the four health/metrics ports (default 9090, or free ones; 0 = free)",
+    )
 
     p_demo = sub.add_parser("demo", help="send a sample email and wait for the reply")
-    p_demo.add_argument("--url", default=url)
+    p_demo.add_argument("--url", default=None, help=url_help)
     p_demo.add_argument("--timeout", type=float, default=90.0)
 
     p_send = sub.add_parser("send", help="send a message through the API")
     p_send.add_argument("text")
-    p_send.add_argument("--url", default=url)
+    p_send.add_argument("--url", default=None, help=url_help)
     p_send.add_argument("--home", default=home)
     p_send.add_argument("--thread", default="", help="continue this thread")
     p_send.add_argument("--wait", action="store_true", help="wait for the reply and print it")
@@ -96,12 +121,19 @@ def _replay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``podium`` command."""
+    """Entry point of the ``podium`` command.
+
+    A fault it cannot get past (NATS unreachable or too old, a bad setting) is one
+    line on stderr naming it, and exit status 1.
+    """
     args = parser().parse_args(argv)
     try:
         code = asyncio.run(_dispatch(args))
     except KeyboardInterrupt:
         code = 130
+    except PodiumError as err:
+        print(f"podium {args.verb}: {err}", file=sys.stderr)  # noqa: T201
+        code = 1
     sys.exit(code)
 
 
@@ -110,11 +142,11 @@ async def _dispatch(args: argparse.Namespace) -> int:
         case "up":
             return await up(Layout(Path(args.home), args.port, args.health_base))
         case "demo":
-            return await client.demo(args.url, args.timeout)
+            return await client.demo(client.ingress_url(args.url), args.timeout)
         case "send":
             token = api_token(Layout(Path(args.home)))
             return await client.send(
-                args.url,
+                client.ingress_url(args.url),
                 token,
                 args.text,
                 thread=args.thread,

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,10 +23,11 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from podium.cli.up import running_platform
 from podium.common import streams, subjects
-from podium.common.bus import connect
+from podium.common.bus import connect, shown_url
 from podium.common.config import CommonSettings, load
-from podium.common.errors import ConfigError
+from podium.common.errors import ConfigError, NatsUnreachable
 from podium.common.events import AnyEvent, ApiReply, SendEmail, decode, event_type
 from podium.common.ids import new_id
 from podium.common.kv import Store
@@ -42,19 +44,52 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)  # noqa: T201
 
 
+def home() -> Path:
+    """The folder ``podium up`` keeps its files in (``PODIUM_HOME``, default ``.podium``)."""
+    return Path(os.environ.get("PODIUM_HOME", ".podium"))
+
+
 def settings() -> CommonSettings:
-    """NATS settings from the environment: ``NATS_URL`` and, where the server has users,
+    """NATS settings from the environment: ``NATS_URL`` (else the server of the ``podium up``
+    running from ``PODIUM_HOME``, else the default) and, where the server has users,
     ``PODIUM_NATS_USER`` / ``PODIUM_NATS_PASSWORD`` or ``PODIUM_NATS_CREDS`` (the admin user)."""
     env = {k: v for k, v in os.environ.items() if k == "NATS_URL" or k.startswith("PODIUM_")}
-    env.setdefault("NATS_URL", DEFAULT_NATS_URL)
+    if "NATS_URL" not in env:
+        platform = running_platform(home())
+        env["NATS_URL"] = str(platform["nats_url"]) if platform else DEFAULT_NATS_URL
     try:
         return load(CommonSettings, env)
     except ConfigError as err:
         raise SystemExit(f"podium: {err}") from None
 
 
+def ingress_url(given: str | None) -> str:
+    """The ingress to talk to: ``--url``, ``PODIUM_URL``, the running ``podium up``'s, or :8080."""
+    if given:
+        return given
+    if env := os.environ.get("PODIUM_URL"):
+        return env
+    platform = running_platform(home())
+    return str(platform["ingress_url"]) if platform else "http://127.0.0.1:8080"
+
+
+async def nats_client(name: str = "podium-cli", config: CommonSettings | None = None) -> Client:
+    """A connection for a verb: given up after ``PODIUM_NATS_CONNECT_TIMEOUT_S``.
+
+    Raises :class:`~podium.common.errors.PodiumError` whose message names the URL:
+    unreachable, refused, or a server too old for Podium.
+    """
+    config = config or settings()
+    timeout_s = config.nats_connect_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await connect(config, name=name)
+    except TimeoutError:
+        raise NatsUnreachable(shown_url(config), f"no answer within {timeout_s:g}s") from None
+
+
 async def _nats() -> Client:
-    return await connect(settings(), name="podium-cli")
+    return await nats_client()
 
 
 async def wait_for_command(
@@ -299,16 +334,15 @@ async def provision_cmd(wait_s: float = 0.0) -> int:
     from podium.common.streams import provision  # noqa: PLC0415
 
     config = settings()
-    try:
-        # connect() retries until the server answers: bound it.
-        async with asyncio.timeout(max(wait_s, 5.0)):
-            nc = await connect(config, name="podium-provision")
-    except TimeoutError:
-        _err(
-            f"podium provision: no connection to NATS at {config.nats_url} in {wait_s:g}s "
-            "(down, or the credentials were refused)"
-        )
-        return 1
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            nc = await nats_client("podium-provision", config)
+            break
+        except NatsUnreachable:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(1.0)
     try:
         await provision(nc.jetstream(), replicas=config.stream_replicas)
     finally:

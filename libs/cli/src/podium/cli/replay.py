@@ -190,10 +190,9 @@ async def run(
     dry_run: bool = False,
 ) -> int:
     """The ``podium replay`` verbs (see the module docstring)."""
-    from podium.cli.client import settings  # noqa: PLC0415
-    from podium.common.bus import connect  # noqa: PLC0415
+    from podium.cli.client import nats_client  # noqa: PLC0415
 
-    nc = await connect(settings(), name="podium-replay")
+    nc = await nats_client("podium-replay")
     try:
         js = nc.jetstream()
         match verb:

@@ -1,14 +1,26 @@
 """``podium up``: the whole platform on one machine, each service its own process.
 
-Starts an embedded nats-server unless ``NATS_URL`` already answers, provisions
-the streams, runs ingress, conductor, worker and notifier through their real
-entry points (``python -m podium.<service>``), restarts one that dies, and on
-Ctrl-C stops them in order with SIGTERM so in-flight work drains.
+It uses the NATS server at ``NATS_URL`` (default ``nats://127.0.0.1:4222``) only
+if that server is one Podium can work with (nats-server
+:data:`~podium.common.bus.MIN_SERVER_VERSION` or newer, JetStream on). A local
+address where nothing listens gets an embedded nats-server; a local one held by
+an older server (Debian's 2.9.10 on this kind of machine) or by something else
+gets an embedded server on a free port instead, and says so. A remote server it
+cannot use is refused with one line.
+
+Then it provisions the streams, runs ingress, conductor, worker and notifier
+through their real entry points (``python -m podium.<service>``), prints
+"Podium is up" once every one reports ready (or names the one that is not, and
+why), restarts one that crashes, stops the platform when one exits with a
+start-up fault that a restart cannot fix, and on Ctrl-C stops them in order
+with SIGTERM so in-flight work drains. Where it runs is written to
+``<home>/platform.json`` so that ``podium demo``, ``send`` and ``status`` find it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -19,42 +31,91 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlparse
 
 import aiohttp
 
 from podium.cli.natsserver import NatsServer, free_port
 from podium.common.agents import claude_credentials_present
+from podium.common.bus import MIN_SERVER_VERSION, version_text
+from podium.common.errors import EXIT_STARTUP, PodiumError
 from podium.common.runtime import wait_set
 
 SERVICES = ("ingress", "conductor", "worker", "notifier")
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_INGRESS_PORT = 8080
+DEFAULT_HEALTH_BASE = 9090
+#: Where escalations go under ``podium up`` unless PODIUM_OPERATOR_EMAIL says otherwise:
+#: they land in the outbox beside every other message, where a local user sees them.
+LOCAL_OPERATOR = "operator@localhost"
+#: How long the services may take to become ready before ``podium up`` gives up.
+READY_TIMEOUT_S = 120.0
+
+
+class UpError(PodiumError):
+    """``podium up`` cannot run as asked (a port taken, a server it cannot use)."""
 
 
 @dataclass
 class Layout:
     """Where ``podium up`` keeps its files, and the ports it uses.
 
+    ``ingress_port`` / ``health_base`` None: the defaults (8080, 9090…9093), or
+    free ports if those are taken. A number: exactly that, or an error if taken.
     ``health_base`` 0 gives each service a free port (tests run several at once).
     """
 
     home: Path
-    ingress_port: int = 8080
-    health_base: int = 9090
+    ingress_port: int | None = None
+    health_base: int | None = None
     health_ports: dict[str, int] = field(default_factory=dict)
+    #: What was chosen instead of a default, and why (printed at start).
+    notes: list[str] = field(default_factory=list)
 
     def allocate_ports(self, taken: set[int]) -> None:
-        """Choose the health ports (after NATS is up, so a free port is really free)."""
-        for i, service in enumerate(SERVICES):
-            if self.health_base:
-                self.health_ports[service] = self.health_base + i
-                continue
-            port = free_port()
-            while port in taken:
-                port = free_port()
-            taken.add(port)
-            self.health_ports[service] = port
+        """Choose the ingress and health ports: the asked-for ones, else free ones."""
+        self.ingress_port = self._choose(
+            "ingress", self.ingress_port, DEFAULT_INGRESS_PORT, "--port", taken
+        )
+        taken.add(self.ingress_port)
+        base = self.health_base
+        if base == 0:
+            for service in SERVICES:
+                self.health_ports[service] = _free_port(taken)
+                taken.add(self.health_ports[service])
+            return
+        wanted = [(base or DEFAULT_HEALTH_BASE) + i for i in range(len(SERVICES))]
+        busy = [p for p in wanted if p in taken or not port_free(p)]
+        if busy and base is not None:
+            raise UpError(
+                f"health ports {wanted[0]}-{wanted[-1]} (--health-base {base}): "
+                f"{', '.join(map(str, busy))} already in use; choose another --health-base"
+            )
+        if busy:
+            self.notes.append(
+                f"health ports {wanted[0]}-{wanted[-1]} are in use ({', '.join(map(str, busy))}): "
+                "using free ports instead"
+            )
+            wanted = []
+            for _ in SERVICES:
+                port = _free_port(taken)
+                taken.add(port)
+                wanted.append(port)
+        self.health_ports = dict(zip(SERVICES, wanted, strict=True))
+        taken.update(wanted)
+
+    def _choose(
+        self, what: str, asked: int | None, default: int, flag: str, taken: set[int]
+    ) -> int:
+        port = default if asked is None else asked
+        if port not in taken and port_free(port):
+            return port
+        if asked is not None:
+            raise UpError(f"{what} port {port} ({flag}) is already in use; choose another {flag}")
+        chosen = _free_port(taken)
+        self.notes.append(f"{what} port {port} is in use: using {chosen} instead")
+        return chosen
 
     @property
     def token_file(self) -> Path:
@@ -66,21 +127,156 @@ class Layout:
         """The outbox file the notifier writes."""
         return self.home / "outbox.jsonl"
 
+    @property
+    def platform_file(self) -> Path:
+        """Where a running ``podium up`` says where it runs (for the client verbs)."""
+        return self.home / "platform.json"
+
     def health_port(self, service: str) -> int:
         """The health/metrics port of ``service``."""
         return self.health_ports[service]
 
+    @property
+    def ingress_url(self) -> str:
+        """The ingress's base URL."""
+        return f"http://127.0.0.1:{self.ingress_port}"
 
-def nats_answers(url: str, timeout_s: float = 1.0) -> bool:
-    """Whether a NATS server answers at ``url`` (it greets with an INFO line)."""
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a service could listen on ``host:port`` now (as aiohttp binds: SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(taken: set[int]) -> int:
+    port = free_port()
+    while port in taken:
+        port = free_port()
+    return port
+
+
+# --- which NATS ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What answers at a NATS URL: nothing, a NATS server (its INFO), or something else."""
+
+    url: str
+    listening: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_nats(self) -> bool:
+        """Whether a NATS server greeted with INFO."""
+        return bool(self.info)
+
+    @property
+    def version(self) -> str:
+        """The server's version as it reports it."""
+        return str(self.info.get("version", "unknown"))
+
+    def problem(self) -> str | None:
+        """Why Podium cannot use this server, or None if it can (or nothing listens)."""
+        if not self.listening:
+            return None
+        if not self.is_nats:
+            return f"something that is not a NATS server listens at {self.url}"
+        needed = version_text(MIN_SERVER_VERSION)
+        if parse_version(self.version) < MIN_SERVER_VERSION:
+            return (
+                f"the NATS server at {self.url} is nats-server {self.version}; "
+                f"Podium needs {needed} or newer"
+            )
+        if not self.info.get("jetstream"):
+            return f"the NATS server at {self.url} runs without JetStream (start it with -js)"
+        return None
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """``2.9.10`` (or ``v2.15.1-beta``) as a tuple; (0, 0, 0) if unreadable."""
+    core = text.lstrip("v").split("-", 1)[0].split("+", 1)[0]
+    try:
+        major, minor, patch = (int(part) for part in core.split(".")[:3])
+    except ValueError:
+        return (0, 0, 0)
+    return (major, minor, patch)
+
+
+def probe_nats(url: str, timeout_s: float = 2.0) -> Probe:
+    """Connect to the first server of ``url`` and read its INFO line, if it sends one."""
     parsed = urlparse(url.split(",", maxsplit=1)[0].strip())
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
             sock.settimeout(timeout_s)
-            return sock.recv(5) == b"INFO "
+            data = b""
+            while b"\r\n" not in data and len(data) < 65536:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except TimeoutError:
+        return Probe(url, listening=True)
     except OSError:
-        return False
+        return Probe(url, listening=False)
+    line = data.split(b"\r\n", 1)[0]
+    if not line.startswith(b"INFO "):
+        return Probe(url, listening=True)
+    try:
+        info = json.loads(line[5:])
+    except ValueError:
+        return Probe(url, listening=True)
+    return Probe(url, listening=True, info=info if isinstance(info, dict) else {})
+
+
+def nats_answers(url: str, timeout_s: float = 1.0) -> bool:
+    """Whether a NATS server answers at ``url`` (it greets with an INFO line)."""
+    return probe_nats(url, timeout_s).is_nats
+
+
+def _local(url: str) -> bool:
+    return urlparse(url.split(",", maxsplit=1)[0].strip()).hostname in ("127.0.0.1", "localhost")
+
+
+@dataclass
+class Nats:
+    """The NATS server the platform uses, and why."""
+
+    url: str
+    embedded: NatsServer | None = None
+    why: str = ""
+
+
+def choose_nats(layout: Layout, url: str) -> Nats:
+    """The server to use for ``url``: that one if Podium can use it, else an embedded one.
+
+    Raises :class:`UpError` for a remote server that is down or unusable.
+    """
+    probe = probe_nats(url)
+    problem = probe.problem()
+    if probe.is_nats and problem is None:
+        return Nats(url, why=f"nats-server {probe.version}")
+    if not _local(url):
+        if problem is not None:
+            raise UpError(f"{problem}: upgrade it, or unset NATS_URL to run an embedded server")
+        raise UpError(f"NATS_URL={url} does not answer")
+    port = urlparse(url).port or 4222
+    why = ""
+    if probe.listening:
+        port = free_port()
+        why = f"{problem}: using an embedded nats-server on a free port instead"
+    embedded = NatsServer(layout.home / "nats", port=port)
+    embedded.start()
+    return Nats(embedded.url, embedded=embedded, why=why)
+
+
+# --- the services --------------------------------------------------------------
 
 
 def api_token(layout: Layout) -> str:
@@ -114,9 +310,15 @@ def service_env(layout: Layout, service: str, nats_url: str, token: str) -> dict
         defaults["PODIUM_PORT"] = str(layout.ingress_port)
         defaults["PODIUM_HOST"] = "127.0.0.1"
         defaults["PODIUM_API_TOKENS"] = f"local:{token}"
+    if service == "conductor":
+        defaults["PODIUM_OPERATOR_EMAIL"] = LOCAL_OPERATOR
     for key, value in defaults.items():
         env.setdefault(key, value)
+    # The ports and the server were chosen above (free ones where the defaults were taken).
     env["NATS_URL"] = nats_url
+    env["PODIUM_HEALTH_PORT"] = str(layout.health_port(service))
+    if service == "ingress":
+        env["PODIUM_PORT"] = str(layout.ingress_port)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -131,6 +333,8 @@ class Child:
     proc: asyncio.subprocess.Process | None = None
     restarts: list[float] = field(default_factory=list)
     pump: asyncio.Task[None] | None = None
+    #: The last lines it wrote, to show why it stopped.
+    last_lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=50))
 
     async def start(self) -> None:
         """Start the process through its real entry point."""
@@ -150,9 +354,25 @@ class Child:
             return
         async for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.last_lines.append(line)
             self.log_file.write(line + "\n")
             self.log_file.flush()
             print(render_log_line(self.service, line), flush=True)  # noqa: T201
+
+    async def wait_output(self) -> None:
+        """Wait until everything it wrote was read (after it exited)."""
+        if self.pump is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await asyncio.wait({self.pump})
+
+    def startup_error(self) -> str:
+        """The ``cannot start:`` line it printed, or its last line."""
+        prefix = f"podium-{self.service}: cannot start: "
+        for line in reversed(self.last_lines):
+            if line.startswith(prefix):
+                return line[len(prefix) :]
+        return self.last_lines[-1] if self.last_lines else "no output"
 
 
 def render_log_line(service: str, line: str) -> str:
@@ -171,73 +391,156 @@ def render_log_line(service: str, line: str) -> str:
     return f"{service:>9} | {level:<7} {msg} {extras}".rstrip()
 
 
-async def wait_ready(layout: Layout, timeout_s: float = 60.0) -> list[str]:
-    """Services not ready after ``timeout_s`` (empty when all are)."""
-    pending = set(SERVICES)
+async def readiness(layout: Layout, http: aiohttp.ClientSession) -> dict[str, tuple[bool, str]]:
+    """Each service's (ready, reason) from its /readyz."""
+    found: dict[str, tuple[bool, str]] = {}
+    for service in SERVICES:
+        url = f"http://127.0.0.1:{layout.health_port(service)}/readyz"
+        try:
+            async with http.get(url) as resp:
+                body = await resp.json(content_type=None)
+                found[service] = (resp.status == 200, str(body.get("reason", "")))
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            found[service] = (False, "not answering yet")
+    return found
+
+
+async def wait_ready(
+    layout: Layout,
+    children: list[Child],
+    stop: asyncio.Event,
+    timeout_s: float = READY_TIMEOUT_S,
+) -> tuple[dict[str, tuple[bool, str]], Child | None]:
+    """Wait until every service is ready, one exits, ``stop`` is set or ``timeout_s`` passes.
+
+    Returns the last readiness of each service and the child that exited, if any.
+    Says every 15 s which services it is still waiting for, and why.
+    """
     deadline = time.monotonic() + timeout_s
+    next_note = time.monotonic() + 15
+    state: dict[str, tuple[bool, str]] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        while pending and time.monotonic() < deadline:
-            for service in list(pending):
-                url = f"http://127.0.0.1:{layout.health_port(service)}/readyz"
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with http.get(url) as resp:
-                        if resp.status == 200:
-                            pending.discard(service)
-            await asyncio.sleep(0.2)
-    return sorted(pending)
+        while True:
+            for child in children:
+                if child.proc is not None and child.proc.returncode is not None:
+                    return state, child
+            state = await readiness(layout, http)
+            if all(ready for ready, _ in state.values()):
+                return state, None
+            if time.monotonic() > deadline or stop.is_set():
+                return state, None
+            if time.monotonic() > next_note:
+                next_note = time.monotonic() + 15
+                _say(f"podium up: waiting for {_not_ready(state)}", err=True)
+            await wait_set(stop, 0.2)
 
 
-def banner(layout: Layout, nats_url: str, embedded: bool, token: str) -> str:
+def _not_ready(state: dict[str, tuple[bool, str]]) -> str:
+    return "; ".join(f"{s} ({reason})" for s, (ready, reason) in state.items() if not ready)
+
+
+def _podium_command() -> str:
+    """How the user runs ``podium`` (the virtual environment's, when not on PATH)."""
+    here = Path(sys.executable).parent / "podium"
+    if here.exists():
+        with contextlib.suppress(ValueError):
+            return str(here.relative_to(Path.cwd()))
+        return str(here)
+    return "podium"
+
+
+def banner(layout: Layout, nats: Nats, state: dict[str, tuple[bool, str]]) -> str:
     """What ``podium up`` prints once everything is ready."""
     agent = os.environ.get("PODIUM_AGENT", "auto")
     if agent == "auto":
         agent = "claude" if claude_credentials_present() else "offline (no Claude credentials)"
-    base = f"http://127.0.0.1:{layout.ingress_port}"
+    base = layout.ingress_url
     health = "  ".join(f"{s}: http://127.0.0.1:{layout.health_port(s)}/metrics" for s in SERVICES)
-    where = f" (embedded, data in {layout.home / 'nats'})" if embedded else ""
+    where = f" (embedded, data in {layout.home / 'nats'})" if nats.embedded else f" ({nats.why})"
+    services = "\n".join(f"  {s:>9}: {reason}" for s, (_, reason) in state.items())
+    podium = _podium_command()
     return f"""
 Podium is up.
-  NATS:      {nats_url}{where}
+  NATS:      {nats.url}{where}
   Agent:     {agent}
   API:       {base}/v1/messages   (token in {layout.token_file})
   Webhooks:  {base}/webhooks/twilio/sms   {base}/webhooks/sendgrid/inbound
-  Outbox:    {layout.outbox}
+  Outbox:    {layout.outbox}   (replies, and escalations to {_operator()})
   Metrics:   {health}
+{services}
 
 Try it (in another terminal):
-  podium demo
-  podium send "Summarise the plan for Monday" --wait
-  curl -s {base}/v1/messages -H "Authorization: Bearer {token[:6]}…" -d '{{"text": "hello"}}'
+  {podium} demo
+  {podium} send "Summarise the plan for Monday" --wait
+  curl -s {base}/v1/messages -H "Authorization: Bearer $(cat {layout.token_file})" \\
+       -H 'Content-Type: application/json' -d '{{"text": "hello"}}'
 
 Ctrl-C stops everything.
 """
 
 
+def _operator() -> str:
+    return os.environ.get("PODIUM_OPERATOR_EMAIL") or LOCAL_OPERATOR
+
+
+def _say(text: str, *, err: bool = False) -> None:
+    print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def write_platform_file(layout: Layout, nats: Nats) -> None:
+    """Say where the platform runs, for ``podium demo``/``send``/``status``."""
+    data = {
+        "pid": os.getpid(),
+        "nats_url": nats.url,
+        "ingress_url": layout.ingress_url,
+        "health_ports": layout.health_ports,
+    }
+    layout.platform_file.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def running_platform(home: Path) -> dict[str, Any] | None:
+    """What ``<home>/platform.json`` says, if the ``podium up`` that wrote it still runs."""
+    path = home / "platform.json"
+    try:
+        data = json.loads(path.read_text())
+        os.kill(int(data["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 async def up(layout: Layout) -> int:
     """Run the platform until Ctrl-C; returns the exit status."""
+    try:
+        return await _up(layout)
+    except UpError as err:
+        _say(f"podium up: {err}", err=True)
+        return 1
+
+
+async def _up(layout: Layout) -> int:
     from podium.common.bus import connect  # noqa: PLC0415
-    from podium.common.config import CommonSettings  # noqa: PLC0415
+    from podium.common.config import CommonSettings, load  # noqa: PLC0415
     from podium.common.streams import provision  # noqa: PLC0415
 
-    nats_url = os.environ.get("NATS_URL", DEFAULT_NATS_URL)
-    embedded: NatsServer | None = None
-    if not nats_answers(nats_url):
-        parsed = urlparse(nats_url)
-        if parsed.hostname not in ("127.0.0.1", "localhost"):
-            print(f"podium up: NATS_URL={nats_url} does not answer", file=sys.stderr)  # noqa: T201
-            return 1
-        embedded = NatsServer(layout.home / "nats", port=parsed.port or 4222)
-        embedded.start()
-        print(f"embedded nats-server started on {embedded.url}", flush=True)  # noqa: T201
-    layout.allocate_ports({urlparse(nats_url).port or 4222, layout.ingress_port})
-    token = api_token(layout)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    layout.home.mkdir(parents=True, exist_ok=True)
+    nats = choose_nats(layout, os.environ.get("NATS_URL", DEFAULT_NATS_URL))
+    if nats.why and nats.embedded:
+        _say(f"podium up: {nats.why}")
+    if nats.embedded:
+        _say(f"embedded nats-server started on {nats.url}")
     children: list[Child] = []
     try:
-        nc = await connect(CommonSettings(nats_url=nats_url), name="podium-up")
+        layout.allocate_ports({urlparse(nats.url).port or 4222})
+        for note in layout.notes:
+            _say(f"podium up: {note}")
+        token = api_token(layout)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        env = {k: v for k, v in os.environ.items() if k.startswith("PODIUM_")}
+        nc = await connect(load(CommonSettings, {**env, "NATS_URL": nats.url}), name="podium-up")
         try:
             await provision(nc.jetstream())
         finally:
@@ -247,27 +550,58 @@ async def up(layout: Layout) -> int:
         for service in SERVICES:
             child = Child(
                 service,
-                service_env(layout, service, nats_url, token),
+                service_env(layout, service, nats.url, token),
                 (logs / f"{service}.log").open("a", encoding="utf-8"),
             )
             await child.start()
             children.append(child)
-        not_ready = await wait_ready(layout)
-        if not_ready:
-            print(  # noqa: T201
-                f"podium up: not ready: {', '.join(not_ready)} (see {logs})", file=sys.stderr
+        write_platform_file(layout, nats)
+        state, exited = await wait_ready(layout, children, stop)
+        if exited is not None:
+            return await _stopped_at_start(exited, logs)
+        if stop.is_set():
+            return 0
+        if not all(ready for ready, _ in state.values()):
+            _say(
+                f"podium up: not ready after {READY_TIMEOUT_S:g}s: {_not_ready(state)} "
+                f"(logs in {logs}); stopping",
+                err=True,
             )
-        else:
-            print(banner(layout, nats_url, embedded is not None, token), flush=True)  # noqa: T201
+            return 1
+        _say(banner(layout, nats, state))
         return await supervise(children, stop)
+    except PodiumError as err:
+        # A server that answered the probe but refused Podium at connect.
+        _say(f"podium up: {err}", err=True)
+        return 1
     finally:
         await shutdown(children)
-        if embedded is not None:
-            embedded.stop()
+        with contextlib.suppress(FileNotFoundError):
+            layout.platform_file.unlink()
+        if nats.embedded is not None:
+            nats.embedded.stop()
+
+
+async def _stopped_at_start(child: Child, logs: Path) -> int:
+    await child.wait_output()
+    code = child.proc.returncode if child.proc is not None else None
+    if code == EXIT_STARTUP:
+        _say(f"podium up: {child.service} cannot start: {child.startup_error()}", err=True)
+    else:
+        _say(
+            f"podium up: {child.service} exited ({code}) before it was ready "
+            f"(see {logs / (child.service + '.log')})",
+            err=True,
+        )
+    return 1
 
 
 async def supervise(children: list[Child], stop: asyncio.Event) -> int:
-    """Restart a child that exits on its own (with backoff); return when ``stop`` is set."""
+    """Restart a child that crashes (with backoff); return when ``stop`` is set.
+
+    A child that exits with a start-up fault (status 2: a setting, the server,
+    its agent CLI, a port) is not restarted: the platform stops with its message.
+    """
     while not stop.is_set():
         waits = {asyncio.create_task(c.proc.wait()): c for c in children if c.proc is not None}
         stopper = asyncio.create_task(stop.wait())
@@ -281,15 +615,19 @@ async def supervise(children: list[Child], stop: asyncio.Event) -> int:
             child = waits.get(task)
             if child is None:
                 continue
+            if task.result() == EXIT_STARTUP:
+                await child.wait_output()
+                _say(f"podium up: {child.service} cannot start: {child.startup_error()}", err=True)
+                return 1
             now = time.monotonic()
             child.restarts = [t for t in child.restarts if now - t < 60] + [now]
             if len(child.restarts) > 5:
-                print(f"podium up: {child.service} keeps failing; stopping", file=sys.stderr)  # noqa: T201
+                _say(f"podium up: {child.service} keeps failing; stopping", err=True)
                 return 1
             delay = 2 ** (len(child.restarts) - 1)
-            print(  # noqa: T201
+            _say(
                 f"podium up: {child.service} exited ({task.result()}); restarting in {delay}s",
-                file=sys.stderr,
+                err=True,
             )
             await wait_set(stop, delay)
             if not stop.is_set():
@@ -311,8 +649,5 @@ async def shutdown(children: list[Child], timeout_s: float = 35.0) -> None:
         except TimeoutError:
             child.proc.kill()
             await child.proc.wait()
-        if child.pump is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await child.pump
+        await child.wait_output()
         child.log_file.close()
