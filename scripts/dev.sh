@@ -35,6 +35,7 @@ setup_claude() {
     return
   fi
   if [ ! -x tools/claude/node_modules/.bin/claude ]; then
+    echo "installing the pinned Claude Code CLI into tools/claude" >&2
     (cd tools/claude && npm ci --no-audit --no-fund --loglevel=error)
   fi
 }

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
@@ -26,15 +28,25 @@ from podium.common import streams
 from podium.common.agents import AgentCall
 from podium.common.agents.claude import ClaudeRuntime
 from podium.common.config import load
+from podium.common.ids import conversation_id
 from podium.common.kv import Store
-from podium.common.state import TaskRecord
+from podium.common.state import Conversation, TaskRecord
+from podium.common.subjects import partition_of
+from podium.conductor.partitions import Lease
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply, ToolResult
 from podium.testing.platform import Platform
+from podium.testing.services import Process
 from podium.worker.config import WorkerSettings
 from tests.conftest import ROOT
 from tests.test_claude_e2e import is_worker
 
 pytestmark = [pytest.mark.claude, pytest.mark.e2e]
+
+
+def pinned_version() -> str:
+    """The CLI version tools/claude pins."""
+    package = json.loads((ROOT / "tools" / "claude" / "package.json").read_text())
+    return str(package["dependencies"]["@anthropic-ai/claude-code"])
 
 
 def path_without_claude() -> str:
@@ -84,7 +96,7 @@ async def test_make_up_with_an_api_key_answers_the_demo_with_the_real_cli(
             text = await asyncio.to_thread(wait_for, output, "Podium is up.", up, 120)
             assert "Agent:     claude" in text
             pinned = str(ROOT / "tools" / "claude" / "node_modules" / ".bin" / "claude")
-            assert f"agent: 2.1.197 (Claude Code) at {pinned}" in text
+            assert f"agent: {pinned_version()} (Claude Code) at {pinned}" in text
             demo = await asyncio.to_thread(
                 subprocess.run,
                 [sys.executable, "-m", "podium.cli", "demo", "--timeout", "60"],
@@ -106,10 +118,15 @@ async def test_make_up_with_an_api_key_answers_the_demo_with_the_real_cli(
 
 
 def claude_platform(
-    nats: NatsServer, root: Path, api: FakeAnthropic, claude_bin: str, **per_service: str
+    nats: NatsServer,
+    root: Path,
+    api: FakeAnthropic,
+    claude_bin: str,
+    services: tuple[str, ...] = ("ingress", "conductor", "worker", "notifier"),
+    **per_service: str,
 ) -> Platform:
-    """The services with the real CLI; ``conductor_bin`` / ``worker_bin`` point one role
-    at its own copy of the CLI (which the test may take away)."""
+    """The services with the real CLI (``PODIUM_<ROLE>_CLAUDE_BIN`` may point one role at
+    its own copy of the CLI, which the test may take away)."""
     return Platform(
         nats.url,
         root,
@@ -122,6 +139,7 @@ def claude_platform(
             "PODIUM_OPERATOR_EMAIL": "ops@example.com",
             **per_service,
         },
+        services=services,
     ).start()
 
 
@@ -281,3 +299,143 @@ async def test_workers_run_shell_commands_only_where_allowed(
     ran = await run("d", escape, allowed_env)
     assert not ran.is_error
     assert outside.read_text() == "x"
+
+
+def done_by_worker(call: MessagesCall) -> Reply:
+    """The model for a loop where the worker completes and the conductor replies."""
+    text = call.last_user_text
+    if is_worker(call):
+        return Reply.text("Status: COMPLETE\nSummary: Report written\nDetails:\nThree pages.")
+    if "Status: COMPLETE" in text:
+        return Reply.text("REPLY: Done: the report is written.")
+    if "[API]" in text:
+        return Reply.text("SPAWN_WORKER: Write the report")
+    return Reply.text("NO_ACTION: nothing to do")
+
+
+async def test_a_worker_that_cannot_run_its_cli_leaves_tasks_to_a_healthy_one(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path, claude_bin: str
+) -> None:
+    link = own_copy(claude_bin, tmp_path / "broken-cli")
+    async with FakeAnthropic(done_by_worker) as api:
+        platform = claude_platform(
+            nats_server, tmp_path, api, claude_bin, services=("ingress", "conductor", "notifier")
+        )
+        try:
+            broken = platform.add("worker", name="broken", PODIUM_WORKER_CLAUDE_BIN=str(link))
+            await platform.ready()
+            link.unlink()
+            await platform.send("Please write the report.")
+            # The only worker takes the task and finds it cannot run its CLI.
+            _, ready = await until_not_ready(broken)
+            assert f"'{link}': No such file or directory" in ready["reason"]
+            # A healthy worker joins: the task is given back to it, not failed.
+            await platform.add("worker").wait_ready()
+            (reply,) = await platform.wait_outbox(1, timeout_s=120)
+        finally:
+            platform.stop()
+    assert reply["body"] == "Done: the report is written."
+    assert not [c for c in api.main_calls if "Status: FAILED" in c.last_user_text]
+    assert len([c for c in api.main_calls if is_worker(c)]) == 1
+
+
+async def until_not_ready(process: Process, timeout_s: float = 60.0) -> tuple[int, dict[str, Any]]:
+    """Wait until the process's /readyz says 503; (status, body)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, body = await process.readyz()
+        if status == 503:
+            return status, body
+        assert time.monotonic() < deadline, body
+        await asyncio.sleep(0.1)
+
+
+def owner_pid(holder: str) -> int:
+    """The pid in a replica id (``<host>-<pid>-<nonce>``)."""
+    return int(holder.rsplit("-", 2)[1])
+
+
+async def test_a_conductor_that_cannot_run_its_cli_steps_aside_for_a_healthy_one(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path, claude_bin: str
+) -> None:
+    link = own_copy(claude_bin, tmp_path / "broken-cli")
+    async with FakeAnthropic(done_by_worker) as api:
+        platform = claude_platform(nats_server, tmp_path, api, claude_bin)
+        try:
+            broken = platform.add(
+                "conductor", name="broken-conductor", PODIUM_CONDUCTOR_CLAUDE_BIN=str(link)
+            )
+            await platform.ready()
+            # A conversation whose partition the broken replica holds (by its lease).
+            leases = await Store.open(js, streams.CONDUCTORS.name, Lease)
+            assert broken.proc is not None
+            thread = await thread_owned_by(leases, broken.proc.pid)
+            link.unlink()
+            sent = await platform.send("Please write the report.", thread_id=thread)
+            (reply,) = await platform.wait_outbox(1, timeout_s=120)
+            status, ready = await broken.readyz()
+        finally:
+            platform.stop()
+    # Answered by the healthy replica: no escalation, no dead letter.
+    assert reply["conversation_id"] == sent["conversation_id"]
+    assert reply["body"] == "Done: the report is written."
+    assert status == 503
+    assert ready["reason"].startswith("standing aside for the other replicas: ")
+    assert f"'{link}': No such file or directory" in ready["reason"]
+    info = await js.stream_info(streams.DEADLETTER.name)
+    assert info.state.messages == 0
+
+
+async def thread_owned_by(leases: Store[Lease], pid: int) -> str:
+    """An API thread id whose conversation's partition the replica with ``pid`` holds."""
+    held = set()
+    for partition in range(streams.PARTITIONS):
+        found = await leases.get(f"partition.{partition}")
+        if found is not None and found[0].holder and owner_pid(found[0].holder) == pid:
+            held.add(partition)
+    assert held, "the replica holds no partition"
+    for n in range(1000):
+        thread = f"thread-{n}"
+        if partition_of(conversation_id("api", "test", thread), streams.PARTITIONS) in held:
+            return thread
+    raise AssertionError("no thread maps to the replica's partitions")
+
+
+async def test_a_worker_result_no_conductor_turn_can_judge_still_ends_its_task(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path, claude_bin: str
+) -> None:
+    def respond(call: MessagesCall) -> Reply:
+        text = call.last_user_text
+        if is_worker(call):
+            return Reply.text("Status: COMPLETE\nSummary: Report written\nDetails:\nThree pages.")
+        if "[WORKER:" in text:
+            # The model fails every time it is asked to judge the result.
+            return Reply.http_error(500, should_retry=False)
+        return Reply.text("SPAWN_WORKER: Write the report")
+
+    async with FakeAnthropic(respond) as api:
+        platform = claude_platform(
+            nats_server,
+            tmp_path,
+            api,
+            claude_bin,
+            PODIUM_TURN_RETRY_DELAY_S="0.05",
+            PODIUM_CLAUDE_MAX_RETRIES="0",
+        )
+        try:
+            await platform.ready()
+            sent = await platform.send("Please write the report.")
+            (mail,) = await platform.wait_outbox(1, timeout_s=120)
+        finally:
+            platform.stop()
+    assert mail["to"] == ["ops@example.com"]
+    assert "task " in mail["body"] and "COMPLETE result: Report written" in mail["body"]
+    # The task is over in the conversation's record: it holds no slot for ever.
+    conversations = await Store.open(js, streams.CONVERSATIONS.name, Conversation)
+    found = await conversations.get(sent["conversation_id"])
+    assert found is not None
+    conv = found[0]
+    (task,) = conv.tasks.values()
+    assert task.state == "complete"
+    assert len(conv.accounted) == 1
+    assert not set(conv.accounted) & set(conv.handled)

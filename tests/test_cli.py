@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from podium.cli.natsserver import free_port
+from podium.cli.natsserver import NatsServer, free_port
 from podium.cli.up import nats_answers
 
 pytestmark = pytest.mark.e2e
@@ -75,9 +75,11 @@ def test_up_then_demo_then_ctrl_c(tmp_path: Path) -> None:
     assert not nats_answers(env["NATS_URL"])
 
 
-def test_demo_without_a_platform_fails_clearly(tmp_path: Path) -> None:
+def test_demo_without_a_platform_fails_clearly(nats_server: NatsServer, tmp_path: Path) -> None:
+    env = clean_env(NATS_URL=nats_server.url, PODIUM_HOME=str(tmp_path / "none"))
     demo = subprocess.run(
         [*PODIUM, "demo", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"],
+        env=env,
         capture_output=True,
         text=True,
         timeout=30,
@@ -85,6 +87,19 @@ def test_demo_without_a_platform_fails_clearly(tmp_path: Path) -> None:
     )
     assert demo.returncode == 1
     assert "cannot reach the ingress" in demo.stderr
+    # Without NATS either, it says so before it sends anything.
+    dead = f"nats://127.0.0.1:{free_port()}"
+    demo = subprocess.run(
+        [*PODIUM, "demo", "--timeout", "2"],
+        env={**env, "NATS_URL": dead},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert demo.returncode == 1
+    assert demo.stderr.startswith(f"podium demo: cannot connect to NATS at {dead}: ")
+    assert demo.stdout == ""
 
 
 def start_up(args: list[str], env: dict[str, str], output: Path) -> subprocess.Popen[bytes]:
@@ -182,23 +197,37 @@ def test_up_on_a_port_that_is_taken_stops_with_one_line(flag: str, tmp_path: Pat
     assert "Traceback" not in text
 
 
-def test_up_stops_when_a_service_cannot_start_instead_of_restarting_it(tmp_path: Path) -> None:
-    env = clean_env(
-        NATS_URL=f"nats://127.0.0.1:{free_port()}",
-        PODIUM_AGENT="claude",
-        PODIUM_CLAUDE_BIN=str(tmp_path / "no" / "claude"),
-    )
+def stopped_up(tmp_path: Path, **settings: str) -> tuple[str, str]:
+    """Run ``podium up`` (free ports, NATS to be embedded) that must stop at start:
+    its one ``podium up:`` line, and all it printed."""
+    env = clean_env(NATS_URL=f"nats://127.0.0.1:{free_port()}", **settings)
     output = tmp_path / "up.log"
-    up = start_up(["--home", str(tmp_path / "home"), "--health-base", "0"], env, output)
+    up = start_up(
+        ["--home", str(tmp_path / "home"), "--port", "0", "--health-base", "0"], env, output
+    )
     code = up.wait(timeout=90)
     text = output.read_text()
     assert code == 1, text
     (line,) = [line for line in text.splitlines() if line.startswith("podium up: ")]
+    assert "restarting" not in text
+    assert "Podium is up." not in text
+    return line, text
+
+
+def test_up_stops_when_a_service_cannot_start_instead_of_restarting_it(tmp_path: Path) -> None:
+    line, _ = stopped_up(
+        tmp_path, PODIUM_AGENT="claude", PODIUM_CLAUDE_BIN=str(tmp_path / "no" / "claude")
+    )
     assert re.fullmatch(
         r"podium up: (conductor|worker) cannot start: the Claude Code CLI cannot be run: "
         r"PODIUM_CLAUDE_BIN \(or PODIUM_(CONDUCTOR|WORKER)_CLAUDE_BIN\)='.*/no/claude': "
         r"No such file or directory",
         line,
     ), line
-    assert "restarting" not in text
-    assert "Podium is up." not in text
+
+
+def test_up_names_every_bad_setting_of_a_service_on_its_one_line(tmp_path: Path) -> None:
+    line, _ = stopped_up(tmp_path, PODIUM_WORKER_SLOTS="0", PODIUM_WORKER_AGENT_POOL_SIZE="many")
+    assert line.startswith("podium up: worker cannot start: invalid configuration: ")
+    assert "PODIUM_WORKER_SLOTS='0' is invalid" in line
+    assert "PODIUM_WORKER_AGENT_POOL_SIZE='many' is invalid" in line

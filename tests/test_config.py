@@ -5,9 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import msgspec
 import pytest
 
-from podium.common.config import CommonSettings, Secret, load, variables
+from podium.common.config import (
+    AgentSettings,
+    CommonSettings,
+    Secret,
+    ignored_variables,
+    load,
+    variables,
+)
 from podium.common.errors import ConfigError
 from podium.conductor.config import ConductorSettings
 from podium.ingress.config import IngressSettings
@@ -139,7 +147,13 @@ def test_agent_settings_are_per_role_from_one_environment() -> None:
     }
     conductor, worker = load(ConductorSettings, env), load(WorkerSettings, env)
     assert (conductor.claude_model, worker.claude_model) == ("conductor-model", "shared-model")
-    assert (conductor.agent_timeout_s, worker.agent_timeout_s) == (90.0, 1200.0)
+    # The worker's own variable wins over the shared one; the conductor keeps the short
+    # turns it has its own default for, whatever the shared variable says.
+    assert (conductor.agent_timeout_s, worker.agent_timeout_s) == (180.0, 1200.0)
+    assert load(WorkerSettings, {"PODIUM_AGENT_TIMEOUT_S": "90"}).agent_timeout_s == 90.0
+    assert ignored_variables(ConductorSettings, env) == [
+        "PODIUM_AGENT_TIMEOUT_S (this role reads PODIUM_CONDUCTOR_AGENT_TIMEOUT_S)"
+    ]
     # One role's own variable does not reach the other.
     assert conductor.claude_permission_mode == "default"
     assert worker.claude_permission_mode == "bypassPermissions"
@@ -167,6 +181,27 @@ def test_shared_tool_settings_never_give_the_conductor_tools() -> None:
     assert "PODIUM_CLAUDE_TOOLS" not in variables(ConductorSettings)
     assert "PODIUM_CONDUCTOR_CLAUDE_TOOLS" in variables(ConductorSettings)
     assert {"PODIUM_CLAUDE_TOOLS", "PODIUM_WORKER_CLAUDE_TOOLS"} <= variables(WorkerSettings)
+
+
+def test_every_agent_default_the_conductor_changes_is_its_own_only() -> None:
+    # A shared value meant for workers must not undo a default the conductor chose.
+    changed = {
+        f.name
+        for f in msgspec.structs.fields(ConductorSettings)
+        if f.name in {a.name for a in msgspec.structs.fields(AgentSettings)}
+        and f.default
+        != next(a.default for a in msgspec.structs.fields(AgentSettings) if a.name == f.name)
+    }
+    assert changed == {
+        "claude_tools",
+        "claude_permission_mode",
+        "agent_max_turns",
+        "agent_timeout_s",
+    }
+    assert changed <= ConductorSettings.ROLE_ONLY
+    # A role prompt is one role's: the shared variable reaches neither.
+    for cls in (ConductorSettings, WorkerSettings):
+        assert "PODIUM_CLAUDE_ROLE_PROMPT_FILE" not in variables(cls)
 
 
 def test_a_bad_role_setting_is_named_by_the_variable_that_holds_it() -> None:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from podium.cli import client
-from podium.cli.up import Layout, api_token, up
+from podium.cli.up import Layout, UpError, api_token, up
 from podium.common.errors import PodiumError
 
 ENVIRONMENT = """\
@@ -47,11 +47,16 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="verb", required=True)
-    home = os.environ.get("PODIUM_HOME", ".podium")
     url_help = "the ingress (default: PODIUM_URL, else the running `podium up`'s)"
+    # Where `podium up` keeps its files; the other verbs find the platform there.
+    homed = argparse.ArgumentParser(add_help=False)
+    homed.add_argument(
+        "--home",
+        default=os.environ.get("PODIUM_HOME", ".podium"),
+        help="podium up's folder: state, logs, outbox, token (default: PODIUM_HOME or .podium)",
+    )
 
-    p_up = sub.add_parser("up", help="run the whole platform on this machine")
-    p_up.add_argument("--home", default=home, help="state, logs and outbox folder")
+    p_up = sub.add_parser("up", help="run the whole platform on this machine", parents=[homed])
     p_up.add_argument(
         "--port", type=int, default=None, help="ingress port (default 8080, or a free one)"
     )
@@ -62,20 +67,21 @@ def parser() -> argparse.ArgumentParser:
         help="first of the four health/metrics ports (default 9090, or free ones; 0 = free)",
     )
 
-    p_demo = sub.add_parser("demo", help="send a sample email and wait for the reply")
+    p_demo = sub.add_parser(
+        "demo", help="send a sample email and wait for the reply", parents=[homed]
+    )
     p_demo.add_argument("--url", default=None, help=url_help)
     p_demo.add_argument("--timeout", type=float, default=90.0)
 
-    p_send = sub.add_parser("send", help="send a message through the API")
+    p_send = sub.add_parser("send", help="send a message through the API", parents=[homed])
     p_send.add_argument("text")
     p_send.add_argument("--url", default=None, help=url_help)
-    p_send.add_argument("--home", default=home)
     p_send.add_argument("--thread", default="", help="continue this thread")
     p_send.add_argument("--wait", action="store_true", help="wait for the reply and print it")
     p_send.add_argument("--timeout", type=float, default=90.0)
 
-    sub.add_parser("status", help="streams, consumers and pending work")
-    p_watch = sub.add_parser("watch", help="print events as they are stored")
+    sub.add_parser("status", help="streams, consumers and pending work", parents=[homed])
+    p_watch = sub.add_parser("watch", help="print events as they are stored", parents=[homed])
     p_watch.add_argument("streams", nargs="*", help="stream names (default: all)")
     p_watch.add_argument("--all", action="store_true", help="start from the first stored event")
     p_prov = sub.add_parser("provision", help="create/update streams, consumers and buckets")
@@ -138,9 +144,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _dispatch(args: argparse.Namespace) -> int:
+    if getattr(args, "home", None):
+        # One place for every verb's lookups (platform.json, the token file).
+        os.environ["PODIUM_HOME"] = args.home
     match args.verb:
         case "up":
-            return await up(Layout(Path(args.home), args.port, args.health_base))
+            layout = Layout(Path(args.home), args.port, args.health_base)
+            if args.port is None and (env_port := os.environ.get("PODIUM_PORT")):
+                if not env_port.isdigit():
+                    raise UpError(f"PODIUM_PORT={env_port!r} is not a port number")
+                layout.ingress_port, layout.port_source = int(env_port), "PODIUM_PORT"
+            return await up(layout)
         case "demo":
             return await client.demo(client.ingress_url(args.url), args.timeout)
         case "send":

@@ -80,7 +80,9 @@ async def nats_client(name: str = "podium-cli", config: CommonSettings | None = 
     unreachable, refused, or a server too old for Podium.
     """
     config = config or settings()
-    timeout_s = config.nats_connect_timeout_s
+    # Each server of a cluster URL gets its turn.
+    servers = len([s for s in config.nats_url.split(",") if s.strip()])
+    timeout_s = config.nats_connect_timeout_s * max(1, servers)
     try:
         async with asyncio.timeout(timeout_s):
             return await connect(config, name=name)
@@ -155,23 +157,26 @@ async def demo(url: str, timeout_s: float) -> int:
     http_headers: dict[str, str] = {}
     if basic := os.environ.get("PODIUM_SENDGRID_BASIC_AUTH"):
         http_headers["Authorization"] = "Basic " + base64.b64encode(basic.encode()).decode()
-    _out(f"→ email from {sender}: {subject!r}\n  {text}")
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http,
-            http.post(f"{url}/webhooks/sendgrid/inbound", data=form, headers=http_headers) as resp,
-        ):
-            body = await resp.json(content_type=None)
-            if resp.status != 200:
-                _err(f"podium demo: ingress answered {resp.status}: {body}")
-                return 1
-    except aiohttp.ClientError as err:
-        _err(f"podium demo: cannot reach the ingress at {url} ({err}); is `podium up` running?")
-        return 1
-    conversation = body["conversation_id"]
-    _out(f"  stored as conversation {conversation}; waiting for the reply…")
+    # NATS first: the reply is read from it, so a message it could not see is not sent.
     nc = await _nats()
     try:
+        _out(f"→ email from {sender}: {subject!r}\n  {text}")
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http,
+                http.post(
+                    f"{url}/webhooks/sendgrid/inbound", data=form, headers=http_headers
+                ) as resp,
+            ):
+                body = await resp.json(content_type=None)
+                if resp.status != 200:
+                    _err(f"podium demo: ingress answered {resp.status}: {body}")
+                    return 1
+        except aiohttp.ClientError as err:
+            _err(f"podium demo: cannot reach the ingress at {url} ({err}); is `podium up` running?")
+            return 1
+        conversation = body["conversation_id"]
+        _out(f"  stored as conversation {conversation}; waiting for the reply…")
         reply = await wait_for_command(
             nc,
             subjects.command("email", conversation),
@@ -200,6 +205,18 @@ async def send(
     payload: dict[str, Any] = {"text": text}
     if thread:
         payload["thread_id"] = thread
+    # With --wait, NATS first: the reply is read from it.
+    nc = await _nats() if wait else None
+    try:
+        return await _send(url, token, payload, nc, timeout_s)
+    finally:
+        if nc is not None:
+            await nc.close()
+
+
+async def _send(
+    url: str, token: str, payload: dict[str, Any], nc: Client | None, timeout_s: float
+) -> int:
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http,
@@ -217,18 +234,14 @@ async def send(
         _err(f"podium send: {resp.status} {json.dumps(body)}")
         return 1
     _out(json.dumps(body))
-    if not wait:
+    if nc is None:
         return 0
-    nc = await _nats()
-    try:
-        reply = await wait_for_command(
-            nc,
-            subjects.command("api", body["conversation_id"]),
-            lambda e: isinstance(e, ApiReply),
-            timeout_s,
-        )
-    finally:
-        await nc.close()
+    reply = await wait_for_command(
+        nc,
+        subjects.command("api", body["conversation_id"]),
+        lambda e: isinstance(e, ApiReply),
+        timeout_s,
+    )
     if not isinstance(reply, ApiReply):
         _err(f"podium send: no reply within {timeout_s:g}s")
         return 1
@@ -252,15 +265,15 @@ async def status() -> int:
             row = f"{spec.name:<12} {st.messages:>9} {st.bytes:>12}"
             _out(f"{row} {st.first_seq:>8} {st.last_seq:>8}")
         _out()
-        _out(f"{'consumer':<20} {'pending':>8} {'ack pending':>12} {'redelivered':>12}")
+        _out(f"{'consumer':<22} {'pending':>8} {'ack pending':>12} {'redelivered':>12}")
         for c in streams.TOPOLOGY.consumers:
             try:
                 ci = await js.consumer_info(c.stream, c.durable)
             except NotFoundError:
-                _out(f"{c.durable:<20} missing")
+                _out(f"{c.durable:<22} missing")
                 continue
             _out(
-                f"{c.durable:<20} {ci.num_pending or 0:>8} {ci.num_ack_pending or 0:>12} "
+                f"{c.durable:<22} {ci.num_pending or 0:>8} {ci.num_ack_pending or 0:>12} "
                 f"{ci.num_redelivered or 0:>12}"
             )
     finally:

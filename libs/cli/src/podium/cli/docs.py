@@ -54,10 +54,12 @@ first, the worker `PODIUM_WORKER_<NAME>` (for example
 `PODIUM_CONDUCTOR_CLAUDE_MODEL`, `PODIUM_WORKER_AGENT_TIMEOUT_S`), then both read
 the shared `PODIUM_<NAME>` below, then their own default. So one environment
 (`podium up`) can give the roles different models, tools and limits. What the
-conductor may *do* — rows marked "own variable only" — it reads only from its own
-`PODIUM_CONDUCTOR_…` variable, never from the shared one: a value meant for
-workers does not give the conductor tools. See [agents](agents.md#tools-and-shell-commands)
-for letting workers run shell commands.
+conductor may *do*, and the limits it has its own defaults for — rows marked "own
+variable only" — it reads only from its own `PODIUM_CONDUCTOR_…` variable, never
+from the shared one: a value meant for workers does not give the conductor tools or
+long turns. A role prompt is always one role's. A shared variable a role ignores is
+named in a warning at start. See [agents](agents.md#tools-and-shell-commands) for
+letting workers run shell commands.
 """
 
 
@@ -90,15 +92,15 @@ def _agent_table() -> str:
 
 def render() -> str:
     """The whole reference, as Markdown."""
-    common = {row[0] for row in describe(CommonSettings)}
-    agent = {row[0] for row in describe(AgentSettings)}
+    shared = {f.name for f in msgspec.structs.fields(AgentSettings)}
     parts = [HEADER]
     parts.append("## Every service\n\n" + _table(describe(CommonSettings)))
     parts.append(
         "## Services that run agents (conductor, worker)\n\n" + AGENTS_INTRO + "\n" + _agent_table()
     )
     for name, cls in _settings():
-        own = [r for r in describe(cls) if r[0] not in common and r[0] not in agent]
+        rows = zip(msgspec.structs.fields(cls), describe(cls), strict=True)
+        own = [row for field, row in rows if field.name not in shared]
         parts.append(f"## {name}\n\n" + _table(own))
     return "\n\n".join(parts) + "\n"
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -38,7 +39,7 @@ import aiohttp
 
 from podium.cli.natsserver import NatsServer, free_port
 from podium.common.agents import claude_credentials_present
-from podium.common.bus import MIN_SERVER_VERSION, version_text
+from podium.common.bus import MIN_SERVER_VERSION, shown_url, version_text
 from podium.common.errors import EXIT_STARTUP, PodiumError
 from podium.common.runtime import wait_set
 
@@ -63,7 +64,7 @@ class Layout:
 
     ``ingress_port`` / ``health_base`` None: the defaults (8080, 9090…9093), or
     free ports if those are taken. A number: exactly that, or an error if taken.
-    ``health_base`` 0 gives each service a free port (tests run several at once).
+    0: free ports (tests run several platforms at once).
     """
 
     home: Path
@@ -72,11 +73,13 @@ class Layout:
     health_ports: dict[str, int] = field(default_factory=dict)
     #: What was chosen instead of a default, and why (printed at start).
     notes: list[str] = field(default_factory=list)
+    #: Where an asked-for ingress port came from, for the message if it is taken.
+    port_source: str = "--port"
 
     def allocate_ports(self, taken: set[int]) -> None:
         """Choose the ingress and health ports: the asked-for ones, else free ones."""
         self.ingress_port = self._choose(
-            "ingress", self.ingress_port, DEFAULT_INGRESS_PORT, "--port", taken
+            "ingress", self.ingress_port, DEFAULT_INGRESS_PORT, self.port_source, taken
         )
         taken.add(self.ingress_port)
         base = self.health_base
@@ -108,6 +111,8 @@ class Layout:
     def _choose(
         self, what: str, asked: int | None, default: int, flag: str, taken: set[int]
     ) -> int:
+        if asked == 0:
+            return _free_port(taken)
         port = default if asked is None else asked
         if port not in taken and port_free(port):
             return port
@@ -186,15 +191,18 @@ class Probe:
         if not self.listening:
             return None
         if not self.is_nats:
-            return f"something that is not a NATS server listens at {self.url}"
+            return f"something that is not a NATS server listens at {shown_url(self.url)}"
         needed = version_text(MIN_SERVER_VERSION)
         if parse_version(self.version) < MIN_SERVER_VERSION:
             return (
-                f"the NATS server at {self.url} is nats-server {self.version}; "
+                f"the NATS server at {shown_url(self.url)} is nats-server {self.version}; "
                 f"Podium needs {needed} or newer"
             )
         if not self.info.get("jetstream"):
-            return f"the NATS server at {self.url} runs without JetStream (start it with -js)"
+            return (
+                f"the NATS server at {shown_url(self.url)} runs without JetStream "
+                "(start it with -js)"
+            )
         return None
 
 
@@ -209,8 +217,18 @@ def parse_version(text: str) -> tuple[int, int, int]:
 
 
 def probe_nats(url: str, timeout_s: float = 2.0) -> Probe:
-    """Connect to the first server of ``url`` and read its INFO line, if it sends one."""
-    parsed = urlparse(url.split(",", maxsplit=1)[0].strip())
+    """Read the INFO line of the first server of ``url`` that accepts a connection."""
+    servers = [server.strip() for server in url.split(",") if server.strip()] or [url]
+    probe = Probe(url, listening=False)
+    for server in servers:
+        probe = _probe_one(server, timeout_s)
+        if probe.listening:
+            return probe
+    return probe
+
+
+def _probe_one(url: str, timeout_s: float) -> Probe:
+    parsed = urlparse(url)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
@@ -241,7 +259,13 @@ def nats_answers(url: str, timeout_s: float = 1.0) -> bool:
 
 
 def _local(url: str) -> bool:
-    return urlparse(url.split(",", maxsplit=1)[0].strip()).hostname in ("127.0.0.1", "localhost")
+    host = urlparse(url.split(",", maxsplit=1)[0].strip()).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -265,14 +289,20 @@ def choose_nats(layout: Layout, url: str) -> Nats:
     if not _local(url):
         if problem is not None:
             raise UpError(f"{problem}: upgrade it, or unset NATS_URL to run an embedded server")
-        raise UpError(f"NATS_URL={url} does not answer")
-    port = urlparse(url).port or 4222
+        raise UpError(f"NATS_URL={shown_url(url)} does not answer")
+    port = urlparse(url.split(",", maxsplit=1)[0].strip()).port or 4222
     why = ""
     if probe.listening:
         port = free_port()
         why = f"{problem}: using an embedded nats-server on a free port instead"
     embedded = NatsServer(layout.home / "nats", port=port)
-    embedded.start()
+    try:
+        embedded.start()
+    except (OSError, TimeoutError) as err:
+        raise UpError(
+            f"cannot start the embedded nats-server on port {port}: {err} "
+            f"(its log: {embedded.log_file})"
+        ) from err
     return Nats(embedded.url, embedded=embedded, why=why)
 
 
@@ -294,7 +324,8 @@ def api_token(layout: Layout) -> str:
 
 
 def service_env(layout: Layout, service: str, nats_url: str, token: str) -> dict[str, str]:
-    """The environment ``podium up`` gives a service (user settings win)."""
+    """The environment ``podium up`` gives a service: the user's settings, with the NATS
+    server and the ports it chose (``PODIUM_PORT`` already chose the ingress's port)."""
     env = dict(os.environ)
     defaults = {
         "NATS_URL": nats_url,
@@ -367,12 +398,19 @@ class Child:
                     await asyncio.wait({self.pump})
 
     def startup_error(self) -> str:
-        """The ``cannot start:`` line it printed, or its last line."""
+        """What it printed after ``cannot start:`` (continuation lines joined), or its
+        last line."""
         prefix = f"podium-{self.service}: cannot start: "
-        for line in reversed(self.last_lines):
-            if line.startswith(prefix):
-                return line[len(prefix) :]
-        return self.last_lines[-1] if self.last_lines else "no output"
+        lines = list(self.last_lines)
+        for index in range(len(lines) - 1, -1, -1):
+            if lines[index].startswith(prefix):
+                parts = [lines[index][len(prefix) :]]
+                for more in lines[index + 1 :]:
+                    if not more.startswith(" "):
+                        break
+                    parts.append(more.strip())
+                return " ".join(parts)
+        return lines[-1] if lines else "no output"
 
 
 def render_log_line(service: str, line: str) -> str:
@@ -451,19 +489,22 @@ def _podium_command() -> str:
 
 def banner(layout: Layout, nats: Nats, state: dict[str, tuple[bool, str]]) -> str:
     """What ``podium up`` prints once everything is ready."""
-    agent = os.environ.get("PODIUM_AGENT", "auto")
-    if agent == "auto":
-        agent = "claude" if claude_credentials_present() else "offline (no Claude credentials)"
+    conductor, worker = _agent_of("conductor"), _agent_of("worker")
+    agent = conductor if conductor == worker else f"conductor {conductor}, worker {worker}"
     base = layout.ingress_url
+    if os.environ.get("PODIUM_API_TOKEN"):
+        token_where, token = "$PODIUM_API_TOKEN", "$PODIUM_API_TOKEN"
+    else:
+        token_where, token = f"in {layout.token_file}", f"$(cat {layout.token_file})"
     health = "  ".join(f"{s}: http://127.0.0.1:{layout.health_port(s)}/metrics" for s in SERVICES)
     where = f" (embedded, data in {layout.home / 'nats'})" if nats.embedded else f" ({nats.why})"
     services = "\n".join(f"  {s:>9}: {reason}" for s, (_, reason) in state.items())
     podium = _podium_command()
     return f"""
 Podium is up.
-  NATS:      {nats.url}{where}
+  NATS:      {shown_url(nats.url)}{where}
   Agent:     {agent}
-  API:       {base}/v1/messages   (token in {layout.token_file})
+  API:       {base}/v1/messages   (token {token_where})
   Webhooks:  {base}/webhooks/twilio/sms   {base}/webhooks/sendgrid/inbound
   Outbox:    {layout.outbox}   (replies, and escalations to {_operator()})
   Metrics:   {health}
@@ -472,11 +513,19 @@ Podium is up.
 Try it (in another terminal):
   {podium} demo
   {podium} send "Summarise the plan for Monday" --wait
-  curl -s {base}/v1/messages -H "Authorization: Bearer $(cat {layout.token_file})" \\
-       -H 'Content-Type: application/json' -d '{{"text": "hello"}}'
+  curl -s {base}/v1/messages -H "Authorization: Bearer {token}" \\
+       -H 'Content-Type: application/json' -d '{{"text": "hello"}}'   # reply: the outbox
 
 Ctrl-C stops everything.
 """
+
+
+def _agent_of(role: str) -> str:
+    """The agent a role's service runs, as it reads its settings (PODIUM_<ROLE>_AGENT first)."""
+    kind = os.environ.get(f"PODIUM_{role.upper()}_AGENT") or os.environ.get("PODIUM_AGENT", "auto")
+    if kind == "auto":
+        return "claude" if claude_credentials_present() else "offline (no Claude credentials)"
+    return kind
 
 
 def _operator() -> str:
@@ -488,14 +537,23 @@ def _say(text: str, *, err: bool = False) -> None:
 
 
 def write_platform_file(layout: Layout, nats: Nats) -> None:
-    """Say where the platform runs, for ``podium demo``/``send``/``status``."""
+    """Say where the platform runs, for ``podium demo``/``send``/``status``.
+
+    Readable by its owner only (0600), like the API token beside it: a NATS_URL
+    may carry credentials.
+    """
     data = {
         "pid": os.getpid(),
         "nats_url": nats.url,
         "ingress_url": layout.ingress_url,
         "health_ports": layout.health_ports,
     }
-    layout.platform_file.write_text(json.dumps(data, indent=2) + "\n")
+    path = layout.platform_file
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
 
 
 def running_platform(home: Path) -> dict[str, Any] | None:

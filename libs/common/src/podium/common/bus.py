@@ -7,7 +7,6 @@ import contextlib
 import itertools
 import logging
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from nats.aio.client import Client
@@ -189,16 +188,18 @@ def server_problem(nc: Client, url: str) -> str | None:
     return None
 
 
-def shown_url(settings: CommonSettings) -> str:
-    """``NATS_URL`` as it may be shown: without any password in it."""
+def shown_url(settings: CommonSettings | str) -> str:
+    """``NATS_URL`` as it may be shown: any user, password or token in it masked.
+
+    nats-py reads ``nats://user:password@host`` and ``nats://token@host``; both
+    are credentials, so the whole user part becomes ``***``.
+    """
+    url = settings if isinstance(settings, str) else settings.nats_url
     shown = []
-    for server in settings.nats_url.split(","):
-        parsed = urlsplit(server.strip())
-        if parsed.password:
-            host = parsed.hostname or ""
-            port = f":{parsed.port}" if parsed.port else ""
-            parsed = parsed._replace(netloc=f"{parsed.username}:***@{host}{port}")
-        shown.append(urlunsplit(parsed))
+    for server in (part.strip() for part in url.split(",")):
+        scheme, sep, rest = server.rpartition("://")
+        userinfo, at, hostport = rest.rpartition("@")
+        shown.append(f"{scheme}{sep}***@{hostport}" if at and userinfo else server)
     return ",".join(shown)
 
 

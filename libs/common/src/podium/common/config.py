@@ -121,8 +121,12 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
 
     #: The role whose ``PODIUM_<ROLE>_*`` variables override the shared ones ("" = none).
     ROLE: ClassVar[str] = ""
-    #: Settings that this role reads only from its own ``PODIUM_<ROLE>_*`` variable.
+    #: Settings that this role reads only from its own ``PODIUM_<ROLE>_*`` variable:
+    #: besides these, a role prompt is always one role's (``PER_ROLE``).
     ROLE_ONLY: ClassVar[frozenset[str]] = frozenset()
+    PER_ROLE: ClassVar[frozenset[str]] = frozenset(
+        {"claude_role_prompt_file", "claude_system_prompt_mode"}
+    )
 
     agent: Annotated[
         AgentKind,
@@ -243,9 +247,20 @@ def env_names(cls: type[msgspec.Struct], field: msgspec.structs.FieldInfo) -> li
     if not role or field.name not in _agent_fields():
         return [shared]
     own = f"PODIUM_{role.upper()}_{field.name.upper()}"
-    if field.name in getattr(cls, "ROLE_ONLY", frozenset()):
+    only = getattr(cls, "ROLE_ONLY", frozenset()) | getattr(cls, "PER_ROLE", frozenset())
+    if field.name in only:
         return [own]
     return [own, shared]
+
+
+def ignored_variables(cls: type[msgspec.Struct], environ: Mapping[str, str]) -> list[str]:
+    """Shared variables set in ``environ`` that ``cls``'s role does not read (to warn of)."""
+    ignored = []
+    for field in msgspec.structs.fields(cls):
+        shared = env_name(field)
+        if shared in environ and shared not in env_names(cls, field):
+            ignored.append(f"{shared} (this role reads {env_names(cls, field)[0]})")
+    return ignored
 
 
 def variables(cls: type[msgspec.Struct]) -> set[str]:
@@ -327,7 +342,9 @@ def describe(cls: type[msgspec.Struct]) -> list[tuple[str, str, str, str]]:
     for field in msgspec.structs.fields(cls):
         meta = _meta(field.type)
         description = meta.description if meta and meta.description else ""
-        rows.append((env_name(field), _type_name(field.type), default_text(field), description))
+        # The shared variable where the role reads it, else the role's own.
+        variable = env_names(cls, field)[-1]
+        rows.append((variable, _type_name(field.type), default_text(field), description))
     return rows
 
 

@@ -116,6 +116,7 @@ class PullConsumer:
         retry_in_place: bool = False,
         lag_interval_s: float = 15.0,
         on_dead_letter: DeadLetterHook | None = None,
+        hold: Callable[[], bool] | None = None,
     ) -> None:
         self.js = js
         self.spec = spec
@@ -131,6 +132,9 @@ class PullConsumer:
         self.lanes = lanes or Lanes(concurrency)
         self.retry_in_place = retry_in_place
         self.on_dead_letter = on_dead_letter
+        #: While it returns True, nothing new is fetched (the service cannot do the work
+        #: now; another replica should get it first).
+        self.hold = hold
         self.max_held = max_held or concurrency * 4
         #: Why fetching fails now ("" while it works): the service is not ready meanwhile.
         self.problem = ""
@@ -186,6 +190,9 @@ class PullConsumer:
             while len(self._tasks) >= self.max_held:
                 self._room.clear()
                 await self._room.wait()
+            if self.hold is not None and self.hold():
+                await wait_set(self._stopping, 0.5)
+                continue
             free = self.max_held - len(self._tasks)
             try:
                 if self._sub is None:
@@ -301,12 +308,15 @@ class PullConsumer:
         )
         if delivery.num_delivered > 1:
             self.metrics.redeliveries.labels(self.name).inc()
+        heartbeat = asyncio.create_task(self._heartbeat(delivery))
         if event is None:
-            await self._dead_letter(msg, delivery, poison_reason, kind="poison")
+            try:
+                await self._dead_letter(msg, delivery, poison_reason, kind="poison")
+            finally:
+                heartbeat.cancel()
             self.metrics.events_in.labels(self.name, "unknown", "dead_letter").inc()
             return
         kind = event_type(event)
-        heartbeat = asyncio.create_task(self._heartbeat(delivery))
         context = logs.bound(
             correlation_id=event.correlation_id,
             event_id=event.event_id,
@@ -434,11 +444,15 @@ class PullConsumer:
         would not bring back a message that has used up its ``max_deliver``.
         """
         record = self._record(msg, delivery, reason)
+        hook_done = event is None or self.on_dead_letter is None
         delay = 0.5
+        # A shutdown meanwhile cancels this; the message is then lost to JetStream if it
+        # used up its deliveries (the server's MAX_DELIVERIES advisory still tells).
         while True:
             try:
-                if event is not None and self.on_dead_letter is not None:
+                if not hook_done and event is not None and self.on_dead_letter is not None:
                     await self.on_dead_letter(event, reason)
+                    hook_done = True
                 await publish(self.js, subjects.dead_letter(self.service, self.spec.stream), record)
                 break
             except asyncio.CancelledError:

@@ -246,7 +246,9 @@ async def run(
     await health.start()
     log.info("health port listening", extra={"port": health.port})
     try:
-        await service.check()
+        if not await _unless_stopped(service.check(), stop):
+            log.info("stopped during the start-up checks")
+            return
         nc = await connect_until_ready(settings, service.name, stop)
         if nc is None:
             log.info("stopped before NATS answered", extra={"nats_url": shown_url(settings)})
@@ -262,35 +264,45 @@ async def run(
             await stop.wait()
             log.info("stopping", extra={"drain_timeout_s": settings.drain_timeout_s})
             ctx.stopping.set()
-            await _stop_within(service, settings.drain_timeout_s)
+            await _stop_within(service, nc, settings.drain_timeout_s)
         finally:
-            await _close(nc)
+            if not nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await nc.close()
         log.info("stopped")
     finally:
         await health.stop()
 
 
-async def _stop_within(service: Service, drain_timeout_s: float) -> None:
-    """``service.stop``, bounded: even with NATS gone, the process exits in time."""
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run ``work`` unless ``stop`` is set first (then cancel it); whether it finished."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if task in done:
+        task.result()
+        return True
+    task.cancel()
+    await asyncio.wait({task}, timeout=5)
+    return False
+
+
+async def _stop_within(service: Service, nc: Client, drain_timeout_s: float) -> None:
+    """``service.stop`` then draining the connection, all within the drain timeout plus
+    :data:`CLOSE_GRACE_S`: even with NATS gone, the process exits in time."""
     try:
         async with asyncio.timeout(drain_timeout_s + CLOSE_GRACE_S):
             await service.stop(drain_timeout_s)
+            # Drain only if the server is there to drain to; else closing is all.
+            if nc.is_connected:
+                with contextlib.suppress(Exception):
+                    await nc.drain()
     except TimeoutError:
         log.error(  # noqa: TRY400 - a deadline, not a fault: no traceback
             "stopping took longer than the drain timeout allows; exiting anyway",
             extra={"drain_timeout_s": drain_timeout_s, "grace_s": CLOSE_GRACE_S},
         )
-
-
-async def _close(nc: Client) -> None:
-    """Drain the connection if the server is there to drain to, else just close it."""
-    if nc.is_connected:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(CLOSE_GRACE_S):
-                await nc.drain()
-    if not nc.is_closed:
-        with contextlib.suppress(Exception):
-            await nc.close()
 
 
 async def listen(runner: web.AppRunner, host: str, port: int) -> int:

@@ -89,6 +89,10 @@ class Conversation(msgspec.Struct, kw_only=True):
     notes: list[str] = []
     #: Ids of events already handled, so a redelivery never runs a turn twice.
     handled: list[str] = []
+    #: Worker results whose task state, cost and failure are counted. Usually the
+    #: same as ``handled``; a result no turn could handle is counted without a turn
+    #: (and not marked handled, so a replay runs the turn, without counting it again).
+    accounted: list[str] = []
     turns: int = 0
     #: Agent spend on this conversation so far (conductor turns and worker tasks).
     spend_usd: float = 0.0

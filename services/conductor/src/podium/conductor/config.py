@@ -11,9 +11,10 @@ class ConductorSettings(AgentSettings, frozen=True, kw_only=True):
     """Settings of ``podium-conductor``.
 
     Its agent settings are read from ``PODIUM_CONDUCTOR_<NAME>``, then the shared
-    ``PODIUM_<NAME>``; what it may do (tools, permissions, MCP servers) only from
-    its own variables: the conductor decides and delegates, it answers with
-    commands, not tool calls, and a value meant for workers must not change that.
+    ``PODIUM_<NAME>``. Those it has its own defaults for, and what it may do (tools,
+    permissions, MCP servers), only from its own variables: the conductor decides
+    and delegates, it answers with commands, not tool calls, in short turns, and a
+    value meant for workers must not change that.
     """
 
     ROLE: ClassVar[str] = "conductor"
@@ -24,6 +25,8 @@ class ConductorSettings(AgentSettings, frozen=True, kw_only=True):
             "claude_disallowed_tools",
             "claude_permission_mode",
             "claude_mcp_config",
+            "agent_max_turns",
+            "agent_timeout_s",
         }
     )
 

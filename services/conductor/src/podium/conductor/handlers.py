@@ -122,6 +122,12 @@ class Conductor:
         attempt sends nothing twice. ``podium replay deadletter`` runs the turn
         again once the cause is fixed.
         """
+        if isinstance(event, TaskResult):
+            # No turn judged it, but the task is over all the same: count its state,
+            # cost and failure, so it no longer holds a slot or escapes the limits.
+            await self.conversations.mutate(
+                event.conversation_id, functools.partial(_account_only, event)
+            )
         operator = self.settings.operator_email
         self.own.escalations.labels("dead_letter", str(bool(operator)).lower()).inc()
         log.error(
@@ -224,12 +230,8 @@ class Conductor:
         task = conv.tasks.get(event.task_id)
         if task is None:
             raise Reject(f"result for unknown task {event.task_id}")
-        task.state = _STATUS_STATE[event.status]
-        task.summary = event.summary[:500]
-        task.updated_at = utcnow()
-        conv.spend_usd += event.cost_usd
-        if event.status == "FAILED":
-            conv.failed_tasks += 1
+        failures_before = conv.failed_tasks
+        _account(conv, event)
         context = f"Original request:\n{conv.original_request}"
         if event.status == "COMPLETE":
             rounds = self.settings.max_validation_rounds
@@ -240,7 +242,15 @@ class Conductor:
         if not event.structured:
             context += "\nNote: the worker did not end with the Status/Summary/Details report."
         block = worker_block(event.task_id, event.status, event.summary, event.details, context)
-        await self._turn(conv, revision, event, block, delivery, trigger="worker")
+        await self._turn(
+            conv,
+            revision,
+            event,
+            block,
+            delivery,
+            trigger="worker",
+            failures_before=failures_before,
+        )
 
     async def _refuse_sender(
         self, conv: Conversation, revision: int, event: InboundMessage
@@ -276,13 +286,13 @@ class Conductor:
         delivery: Delivery,
         *,
         trigger: str,
+        failures_before: int | None = None,
     ) -> None:
         started_at = time.time()
         prompt = system_block(conv) + block
         conv.notes = []
-        failures_before = conv.failed_tasks - (
-            1 if isinstance(event, TaskResult) and event.status == "FAILED" else 0
-        )
+        if failures_before is None:
+            failures_before = conv.failed_tasks
         answer = await self._ask(conv, prompt, delivery, trigger)
         conv.spend_usd += answer.cost_usd
         effects = Effects()
@@ -450,6 +460,30 @@ def _absorb(conv: Conversation, event: InboundMessage, block: str) -> None:
         conv.last_message_id = event.message_id
     if not conv.original_request:
         conv.original_request = block
+
+
+def _account(conv: Conversation, event: TaskResult) -> None:
+    """Fold a worker's result into its task and the conversation's totals (once)."""
+    task = conv.tasks.get(event.task_id)
+    if task is None:
+        return
+    task.state = _STATUS_STATE[event.status]
+    task.summary = event.summary[:500]
+    task.updated_at = utcnow()
+    if event.event_id in conv.accounted:
+        return
+    conv.spend_usd += event.cost_usd
+    if event.status == "FAILED":
+        conv.failed_tasks += 1
+    conv.accounted = [*conv.accounted, event.event_id][-MAX_HANDLED:]
+
+
+def _account_only(event: TaskResult, conv: Conversation | None) -> Conversation | None:
+    if conv is None or event.task_id not in conv.tasks or event.event_id in conv.accounted:
+        return None
+    _account(conv, event)
+    conv.updated_at = utcnow()
+    return conv
 
 
 def _cancel(kill: KillTask, current: TaskRecord | None) -> TaskRecord:

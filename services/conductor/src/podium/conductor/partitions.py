@@ -52,6 +52,12 @@ def owner(partition: int, members: list[str]) -> str | None:
 
 
 Starter = Callable[[int], Awaitable[None]]
+#: Stops consuming a partition; ``urgent``: cancel its turns at once, do not let them finish.
+Stopper = Callable[[int, bool], Awaitable[None]]
+
+
+class PartitionsFailed(Exception):
+    """Some partitions of this replica could not be started (the others were)."""
 
 
 class PartitionManager:
@@ -65,7 +71,8 @@ class PartitionManager:
         partitions: int,
         ttl_s: float,
         start: Starter,
-        stop: Starter,
+        stop: Stopper,
+        problem: Callable[[], str] = lambda: "",
     ) -> None:
         self.store = store
         self.replica = replica
@@ -73,6 +80,11 @@ class PartitionManager:
         self.ttl_s = ttl_s
         self._start = start
         self._stop = stop
+        #: Why this replica cannot serve partitions now ("" if it can): its agent cannot
+        #: start. It then steps aside for the other replicas, if there are any.
+        self._problem = problem
+        #: Whether it stepped aside in the last round.
+        self.aside = False
         self.owned: set[int] = set()
         #: The partitions that are this replica's by the last round's membership.
         self.mine: set[int] = set()
@@ -89,6 +101,10 @@ class PartitionManager:
     def start(self) -> None:
         """Start balancing in the background."""
         self._task = asyncio.create_task(self._loop(), name="partitions")
+
+    def wake(self) -> None:
+        """Balance now, not at the next round (the replica's health changed)."""
+        self._wake.set()
 
     async def close(self, *, release: bool = True) -> None:
         """Stop balancing, give up every partition, leave the membership.
@@ -121,6 +137,8 @@ class PartitionManager:
                 self._balanced = True
             except asyncio.CancelledError:
                 raise
+            except PartitionsFailed as err:
+                self.problem = str(err)
             except Exception as err:
                 self.problem = repr(err)
                 log.exception("partition rebalance failed; will try again")
@@ -132,30 +150,51 @@ class PartitionManager:
     async def rebalance(self) -> None:
         """One round: heartbeat, renew, give up what is no longer ours, take what is."""
         now = time.time()
-        await self._put(f"member.{self.replica}")
         members = await self.members(now)
+        others = [m for m in members if m != self.replica]
+        # A replica that cannot run its agent leaves its partitions to the healthy ones
+        # (its heartbeat lapses at once); with no other replica it keeps serving them,
+        # so its turns fail visibly (dead letters, escalations) rather than wait unseen.
+        self.aside = bool(self._problem()) and bool(others)
+        if self.aside:
+            await self._forget(f"member.{self.replica}")
+            members = others
+        else:
+            await self._put(f"member.{self.replica}")
         mine = {p for p in range(self.partitions) if owner(p, members) == self.replica}
         self.mine = mine
         for partition in sorted(self.owned | set(self.releasing)):
             if not await self._renew(partition):
                 log.error("partition lease lost; stopping it", extra={"partition": partition})
                 self.owned.discard(partition)
-                await self._stop(partition)
+                await self._stop(partition, True)
             elif partition in self.owned and partition not in mine:
-                self._hand_over(partition)
+                # Stepping aside: its turns cannot succeed here, so they are handed back
+                # at once (nak'ed, in order) for a healthy replica, not retried to the end.
+                self._hand_over(partition, urgent=self.aside)
+        failed: list[str] = []
         for partition in sorted(mine - self.owned - set(self.releasing)):
             if not await self._take(partition):
                 continue
             try:
                 await self._start(partition)
-            except BaseException:
-                # Not consumed here: free the lease, so the next round (or another
-                # replica) tries again instead of holding a partition nobody serves.
+            except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await self._forget(f"partition.{partition}")
                 raise
+            except Exception as err:
+                # Not consumed here: free the lease rather than hold a partition nobody
+                # serves, go on with the others, and try it again next round (the
+                # replica is not ready meanwhile, and says why).
+                failed.append(f"partition {partition}: {err!r}")
+                log.exception("could not start a partition", extra={"partition": partition})
+                with contextlib.suppress(Exception):
+                    await self._forget(f"partition.{partition}")
+                continue
             log.info("took partition", extra={"partition": partition})
             self.owned.add(partition)
+        if failed:
+            raise PartitionsFailed("; ".join(failed))
 
     def readiness(self) -> tuple[bool, str]:
         """Ready while it consumes partitions, or as a standby that has none to own."""
@@ -170,6 +209,8 @@ class PartitionManager:
             if waiting:
                 reason += f"; {waiting} more once another replica's lease lapses"
             return True, reason
+        if self.aside:
+            return False, f"standing aside for the other replicas: {self._problem()}"
         if not self.mine:
             return True, f"standby: the other replicas own all {total} partitions"
         return False, f"waiting for {waiting} partition leases held by another replica to lapse"
@@ -229,14 +270,14 @@ class PartitionManager:
             return False
         return True
 
-    def _hand_over(self, partition: int) -> None:
+    def _hand_over(self, partition: int, *, urgent: bool = False) -> None:
         """In the background: stop consuming, let turns finish, then free the lease."""
-        log.info("handing over partition", extra={"partition": partition})
+        log.info("handing over partition", extra={"partition": partition, "urgent": urgent})
         self.owned.discard(partition)
 
         async def release() -> None:
             try:
-                await self._stop(partition)
+                await self._stop(partition, urgent)
                 if self._release:
                     await self._forget(f"partition.{partition}")
             finally:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from podium.common import streams
 from podium.common.agents import AgentRuntime, build_runtime, role_prompt
 from podium.common.agents.sessions import Agents
+from podium.common.config import ignored_variables
 from podium.common.consumer import Handler, Lanes, PullConsumer
 from podium.common.events import AnyEvent
 from podium.common.kv import Store
@@ -54,9 +56,16 @@ class ConductorService:
 
     async def check(self) -> None:
         """Build the agent runtime and check that it can run (before connecting)."""
+        for ignored in ignored_variables(type(self.settings), os.environ):
+            log.warning("setting ignored by this role", extra={"variable": ignored})
         self._role_prompt = role_prompt(self.settings.claude_role_prompt_file, ROLE)
         if self.runtime is None:
             self.runtime = build_runtime(self.settings, Path(self.settings.state_dir), self.name)
+        if not self.settings.operator_email:
+            log.warning(
+                "PODIUM_OPERATOR_EMAIL is not set: escalations and messages no turn could "
+                "handle are only logged and counted (podium_conductor_escalations_total)"
+            )
         self._agent = await self.runtime.check()
         log.info("agent checked", extra={"agent": self.runtime.kind, "runs": self._agent})
 
@@ -92,7 +101,10 @@ class ConductorService:
             ttl_s=self.settings.partition_lease_ttl_s,
             start=self._start_partition,
             stop=self._stop_partition,
+            problem=self.agents.problem,
         )
+        # An agent that cannot start makes it step aside now, not at the next round.
+        self.agents.problem_listeners.append(self.partitions.wake)
         self.partitions.start()
 
     async def _start_partition(self, partition: int) -> None:
@@ -122,9 +134,10 @@ class ConductorService:
         for consumer in consumers:
             consumer.start()
 
-    async def _stop_partition(self, partition: int) -> None:
+    async def _stop_partition(self, partition: int, urgent: bool) -> None:
         consumers = self.consumers.pop(partition, [])
-        await asyncio.gather(*(c.stop(self.settings.drain_timeout_s) for c in consumers))
+        timeout_s = 0.0 if urgent else self.settings.drain_timeout_s
+        await asyncio.gather(*(c.stop(timeout_s) for c in consumers))
 
     async def stop(self, timeout_s: float) -> None:
         """Hand every partition back (turns in flight finish up to ``timeout_s``)."""
@@ -142,7 +155,9 @@ class ConductorService:
         """
         if self.partitions is None:
             return False, "starting"
-        if self.agents is not None and (problem := self.agents.runtime.problem()):
+        if self.partitions.aside:
+            return self.partitions.readiness()
+        if self.agents is not None and (problem := self.agents.problem()):
             return False, problem
         for consumers in self.consumers.values():
             for consumer in consumers:

@@ -217,8 +217,9 @@ class Worker:
         if answer is not None and answer.outcome == "busy":
             raise Retry(f"task {task_id}'s session is held by another worker", delay_s=5.0)
         if answer is not None and answer.outcome == "cannot_start":
-            # This worker's CLI is broken (it reports not ready meanwhile): give the task
-            # back so another worker may run it. The last delivery ends it FAILED.
+            # This worker's CLI is broken (it reports not ready, and fetches nothing for a
+            # few seconds): give the task back so a healthy worker runs it. If none does,
+            # its last delivery ends it FAILED (on_dead_letter), and the requester hears.
             raise Retry(answer.error, delay_s=2.0)
         if answer is None:
             reason = self.killed.pop(task_id, "killed")

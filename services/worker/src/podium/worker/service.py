@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from nats.aio.subscription import Subscription
 from podium.common import streams, subjects
 from podium.common.agents import AgentRuntime, build_runtime, role_prompt
 from podium.common.agents.sessions import Agents
+from podium.common.config import ignored_variables
 from podium.common.consumer import PullConsumer
 from podium.common.events import AnyEvent
 from podium.common.kv import Store
@@ -47,6 +49,8 @@ class WorkerService:
 
     async def check(self) -> None:
         """Build the agent runtime and check that it can run (before connecting)."""
+        for ignored in ignored_variables(type(self.settings), os.environ):
+            log.warning("setting ignored by this role", extra={"variable": ignored})
         self._role_prompt = role_prompt(self.settings.claude_role_prompt_file, ROLE)
         if self.runtime is None:
             self.runtime = build_runtime(self.settings, Path(self.settings.state_dir), self.name)
@@ -86,6 +90,8 @@ class WorkerService:
             max_held=self.settings.worker_slots,
             order_key=by_task,
             on_dead_letter=worker.on_dead_letter,
+            # Its agent could not start moments ago: let healthy workers take tasks first.
+            hold=self.agents.backing_off,
         )
         self.consumer.start()
 
@@ -102,7 +108,7 @@ class WorkerService:
         """Ready while it consumes tasks and its agent can start."""
         if self.consumer is None or self.agents is None:
             return False, "starting"
-        if problem := self.agents.runtime.problem():
+        if problem := self.agents.problem():
             return False, problem
         if self.consumer.problem:
             return False, self.consumer.problem

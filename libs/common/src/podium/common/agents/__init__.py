@@ -91,7 +91,8 @@ class AgentRuntime(Protocol):
     kind: str
 
     async def check(self) -> str:
-        """Check at start that agents can run; what runs them (for the log).
+        """Check that agents can run; what runs them (for the log). At start, and again
+        while :meth:`problem` reports one (a success clears it).
 
         Raises :class:`~podium.common.errors.AgentUnavailable` naming the setting,
         the path tried and the error.

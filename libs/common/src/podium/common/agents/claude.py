@@ -220,6 +220,8 @@ class ClaudeRuntime:
                 f"the Claude Code CLI failed `--version` (exit status {proc.returncode}): "
                 f"{self._setting()}: {detail}"
             )
+        # It runs (again): a problem seen at a spawn is over.
+        self._problem = ""
         return f"{out.decode('utf-8', 'replace').strip()} at {self.bin}"
 
     def problem(self) -> str:

@@ -32,6 +32,7 @@ import socket
 import tarfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,12 +44,18 @@ from nats.js.object_store import ObjectStore
 from podium.common import streams
 from podium.common.agents import AgentAnswer, AgentCall, AgentRuntime, Role
 from podium.common.config import AgentSettings
-from podium.common.errors import Conflict
+from podium.common.errors import AgentUnavailable, Conflict
 from podium.common.kv import Store
 from podium.common.metrics import Metrics
 from podium.common.state import SessionRecord
 
 log = logging.getLogger(__name__)
+
+#: While the agent cannot start, how often it is checked again.
+RECHECK_S = 5.0
+#: After a turn found the agent unable to start, how long this replica takes no new
+#: work (``Agents.backing_off``), so that healthy replicas get it first.
+HOLD_S = 5.0
 
 
 def replica_id() -> str:
@@ -87,6 +94,10 @@ class Agents:
         self._locks: dict[str, asyncio.Lock] = {}
         # Per key: the task storing its last turn and releasing its lease.
         self._pending: dict[str, asyncio.Task[None]] = {}
+        self._cannot_start_at = 0.0
+        self._watch: asyncio.Task[None] | None = None
+        #: Called when a turn finds the agent unable to start (the conductor steps aside).
+        self.problem_listeners: list[Callable[[], None]] = []
 
     @property
     def kind(self) -> str:
@@ -94,15 +105,40 @@ class Agents:
         return self.runtime.kind
 
     async def start(self) -> None:
-        """Bind the sessions bucket and the transcripts object store."""
+        """Bind the sessions bucket and the transcripts object store; watch the agent."""
+        self._watch = asyncio.create_task(self._recheck(), name=f"agent-check:{self.role}")
         if self.js is None:
             return
         self.records = await Store.open(self.js, streams.SESSIONS.name, SessionRecord)
         if self.settings.agent_portable_sessions:
             self.objects = await self.js.object_store(streams.TRANSCRIPTS)
 
+    def problem(self) -> str:
+        """Why the agent cannot start now ("" when it can)."""
+        return self.runtime.problem()
+
+    def backing_off(self) -> bool:
+        """Whether to take no new work now: the agent could not start moments ago."""
+        recent = time.monotonic() - self._cannot_start_at < HOLD_S
+        return recent and bool(self.runtime.problem())
+
+    async def _recheck(self) -> None:
+        """While the agent cannot start, check it again now and then (clears the problem)."""
+        while True:
+            await asyncio.sleep(RECHECK_S)
+            if not self.runtime.problem():
+                continue
+            try:
+                runs = await self.runtime.check()
+            except AgentUnavailable:
+                continue
+            log.info("the agent can start again", extra={"runs": runs})
+
     async def close(self) -> None:
         """Finish storing sessions, then stop the runtime's live processes."""
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.wait({self._watch}, timeout=5)
         pending = [t for t in self._pending.values() if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=10)
@@ -357,6 +393,10 @@ class Agents:
     # --- metrics -----------------------------------------------------------
 
     def _observe(self, answer: AgentAnswer) -> None:
+        if answer.outcome == "cannot_start":
+            self._cannot_start_at = time.monotonic()
+            for listener in self.problem_listeners:
+                listener()
         m, role, kind = self.metrics, self.role, self.runtime.kind
         m.agent_turns.labels(role, kind, answer.outcome).inc()
         if answer.outcome != "busy":
