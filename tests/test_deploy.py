@@ -238,6 +238,35 @@ def test_scaling(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert 1 < conductor["spec"]["replicas"] <= streams.PARTITIONS
 
 
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_no_container_sets_a_variable_twice(
+    rendered: dict[str, list[dict[str, Any]]], path: str
+) -> None:
+    # Server-side apply rejects a duplicate key; client-side apply keeps the last one.
+    for obj in rendered[path]:
+        template = obj.get("spec", {}).get("template", {})
+        for c in template.get("spec", {}).get("containers", []):
+            names = [e["name"] for e in c.get("env", [])]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            assert twice == [], f"{path}: {obj['metadata']['name']}/{c['name']} sets {twice} twice"
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_autoscaled_workloads_leave_their_replicas_to_the_autoscaler(
+    rendered: dict[str, list[dict[str, Any]]], path: str
+) -> None:
+    objs = rendered[path]
+    targets = [
+        o["spec"]["scaleTargetRef"]["name"]
+        for o in objs
+        if o["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")
+    ]
+    assert sorted(targets) == ["ingress", "worker"]
+    for name in targets:
+        workload = find(objs, "Deployment", name)
+        assert "replicas" not in workload["spec"], f"{path}: {name} sets replicas"
+
+
 def test_nats_cluster_and_durability(rendered: dict[str, list[dict[str, Any]]]) -> None:
     base = rendered["base"]
     nats = find(base, "StatefulSet", "nats")
