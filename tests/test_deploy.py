@@ -277,6 +277,12 @@ def test_nats_cluster_and_durability(rendered: dict[str, list[dict[str, Any]]]) 
     assert all(f"nats://nats-{i}.nats-headless:6222" in conf["nats.conf"] for i in range(3))
     assert conf["accounts.conf"] == access.render_accounts()
     assert find(base, "PodDisruptionBudget", "nats")["spec"]["maxUnavailable"] == 1
+    # The nats-io chart's probes: a node counts as started only once JetStream caught up.
+    server = container(nats)
+    assert server["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert server["readinessProbe"]["httpGet"]["path"] == "/healthz?js-server-only=true"
+    assert server["livenessProbe"]["httpGet"]["path"] == "/healthz?js-enabled-only=true"
+    assert nats["spec"].get("updateStrategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
     dev = rendered["overlays/dev"]
     assert find(dev, "StatefulSet", "nats")["spec"]["replicas"] == 1
     assert "cluster" not in find(dev, "ConfigMap", "nats-config")["data"]["nats.conf"]
