@@ -40,10 +40,27 @@ setup_claude() {
   fi
 }
 
+setup_promtool() {
+  # Debian's promtool, for the tests that check the alert rules and /metrics. Only the
+  # package's files are unpacked into .tools (nothing is installed on the machine).
+  if [ -x .tools/prometheus/usr/bin/promtool ] || ! command -v apt-get >/dev/null 2>&1; then
+    return
+  fi
+  echo "fetching Debian's prometheus package for promtool into .tools/prometheus" >&2
+  rm -rf .tools/prometheus-deb && mkdir -p .tools/prometheus-deb
+  if (cd .tools/prometheus-deb && apt-get download -q prometheus >/dev/null 2>&1) \
+     && dpkg-deb -x .tools/prometheus-deb/prometheus_*.deb .tools/prometheus; then
+    rm -rf .tools/prometheus-deb
+  else
+    echo "could not fetch promtool: the tests that need it will be skipped" >&2
+  fi
+}
+
 case "${1:-}" in
   setup)
     setup
     setup_claude
+    setup_promtool
     ;;
   up)
     setup
@@ -54,6 +71,7 @@ case "${1:-}" in
   test)
     setup
     setup_claude
+    setup_promtool
     shift
     .venv/bin/ruff check .
     .venv/bin/ruff format --check .

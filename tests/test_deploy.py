@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ import msgspec
 import pytest
 import yaml
 from compose_spec.compose_spec import PyOptions
+from prometheus_client.parser import text_string_to_metric_families
 
 from podium.cli import monitoring
 from podium.cli.natsserver import NatsServer, free_port
@@ -39,6 +41,7 @@ from podium.common.config import variables
 from podium.conductor.config import ConductorSettings
 from podium.ingress.config import IngressSettings
 from podium.notifier.config import NotifierSettings
+from podium.testing.platform import Platform
 from podium.testing.services import Process
 from podium.worker.config import WorkerSettings
 from tests.conftest import ROOT
@@ -301,8 +304,63 @@ def test_monitoring_objects_are_the_generated_ones(
     (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["port"] == "health"
     assert endpoint["relabelings"][0]["targetLabel"] == "service"
+    # kube-prometheus-stack selects monitors and rules by its release label.
+    for obj in (pod_monitor, rule):
+        assert obj["metadata"]["labels"]["release"] == monitoring.PROMETHEUS_RELEASE
+    # Every runbook link is a URL, not a path in this repository.
+    for item in rule["spec"]["groups"][0]["rules"]:
+        assert item["annotations"]["runbook_url"].startswith("https://")
     names = {p["metadata"]["name"] for p in base if p["kind"] == "NetworkPolicy"}
     assert "default-deny" in names
+
+
+def promtool() -> str:
+    """Debian's promtool, as `make test` installs it into .tools (or one on PATH)."""
+    local = ROOT / ".tools" / "prometheus" / "usr" / "bin" / "promtool"
+    if local.exists():
+        return str(local)
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool is not installed: `make test` fetches Debian's prometheus package")
+    return found
+
+
+def test_promtool_accepts_the_rules_strictly_and_the_scrape_config(tmp_path: Path) -> None:
+    tool = promtool()
+    rules = ROOT / "deploy" / "prometheus" / "alerts.yml"
+    checked = subprocess.run(
+        [tool, "check", "rules", "--lint-fatal", str(rules)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # The PrometheusRule's groups are the same rules, as a rule file.
+    rule = yaml.safe_load((K8S / "base" / "monitoring" / "prometheusrule.yaml").read_text())
+    (tmp_path / "operator-rules.yml").write_text(yaml.safe_dump(rule["spec"]))
+    checked = subprocess.run(
+        [tool, "check", "rules", "--lint-fatal", str(tmp_path / "operator-rules.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # compose's Prometheus configuration, with its rule file where compose mounts it from.
+    config = (ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text()
+    assert "/etc/prometheus/alerts.yml" in config
+    (tmp_path / "prometheus.yml").write_text(
+        config.replace("/etc/prometheus/alerts.yml", str(rules))
+    )
+    checked = subprocess.run(
+        [tool, "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 # --- docker-compose ------------------------------------------------------------------
@@ -636,3 +694,41 @@ def test_nats_server_accepts_the_compose_configuration(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode != 0
+
+
+async def test_promtool_accepts_every_services_live_metrics(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    tool = promtool()
+    platform = Platform(nats_server.url, tmp_path).start()
+    try:
+        await platform.ready()
+        # Some traffic first, so that labelled families have samples.
+        await platform.send("Count the words in this sentence.")
+        await platform.wait_outbox(1)
+        texts = {name: await platform.metrics(name) for name in SERVICES}
+    finally:
+        platform.stop()
+    for name, text in texts.items():
+        checked = await asyncio.to_thread(
+            subprocess.run,
+            [tool, "check", "metrics"],
+            input=text,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert checked.returncode == 0, f"{name}: {checked.stdout}{checked.stderr}"
+        # What every service exports besides its own: the process, and what it runs.
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items())))
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        names = {sample_name for sample_name, _ in samples}
+        assert {"process_start_time_seconds", "process_resident_memory_bytes"} <= names, name
+        assert {"process_open_fds", "python_info"} <= names, name
+        agent = "offline" if name in ("conductor", "worker") else "none"
+        info = ("podium_service_info", (("agent", agent), ("service", name)))
+        assert info in samples, name

@@ -80,7 +80,11 @@ HEADER = """\
 Every service serves Prometheus metrics at `/metrics` on its health port
 (`PODIUM_HEALTH_PORT`, 9090), beside `/healthz` and `/readyz`. Names start with
 `podium_`; each service owns one registry, so the same family from several
-replicas differs only by the scrape's `pod`/`instance` labels.
+replicas differs only by the scrape's `pod`/`instance` labels. Besides these, every
+service exports prometheus_client's standard `process_*` families (start time, CPU
+seconds, resident and virtual memory, open and maximum file descriptors) and
+`python_info`, and `podium_service_info{service,agent}` says what runs there (`agent`
+is `none` for the ingress and the notifier).
 
 This file is generated from the services' `Metrics` classes by `podium generate`;
 a test fails when it is out of date, and another fails when an alert rule or a

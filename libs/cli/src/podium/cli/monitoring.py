@@ -26,6 +26,13 @@ SPEND_USD_PER_HOUR = 20
 SPEND_USD_PER_DAY = 200
 AGENT_FAILURE_RATIO = 0.2
 
+#: Where the operations runbook is served: every alert's ``runbook_url`` points into it.
+#: Set it to where your team publishes docs/operations.md, then run `podium generate`.
+RUNBOOK_URL = "https://podium.example.com/docs/operations.md"
+#: The ``release`` label kube-prometheus-stack's default selectors look for on
+#: PodMonitors and PrometheusRules (its Helm release's name): see docs/operations.md.
+PROMETHEUS_RELEASE = "kube-prometheus-stack"
+
 
 @dataclass(frozen=True)
 class Alert:
@@ -37,17 +44,19 @@ class Alert:
     severity: str
     summary: str
     description: str
+    #: Labels that tell rules of one name apart (``service``), added to the alert.
+    labels: tuple[tuple[str, str], ...] = ()
 
     def rule(self) -> dict[str, Any]:
         """The rule as Prometheus reads it."""
         rule: dict[str, Any] = {"alert": self.name, "expr": self.expr}
         if self.for_ != "0m":
             rule["for"] = self.for_
-        rule["labels"] = {"severity": self.severity, "team": "podium"}
+        rule["labels"] = {"severity": self.severity, "team": "podium", **dict(self.labels)}
         rule["annotations"] = {
             "summary": self.summary,
             "description": self.description,
-            "runbook_url": "docs/operations.md#alerts",
+            "runbook_url": f"{RUNBOOK_URL}#{self.name.lower()}",
         }
         return rule
 
@@ -175,6 +184,7 @@ ALERTS: tuple[Alert, ...] = (
             "critical",
             f"No {service} replica is up",
             f"Prometheus has scraped no live {service} for 5 minutes.",
+            labels=(("service", service),),
         )
         for service in SERVICES
     ),
@@ -191,7 +201,10 @@ def prometheus_rule() -> dict[str, Any]:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
-        "metadata": {"name": "podium", "labels": {"app.kubernetes.io/name": "podium"}},
+        "metadata": {
+            "name": "podium",
+            "labels": {"app.kubernetes.io/name": "podium", "release": PROMETHEUS_RELEASE},
+        },
         "spec": rule_groups(),
     }
 

@@ -13,7 +13,14 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
@@ -49,6 +56,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, service: str) -> None:
         self.registry = registry
         self.service = service
+        # The process itself (start time, CPU, RSS, open fds) and the Python it runs:
+        # prometheus_client's standard collectors, on this service's own registry.
+        self.process = ProcessCollector(registry=registry)
+        self.platform = PlatformCollector(registry=registry)
         self.info = Gauge(
             f"{PREFIX}_service_info",
             "Constant 1, labelled with the service and agent runtime",

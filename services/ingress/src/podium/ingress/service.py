@@ -45,6 +45,7 @@ class IngressService:
 
     async def start(self, ctx: Context) -> None:
         """Bind the buckets and start listening."""
+        ctx.metrics.info.labels(self.name, "none").set(1)
         self._publisher = await open_publisher(
             ctx.nc, self.settings, name="ingress", direct=self.settings.direct_publish
         )

@@ -53,6 +53,7 @@ class NotifierService:
 
     async def start(self, ctx: Context) -> None:
         """Bind the outbox and suppression buckets and start consuming commands."""
+        ctx.metrics.info.labels(self.name, "none").set(1)
         email, sms, api = self._transports = self.transports()
         log.info(
             "transports",
