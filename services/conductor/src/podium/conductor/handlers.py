@@ -166,7 +166,7 @@ class Conductor:
 
     async def on_inbound(self, event: InboundMessage, delivery: Delivery) -> None:
         """A message from a person: check who it is, absorb it, take a turn."""
-        found = await self.conversations.get(event.conversation_id)
+        found = await self._load(event.conversation_id)
         conv, revision = found if found else (_new(event), 0)
         if event.event_id in conv.handled:
             await self._already_handled(conv, event.event_id)
@@ -220,7 +220,7 @@ class Conductor:
 
     async def on_result(self, event: TaskResult, delivery: Delivery) -> None:
         """A worker's report: update the task, then let the agent judge it."""
-        found = await self.conversations.get(event.conversation_id)
+        found = await self._load(event.conversation_id)
         if found is None:
             raise Reject(f"result for unknown conversation {event.conversation_id}")
         conv, revision = found
@@ -381,6 +381,24 @@ class Conductor:
         raise Retry(
             f"the conductor agent failed ({answer.outcome}): {answer.error[:500]}", delay_s=delay
         )
+
+    async def _load(self, conversation_id: str) -> tuple[Conversation, int] | None:
+        """The conversation and its revision, with any decisions a crash left unpublished
+        published first.
+
+        A replica that dies between saving a turn and publishing its decisions leaves
+        them in ``pending``; the next event of the conversation may be another one than
+        the one whose turn that was (a worker's result can come before the inbound
+        message is redelivered), and its turn must not replace them unpublished.
+        """
+        found = await self.conversations.get(conversation_id)
+        if found is None or not found[0].pending:
+            return found
+        log.warning(
+            "publishing decisions a crash left unpublished", extra={"n": len(found[0].pending)}
+        )
+        await self._flush(found[0])
+        return await self.conversations.get(conversation_id)
 
     async def _commit(self, conv: Conversation, revision: int, effects: Effects) -> None:
         """Save the turn with its decisions, then publish them (a transactional outbox)."""
