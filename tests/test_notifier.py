@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,12 @@ from podium.cli.natsserver import NatsServer
 from podium.common import streams, subjects
 from podium.common.bus import publish
 from podium.common.config import Secret
-from podium.common.events import DeadLetter, SendEmail, SendSms, decode
+from podium.common.events import ApiReply, DeadLetter, SendEmail, SendSms, decode
 from podium.common.kv import Store
 from podium.common.state import OutboxRecord
 from podium.notifier.config import NotifierSettings
 from podium.notifier.service import NotifierService
+from podium.notifier.transports import Transport
 from podium.testing.services import Running, in_process
 from podium.testing.smtp import SmtpServer, self_signed
 
@@ -265,3 +268,55 @@ async def test_smtp_without_the_tls_the_server_requires_is_retried_not_failed(
         assert server.recorder.messages == []
     finally:
         server.stop()
+
+
+class PausingTransport:
+    """The outbox transport, after whose first send the NATS server stops answering for
+    longer than a request's timeout (as while a JetStream leader is re-elected)."""
+
+    def __init__(self, inner: Transport, server: NatsServer, pause_s: float) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.server = server
+        self.pause_s = pause_s
+        self.paused = asyncio.Event()
+        self.resumed = asyncio.Event()
+
+    async def send(self, command: SendEmail | SendSms | ApiReply) -> str:
+        provider_id = await self.inner.send(command)
+        pid = self.server.pid
+        if not self.paused.is_set() and pid is not None:
+            self.paused.set()
+            os.kill(pid, signal.SIGSTOP)
+            asyncio.get_running_loop().call_later(self.pause_s, self._resume, pid)
+        return provider_id
+
+    def _resume(self, pid: int) -> None:
+        os.kill(pid, signal.SIGCONT)
+        self.resumed.set()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_send_the_provider_took_is_recorded_sent_when_nats_stalls_after_it(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    path = tmp_path / "outbox.jsonl"
+    settings = NotifierSettings(nats_url=nats_server.url, health_port=0, outbox_path=str(path))
+    service = NotifierService(settings)
+    email_transport, sms, api = service.transports()
+    # Longer than nats-py's 5 s request timeout: the record update after the send fails.
+    pausing = PausingTransport(email_transport, nats_server, pause_s=7.0)
+    service.transports = lambda: (pausing, sms, api)  # type: ignore[method-assign]
+    async with in_process(service, settings):
+        await publish(js, subjects.command("email", "email-abc"), email())
+        await asyncio.wait_for(pausing.resumed.wait(), 20)
+        record = await outbox_state(js, "cmd1", "sent")
+    # Sent once, recorded as sent: not "ambiguous", no DeliveryFailed, no dead letter.
+    assert record.provider_ids == ["outbox:cmd1"]
+    assert len(await lines(path, 1)) == 1
+    info = await js.stream_info("DEADLETTER")
+    assert info.state.messages == 0
+    results = await js.stream_info("RESULTS")
+    assert results.state.messages == 0

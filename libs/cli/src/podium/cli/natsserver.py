@@ -124,6 +124,11 @@ class NatsServer:
             proc.wait()
 
     @property
+    def pid(self) -> int | None:
+        """The server process's pid while it runs (tests pause it with SIGSTOP)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
     def running(self) -> bool:
         """Whether the server process is alive."""
         return self._proc is not None and self._proc.poll() is None

@@ -20,9 +20,11 @@ terminated and dead-lettered.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import msgspec
@@ -113,7 +115,10 @@ class Notifier:
         try:
             for index in range(len(record.provider_ids), len(parts)):
                 provider_id = await transport.send(parts[index])
-                await self._progress(key, provider_id)
+                # The provider took it: from here on the record must say so. Its update
+                # is retried until it is stored, never taken for an unknown send (a
+                # NATS leader election must not turn a sent reply into "ambiguous").
+                await self._until_stored(key, functools.partial(self._progress, key, provider_id))
         except TransientSendError as err:
             self.metrics.sends.labels(channel, transport.name, "retry").inc()
             if delivery.num_delivered >= self.max_deliver:
@@ -143,7 +148,7 @@ class Notifier:
         finally:
             self.metrics.send_seconds.labels(transport.name).observe(time.perf_counter() - started)
         self.metrics.sends.labels(channel, transport.name, "sent").inc()
-        await self._set(key, "sent", error="")
+        await self._until_stored(key, functools.partial(self._set, key, "sent", error=""))
         log.info(
             "sent",
             extra={
@@ -155,6 +160,31 @@ class Notifier:
         )
 
     # --- the outbox record ----------------------------------------------------
+
+    async def _until_stored(
+        self, key: str, write: Callable[[], Awaitable[tuple[OutboxRecord, int]]]
+    ) -> None:
+        """Store what the provider already accepted: try until the bucket takes it.
+
+        The message stays held meanwhile (the consumer heartbeats it). A shutdown that
+        interrupts this leaves the record ``sending``; the next delivery then finds
+        how many parts the provider took (see ``_claim``).
+        """
+        delay = 0.2
+        while True:
+            try:
+                await write()
+            except Reject:
+                raise
+            except Exception as err:  # noqa: BLE001 - a bus failure: the send itself is done
+                log.warning(
+                    "outbox record not stored after the send; trying again",
+                    extra={"command_id": key, "error": repr(err), "retry_in_s": delay},
+                )
+            else:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def _claim(
         self, channel: str, command: Command, transport: Transport
@@ -187,6 +217,13 @@ class Notifier:
         if record.state == "sent":
             self.metrics.skipped.labels(channel).inc()
             log.info("already sent; not sending again", extra={"command_id": key})
+            return None
+        parts = len(_parts(command, self.sms_max_chars))
+        if record.state == "sending" and len(record.provider_ids) >= parts:
+            # Every part was accepted and recorded; only the final state was not stored.
+            await self._until_stored(key, functools.partial(self._set, key, "sent", error=""))
+            self.metrics.skipped.labels(channel).inc()
+            log.info("sent before; its record now says so", extra={"command_id": key})
             return None
         if record.state in ("sending", "ambiguous"):
             if record.state == "sending":
