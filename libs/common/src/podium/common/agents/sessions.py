@@ -68,6 +68,15 @@ class LeaseLost(Exception):
     """Another replica took the session while this one held it (it stopped renewing)."""
 
 
+class LeaseBusy(Exception):
+    """Another replica held the session for all of ``PODIUM_AGENT_LEASE_WAIT_S``.
+
+    Its own type, not ``TimeoutError``: a bus request that times out (nats-py's
+    TimeoutError is one) is a bus fault, not contention, and must not be counted or
+    reported as such.
+    """
+
+
 class Agents:
     """A runtime, made safe and portable across replicas, with metrics."""
 
@@ -179,7 +188,7 @@ class Agents:
         waited = time.monotonic()
         try:
             record = await self._acquire(records, name)
-        except TimeoutError:
+        except LeaseBusy:
             self.metrics.agent_sessions.labels(self.role, "busy").inc()
             return AgentAnswer(
                 text="", session_id=call.session_id or "", outcome="busy",
@@ -352,7 +361,7 @@ class Agents:
             except Conflict:
                 pass  # someone else moved first: look again
             if time.monotonic() >= deadline:
-                raise TimeoutError(name)
+                raise LeaseBusy(name)
             self.metrics.agent_sessions.labels(self.role, "lease_wait").inc()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
