@@ -357,7 +357,9 @@ async def provision_cmd(wait_s: float = 0.0) -> int:
                 raise
             await asyncio.sleep(1.0)
     try:
-        await provision(nc.jetstream(), replicas=config.stream_replicas)
+        await provision(
+            nc.jetstream(), replicas=config.stream_replicas, budget=config.store_budget_bytes
+        )
     finally:
         await nc.close()
     _out(

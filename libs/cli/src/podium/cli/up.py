@@ -598,9 +598,14 @@ async def _up(layout: Layout) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         env = {k: v for k, v in os.environ.items() if k.startswith("PODIUM_")}
-        nc = await connect(load(CommonSettings, {**env, "NATS_URL": nats.url}), name="podium-up")
+        settings = load(CommonSettings, {**env, "NATS_URL": nats.url})
+        nc = await connect(settings, name="podium-up")
         try:
-            await provision(nc.jetstream())
+            await provision(
+                nc.jetstream(),
+                replicas=settings.stream_replicas,
+                budget=settings.store_budget_bytes,
+            )
         finally:
             await nc.close()
         logs = layout.home / "logs"

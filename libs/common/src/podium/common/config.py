@@ -87,6 +87,15 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     stream_replicas: Annotated[
         int, setting("Replicas of each stream and bucket (3 in a production cluster).", ge=1, le=5)
     ] = 1
+    store_budget_bytes: Annotated[
+        int,
+        setting(
+            "JetStream file storage all of Podium's streams, buckets and object stores may "
+            "use, each a fixed share (docs/operations.md); 0 = no limits. The server's "
+            "max_file_store must be at least this.",
+            ge=0,
+        ),
+    ] = 0
     provision: Annotated[
         bool, setting("Create/update streams, consumers and buckets at start.")
     ] = True

@@ -53,6 +53,10 @@ class NatsUnreachable(PodiumError):
         super().__init__(f"cannot connect to NATS at {url}: {reason}")
 
 
+class ProvisionError(StartupError):
+    """The server refused to create or update part of Podium's topology."""
+
+
 class AgentUnavailable(StartupError):
     """The configured agent CLI cannot be run."""
 

@@ -256,7 +256,12 @@ async def run(
         try:
             js = nc.jetstream()
             if settings.provision:
-                await provision(js, TOPOLOGY, replicas=settings.stream_replicas)
+                await provision(
+                    js,
+                    TOPOLOGY,
+                    replicas=settings.stream_replicas,
+                    budget=settings.store_budget_bytes,
+                )
             ctx = Context(service.name, nc, js, metrics, registry, nats_url=shown_url(settings))
             await service.start(ctx)
             health.ctx = ctx

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     KeyValueConfig,
     ObjectStoreConfig,
     RetentionPolicy,
@@ -26,9 +28,10 @@ from nats.js.api import (
     StreamConfig,
     SubjectTransform,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from podium.common import subjects
+from podium.common.errors import ProvisionError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,11 @@ class StreamSpec:
     duplicate_window_s: float = 3600.0
     #: Subject transform applied as messages are stored: (source, destination).
     transform: tuple[str, str] | None = None
+    #: Its share of PODIUM_STORE_BUDGET_BYTES (see ``STORE_SHARES``), when a budget is set.
+    share: float = 0.0
+    #: When full: refuse new messages (the publisher sees it, retries, an alert fires)
+    #: rather than drop the oldest, which may be unhandled work.
+    discard_new: bool = True
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,8 @@ class BucketSpec:
     description: str
     history: int = 1
     ttl_s: float = 0.0
+    #: Its share of PODIUM_STORE_BUDGET_BYTES, when a budget is set.
+    share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -93,27 +103,36 @@ INBOUND = StreamSpec(
     "INBOUND",
     (subjects.INBOUND_ALL,),
     "Messages received by ingress",
+    share=0.19,
     transform=(
         "inbound.*.*",
         f"inbound.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({PARTITIONS},2)}}}}",
     ),
 )
-TASKS = StreamSpec("TASKS", (subjects.TASKS_ALL,), "Tasks and follow-ups for workers")
+TASKS = StreamSpec(
+    "TASKS", (subjects.TASKS_ALL,), "Tasks and follow-ups for workers", share=0.03
+)
 RESULTS = StreamSpec(
     "RESULTS",
     (subjects.RESULTS_ALL,),
     "Worker results and progress for the conductor",
+    share=0.06,
     transform=(
         "results.*.*",
         f"results.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({PARTITIONS},1)}}}}",
     ),
 )
-COMMANDS = StreamSpec("COMMANDS", (subjects.COMMANDS_ALL,), "Outbound email/SMS/API replies")
+COMMANDS = StreamSpec(
+    "COMMANDS", (subjects.COMMANDS_ALL,), "Outbound email/SMS/API replies", share=0.06
+)
 DEADLETTER = StreamSpec(
     "DEADLETTER",
     (subjects.DEADLETTER_ALL,),
     "Messages a service could never handle",
     max_age_s=30 * DAY,
+    share=0.06,
+    # Full: the oldest dead letters go (a consumer must always be able to record one).
+    discard_new=False,
 )
 
 
@@ -159,21 +178,32 @@ NOTIFIER_COMMANDS = ConsumerSpec(
     "Notifier: outbound commands",
 )
 
-CONVERSATIONS = BucketSpec("conversations", "Conversation state: session, participants, tasks")
-TASK_STATE = BucketSpec("tasks", "Worker-side task state: session id, workdir, last outcome")
-OUTBOX = BucketSpec("outbox", "Notifier outbox: one record per command id", ttl_s=30 * DAY)
+CONVERSATIONS = BucketSpec(
+    "conversations", "Conversation state: session, participants, tasks", share=0.06
+)
+TASK_STATE = BucketSpec(
+    "tasks", "Worker-side task state: session id, workdir, last outcome", share=0.03
+)
+OUTBOX = BucketSpec(
+    "outbox", "Notifier outbox: one record per command id", ttl_s=30 * DAY, share=0.03
+)
 CONDUCTORS = BucketSpec(
     "conductors",
     "Conductor replicas: membership heartbeats and partition leases",
     ttl_s=DAY,
+    share=0.005,
 )
 SESSIONS = BucketSpec(
-    "sessions", "Agent sessions: lease, latest session id, transcript generation", ttl_s=30 * DAY
+    "sessions",
+    "Agent sessions: lease, latest session id, transcript generation",
+    ttl_s=30 * DAY,
+    share=0.015,
 )
 SUPPRESSIONS = BucketSpec(
     "suppressions",
     "Recipients never to write to: SMS opt-outs (STOP until START), hard bounces",
     history=5,
+    share=0.01,
 )
 #: Object store of agent transcripts and worker workspaces, so sessions move between replicas.
 TRANSCRIPTS = "transcripts"
@@ -183,6 +213,10 @@ _OBJECT_STORE_DESCRIPTIONS = {
     TRANSCRIPTS: "Agent transcripts and workspaces",
     ATTACHMENTS: "Inbound email attachments",
 }
+#: Object stores' shares of PODIUM_STORE_BUDGET_BYTES. Attachments (up to 20 x 10 MiB
+#: per email, kept 30 days) get their own, so a flood of them fills their store, not
+#: the file store INBOUND needs to take new messages.
+OBJECT_STORE_SHARES = {TRANSCRIPTS: 0.18, ATTACHMENTS: 0.25}
 
 TOPOLOGY = Topology(
     streams=(INBOUND, TASKS, RESULTS, COMMANDS, DEADLETTER),
@@ -195,8 +229,20 @@ TOPOLOGY = Topology(
 _STREAM_NAME_IN_USE = 10058
 
 
-def stream_config(spec: StreamSpec, *, replicas: int = 1) -> StreamConfig:
-    """The nats-py configuration of a stream."""
+def store_shares(topology: Topology = TOPOLOGY) -> dict[str, float]:
+    """Each stream's, bucket's and object store's share of the storage budget."""
+    shares = {spec.name: spec.share for spec in topology.streams}
+    shares |= {f"KV_{b.name}": b.share for b in topology.buckets}
+    shares |= {f"OBJ_{o}": OBJECT_STORE_SHARES.get(o, 0.0) for o in topology.object_stores}
+    return shares
+
+
+def _max_bytes(share: float, budget: int) -> int:
+    return int(share * budget) if budget and share else -1
+
+
+def stream_config(spec: StreamSpec, *, replicas: int = 1, budget: int = 0) -> StreamConfig:
+    """The nats-py configuration of a stream (``budget``: PODIUM_STORE_BUDGET_BYTES)."""
     return StreamConfig(
         name=spec.name,
         description=spec.description,
@@ -204,6 +250,8 @@ def stream_config(spec: StreamSpec, *, replicas: int = 1) -> StreamConfig:
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         max_age=spec.max_age_s,
+        max_bytes=_max_bytes(spec.share, budget),
+        discard=DiscardPolicy.NEW if spec.discard_new else DiscardPolicy.OLD,
         duplicate_window=spec.duplicate_window_s,
         num_replicas=replicas,
         subject_transform=SubjectTransform(src=spec.transform[0], dest=spec.transform[1])
@@ -228,62 +276,113 @@ def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
     )
 
 
-async def ensure_stream(js: JetStreamContext, spec: StreamSpec, *, replicas: int = 1) -> None:
+async def ensure_stream(
+    js: JetStreamContext, spec: StreamSpec, *, replicas: int = 1, budget: int = 0
+) -> None:
     """Create ``spec``'s stream, or bring an existing one to this configuration."""
-    config = stream_config(spec, replicas=replicas)
-    try:
-        await js.add_stream(config)
-    except BadRequestError as err:
-        if err.err_code != _STREAM_NAME_IN_USE:
-            raise
-        await js.update_stream(config)
-        log.info("stream updated", extra={"stream": spec.name})
+    config = stream_config(spec, replicas=replicas, budget=budget)
+    with _refused("stream", spec.name):
+        try:
+            await js.add_stream(config)
+        except BadRequestError as err:
+            if err.err_code != _STREAM_NAME_IN_USE:
+                raise
+            await js.update_stream(config)
+            log.info("stream updated", extra={"stream": spec.name})
 
 
 async def provision(
-    js: JetStreamContext, topology: Topology = TOPOLOGY, *, replicas: int = 1
+    js: JetStreamContext, topology: Topology = TOPOLOGY, *, replicas: int = 1, budget: int = 0
 ) -> None:
-    """Create or update every stream, consumer, bucket and object store. Idempotent."""
+    """Create or update every stream, consumer, bucket and object store. Idempotent.
+
+    An existing bucket or object store is brought to the asked replicas, history, TTL
+    and size too (they are streams underneath). What the server refuses — more
+    replicas than it has nodes, more storage than it allows — raises
+    :class:`ProvisionError` naming the object and the server's reason.
+    """
     for stream in topology.streams:
-        await ensure_stream(js, stream, replicas=replicas)
+        await ensure_stream(js, stream, replicas=replicas, budget=budget)
     for consumer in topology.consumers:
         # CONSUMER.CREATE without an action is create-or-update on the server.
-        await js.add_consumer(consumer.stream, consumer_config(consumer))
+        with _refused("consumer", consumer.durable):
+            await js.add_consumer(consumer.stream, consumer_config(consumer))
     for bucket in topology.buckets:
-        with _existing_is_fine(bucket.name):
-            await js.create_key_value(
-                KeyValueConfig(
-                    bucket=bucket.name,
+        max_bytes = _max_bytes(bucket.share, budget)
+        config = KeyValueConfig(
+            bucket=bucket.name,
+            description=bucket.description,
+            history=bucket.history,
+            ttl=bucket.ttl_s or None,
+            replicas=replicas,
+            storage=StorageType.FILE,
+            max_bytes=max_bytes,
+        )
+        with _refused("bucket", bucket.name):
+            if not await _created(js.create_key_value(config)):
+                await _update(
+                    js,
+                    f"KV_{bucket.name}",
                     description=bucket.description,
-                    history=bucket.history,
-                    ttl=bucket.ttl_s or None,
-                    replicas=replicas,
-                    storage=StorageType.FILE,
+                    num_replicas=replicas,
+                    max_msgs_per_subject=bucket.history,
+                    max_age=bucket.ttl_s,
+                    max_bytes=max_bytes,
                 )
-            )
     for store in topology.object_stores:
-        with _existing_is_fine(store):
-            await js.create_object_store(
-                bucket=store,
-                config=ObjectStoreConfig(
-                    bucket=store,
-                    description=_OBJECT_STORE_DESCRIPTIONS.get(store, store),
-                    storage=StorageType.FILE,
-                    replicas=replicas,
-                    ttl=30 * DAY,
-                ),
-            )
+        description = _OBJECT_STORE_DESCRIPTIONS.get(store, store)
+        max_bytes = _max_bytes(OBJECT_STORE_SHARES.get(store, 0.0), budget)
+        object_config = ObjectStoreConfig(
+            bucket=store,
+            description=description,
+            storage=StorageType.FILE,
+            replicas=replicas,
+            ttl=30 * DAY,
+            max_bytes=max_bytes,
+        )
+        with _refused("object store", store):
+            if not await _created(js.create_object_store(bucket=store, config=object_config)):
+                await _update(
+                    js,
+                    f"OBJ_{store}",
+                    description=description,
+                    num_replicas=replicas,
+                    max_age=30 * DAY,
+                    max_bytes=max_bytes,
+                )
 
 
-@contextlib.contextmanager
-def _existing_is_fine(name: str) -> Iterator[None]:
-    """A bucket that exists with other settings is kept as it is (and said so)."""
+async def _created(create: Awaitable[object]) -> bool:
+    """Run ``create``; False if the bucket exists already (then it is updated instead)."""
     try:
-        yield
+        await create
     except BadRequestError as err:
         if err.err_code != _STREAM_NAME_IN_USE:
             raise
-        log.warning("bucket exists with different settings; left as is", extra={"bucket": name})
+        return False
+    return True
+
+
+async def _update(js: JetStreamContext, stream: str, **changes: Any) -> None:
+    """Bring a bucket's or object store's stream to ``changes`` (only what differs)."""
+    config = (await js.stream_info(stream)).config
+    wanted = {k: v for k, v in changes.items() if getattr(config, k) != v}
+    if not wanted:
+        return
+    await js.update_stream(config.evolve(**wanted))
+    log.info("updated", extra={"stream": stream, "changed": sorted(wanted)})
+
+
+@contextlib.contextmanager
+def _refused(kind: str, name: str) -> Iterator[None]:
+    """A server refusal as a ProvisionError that names what was refused, and why."""
+    try:
+        yield
+    except APIError as err:
+        raise ProvisionError(
+            f"the server refused {kind} {name}: {err.description or err} "
+            f"(error {err.err_code or err.code})"
+        ) from err
 
 
 async def missing_streams(js: JetStreamContext, names: tuple[str, ...]) -> list[str]:
