@@ -732,3 +732,11 @@ async def test_promtool_accepts_every_services_live_metrics(
         agent = "offline" if name in ("conductor", "worker") else "none"
         info = ("podium_service_info", (("agent", agent), ("service", name)))
         assert info in samples, name
+    # The one conductor serves every partition (PodiumPartitionsUnowned watches the sum).
+    owned = [
+        sample.value
+        for family in text_string_to_metric_families(texts["conductor"])
+        for sample in family.samples
+        if sample.name == "podium_conductor_partitions_owned"
+    ]
+    assert owned == [streams.PARTITIONS]

@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from podium.common.streams import PARTITIONS
+
 SERVICES = ("ingress", "conductor", "worker", "notifier")
 
 #: Thresholds operators are expected to tune; each alert's description names its own.
@@ -175,6 +177,16 @@ ALERTS: tuple[Alert, ...] = (
         "Worker slots are {{ $value | humanizePercentage }} busy",
         "Tasks queue behind busy slots; KEDA should be adding workers. If it is at its "
         "maximum, raise maxReplicaCount or PODIUM_WORKER_SLOTS.",
+    ),
+    Alert(
+        "PodiumPartitionsUnowned",
+        f"sum(podium_conductor_partitions_owned) < {PARTITIONS}",
+        "2m",
+        "critical",
+        "Only {{ $value }} of " + str(PARTITIONS) + " conductor partitions are served",
+        "Messages of the other partitions wait unanswered: a conductor died and its leases "
+        "have not lapsed, a replica cannot start its partitions (its /readyz says why), or "
+        "no conductor runs.",
     ),
     *(
         Alert(

@@ -39,3 +39,8 @@ class ConductorMetrics:
             "Agent turns running now",
             registry=registry,
         )
+        self.partitions_owned = Gauge(
+            f"{PREFIX}_conductor_partitions_owned",
+            "Conductor partitions this replica holds and consumes (all replicas: 16)",
+            registry=registry,
+        )

@@ -79,6 +79,7 @@ class ConductorService:
         self.agents = Agents(
             runtime, role="conductor", settings=self.settings, metrics=ctx.metrics, js=ctx.js
         )
+        own = ConductorMetrics(ctx.registry)
         await self.agents.start()
         conductor = Conductor(
             settings=self.settings,
@@ -89,7 +90,7 @@ class ConductorService:
             conversations=await Store.open(ctx.js, streams.CONVERSATIONS.name, Conversation),
             tasks=await Store.open(ctx.js, streams.TASK_STATE.name, TaskRecord),
             metrics=ctx.metrics,
-            own_metrics=ConductorMetrics(ctx.registry),
+            own_metrics=own,
         )
         self._ctx = ctx
         self._handler = conductor.handle
@@ -105,6 +106,8 @@ class ConductorService:
         )
         # An agent that cannot start makes it step aside now, not at the next round.
         self.agents.problem_listeners.append(self.partitions.wake)
+        partitions = self.partitions
+        own.partitions_owned.set_function(lambda: len(partitions.owned))
         self.partitions.start()
 
     async def _start_partition(self, partition: int) -> None:
