@@ -377,6 +377,7 @@ def test_compose_file_follows_the_compose_specification() -> None:
     parsed.validate()
     assert set(parsed.service_names()) == {
         "nats",
+        "nats-exporter",
         "provision",
         "prometheus",
         "grafana",

@@ -188,6 +188,7 @@ def test_every_flow_the_platform_needs_is_admitted(
     needed += [
         (KEDA, nats, 8222, "TCP"),
         (PROMETHEUS, nats, 8222, "TCP"),
+        (PROMETHEUS, nats, 7777, "TCP"),
         (INGRESS_CONTROLLER, pods["ingress"], 8080, "TCP"),
         (INTERNET, pods["ingress"], 8080, "TCP"),
         (pods["conductor"], INTERNET, 443, "TCP"),
@@ -213,6 +214,8 @@ def test_flows_the_platform_does_not_need_are_refused(
         (pods["worker"], pods["notifier"], 9090),
         (pods["conductor"], pods["worker"], 9090),
         (pods["notifier"], nats, 8222),
+        (pods["worker"], nats, 7777),
+        (KEDA, nats, 7777),
         (pods["worker"], nats, 6222),
         (pods["ingress"], INTERNET, 443),
         (pods["worker"], INTERNET, 22),

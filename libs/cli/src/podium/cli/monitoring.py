@@ -188,6 +188,48 @@ ALERTS: tuple[Alert, ...] = (
         "have not lapsed, a replica cannot start its partitions (its /readyz says why), or "
         "no conductor runs.",
     ),
+    # NATS itself, from prometheus-nats-exporter beside each node (metric names as its
+    # collector/jsz.go and healthz.go define them; "gnatsd" is its default prefix).
+    Alert(
+        "NatsServerUnhealthy",
+        "max by (server_id) (gnatsd_healthz_status) > 0",
+        "2m",
+        "critical",
+        "NATS server {{ $labels.server_id }} fails its health check",
+        "Its /healthz is not ok: JetStream is not current on it (catching up after a "
+        "restart, or cut off from the cluster). Look at the node's log and at "
+        "`nats server report jetstream`.",
+    ),
+    Alert(
+        "NatsClusterRoutesMissing",
+        "gnatsd_varz_routes < scalar(count(gnatsd_varz_routes)) - 1",
+        "5m",
+        "critical",
+        "A NATS node sees {{ $value }} routes, fewer than the other nodes",
+        "A node lost its route to a peer: R3 streams run on two nodes (a second loss "
+        "stops them). Check the NATS pods, their network policy and DNS.",
+    ),
+    Alert(
+        "NatsJetStreamStorageHigh",
+        "max by (server_name) "
+        "(jetstream_server_total_message_bytes / jetstream_server_max_storage) > 0.8",
+        "10m",
+        "warning",
+        "JetStream on {{ $labels.server_name }} is {{ $value | humanizePercentage }} full",
+        "When the file store is full no stream takes new messages: the ingress answers 503. "
+        "Raise max_file_store and the volume, or PODIUM_STORE_BUDGET_BYTES' shares.",
+    ),
+    Alert(
+        "NatsConsumerLag",
+        "max by (stream_name, consumer_name) "
+        '(jetstream_consumer_num_pending{is_consumer_leader="true"}) > '
+        f"{LAG_THRESHOLD}",
+        "10m",
+        "warning",
+        "{{ $labels.consumer_name }} is {{ $value }} messages behind (seen by NATS)",
+        "The server's own count, so it fires even when no service replica runs to report "
+        "podium_consumer_pending.",
+    ),
     *(
         Alert(
             "PodiumServiceDown",
