@@ -38,6 +38,7 @@ from podium.cli import monitoring
 from podium.cli.natsserver import NatsServer, free_port
 from podium.common import access, streams
 from podium.common.config import variables
+from podium.common.runtime import CLOSE_GRACE_S
 from podium.conductor.config import ConductorSettings
 from podium.ingress.config import IngressSettings
 from podium.notifier.config import NotifierSettings
@@ -182,8 +183,13 @@ def test_services_are_operable(rendered: dict[str, list[dict[str, Any]]], path: 
         deployment = find(objs, "Deployment", name)
         pod = deployment["spec"]["template"]["spec"]
         c = container(deployment)
-        # SIGTERM grace covers the drain, then the NATS drain (10 s).
-        assert pod["terminationGracePeriodSeconds"] >= drain + 10, name
+        # SIGTERM grace covers a preStop pause, the service's drain (its own, if it sets
+        # one), then closing (CLOSE_GRACE_S), with room to spare.
+        own = {e["name"]: e.get("value") for e in c["env"]}
+        service_drain = float(own.get("PODIUM_DRAIN_TIMEOUT_S") or drain)
+        pause = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+        needed = pause + service_drain + CLOSE_GRACE_S + 5
+        assert pod["terminationGracePeriodSeconds"] >= needed, name
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["health"] == int(config["PODIUM_HEALTH_PORT"])
         assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
@@ -206,6 +212,25 @@ def test_services_are_operable(rendered: dict[str, list[dict[str, Any]]], path: 
     job = find(objs, "Job", "podium-provision")
     assert container(job)["args"][0] == "provision"
     assert env_value(objs, job, "PODIUM_NATS_USER") == access.ADMIN
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_rollouts_do_not_cut_work_short(
+    rendered: dict[str, list[dict[str, Any]]], path: str
+) -> None:
+    objs = rendered[path]
+    # The ingress keeps serving while the endpoints drop it: SIGTERM comes after a
+    # preStop pause, so requests routed to it meanwhile are answered, not refused.
+    ingress = container(find(objs, "Deployment", "ingress"))
+    assert ingress["lifecycle"]["preStop"]["sleep"]["seconds"] >= 5
+    # A worker finishes the task it runs (a KEDA scale-in, a rollout, a node drain)
+    # instead of having it cancelled and paid for again elsewhere: its drain covers a
+    # whole task (the conductor's task deadline).
+    worker = container(find(objs, "Deployment", "worker"))
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    task_timeout = ConductorSettings().task_timeout_s
+    assert float(env["PODIUM_DRAIN_TIMEOUT_S"]) >= task_timeout
+    assert float(env["PODIUM_DEFAULT_TASK_TIMEOUT_S"]) <= task_timeout
 
 
 def test_scaling(rendered: dict[str, list[dict[str, Any]]]) -> None:
