@@ -35,7 +35,8 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable --package podium-${SERVICE}
 
 # --- the Claude Code CLI (a native binary in its platform package) ---------------------
-FROM node:20-bookworm-slim AS claude
+# Node 22 (maintenance LTS; 20 reached its end of life): only npm runs here.
+FROM node:22-bookworm-slim AS claude
 WORKDIR /opt/claude
 COPY tools/claude/package.json tools/claude/package-lock.json ./
 RUN npm ci --no-audit --no-fund --omit=dev \
@@ -43,7 +44,15 @@ RUN npm ci --no-audit --no-fund --omit=dev \
 
 # --- runtime bases ---------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
-RUN useradd --uid 10001 --user-group --home-dir /var/lib/podium --create-home podium
+# tini as PID 1: it forwards SIGTERM to the service and reaps the orphans that agent
+# process groups leave (Python as PID 1 would keep them as zombies). The directories
+# compose and Kubernetes mount volumes on exist, owned by the service's user, so a new
+# volume takes that ownership (a missing mount point would be created root-owned).
+RUN apt-get update && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --uid 10001 --user-group --home-dir /var/lib/podium --create-home podium \
+ && install -d -o 10001 -g 10001 /var/lib/podium/state /var/lib/podium/workspaces \
+      /var/lib/podium/outbox
 ENV PATH=/app/.venv/bin:$PATH PYTHONUNBUFFERED=1 \
     PODIUM_STATE_DIR=/var/lib/podium/state PODIUM_WORKSPACE_ROOT=/var/lib/podium/workspaces
 WORKDIR /var/lib/podium
@@ -62,21 +71,21 @@ ENV PODIUM_CLAUDE_BIN=/usr/local/bin/claude
 FROM runtime AS ingress
 COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
 EXPOSE 8080
-ENTRYPOINT ["python", "-m", "podium.ingress"]
+ENTRYPOINT ["tini", "--", "python", "-m", "podium.ingress"]
 
 FROM runtime AS notifier
 COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
-ENTRYPOINT ["python", "-m", "podium.notifier"]
+ENTRYPOINT ["tini", "--", "python", "-m", "podium.notifier"]
 
 FROM agent-runtime AS conductor
 COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
-ENTRYPOINT ["python", "-m", "podium.conductor"]
+ENTRYPOINT ["tini", "--", "python", "-m", "podium.conductor"]
 
 FROM agent-runtime AS worker
 COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
-ENTRYPOINT ["python", "-m", "podium.worker"]
+ENTRYPOINT ["tini", "--", "python", "-m", "podium.worker"]
 
 FROM runtime AS cli
 COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
-ENTRYPOINT ["podium"]
+ENTRYPOINT ["tini", "--", "podium"]
 CMD ["status"]

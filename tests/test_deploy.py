@@ -417,8 +417,8 @@ def test_compose_file_follows_the_compose_specification() -> None:
             PyOptions(apply_merge=True).from_yaml(bad).validate()
 
 
-def dockerfile_targets() -> dict[str, list[str]]:
-    """Each Dockerfile target's ENTRYPOINT (targets without one map to [])."""
+def dockerfile_entrypoints() -> dict[str, list[str]]:
+    """Each Dockerfile target's ENTRYPOINT as written (targets without one map to [])."""
     targets: dict[str, list[str]] = {}
     current = ""
     for line in (ROOT / "Dockerfile").read_text().splitlines():
@@ -428,6 +428,39 @@ def dockerfile_targets() -> dict[str, list[str]]:
         elif m := re.match(r"ENTRYPOINT (\[.*\])", line):
             targets[current] = json.loads(m.group(1))
     return targets
+
+
+def dockerfile_targets() -> dict[str, list[str]]:
+    """Each target's command: its ENTRYPOINT after the init process (tini --)."""
+    return {
+        target: entry[2:] if entry[:2] == ["tini", "--"] else entry
+        for target, entry in dockerfile_entrypoints().items()
+    }
+
+
+def test_images_run_an_init_and_a_supported_node() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    entrypoints = {t: e for t, e in dockerfile_entrypoints().items() if e}
+    assert set(entrypoints) == {*SERVICES, "cli"}
+    for target, entry in entrypoints.items():
+        # PID 1 reaps what killed agent process groups leave behind.
+        assert entry[:2] == ["tini", "--"], target
+    assert "install -y --no-install-recommends tini" in text
+    (node,) = re.findall(r"FROM node:(\d+)", text)
+    assert int(node) >= 22
+    # The directories volumes are mounted on exist, owned by the service's user.
+    compose = compose_file()
+    joined = text.replace("\\\n", " ")
+    owned = re.search(r"install -d -o 10001 -g 10001 ([^\n&]*)", joined)
+    assert owned is not None
+    made = set(owned.group(1).split())
+    for svc in compose["services"].values():
+        if "build" not in svc:
+            continue
+        for volume in svc.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if not source.startswith(".") and target != "/var/lib/podium":
+                assert target in made, f"{target} is not created for the service's user"
 
 
 def image_env() -> dict[str, str]:
