@@ -16,8 +16,10 @@ from nats.js import JetStreamContext
 from twilio.request_validator import RequestValidator
 
 from podium.cli.natsserver import NatsServer
+from podium.common import streams
 from podium.common.config import Secret
 from podium.common.events import InboundMessage, decode
+from podium.common.streams import ensure_stream
 from podium.ingress.config import IngressSettings
 from podium.ingress.parsing import TwilioSignatures
 from podium.ingress.service import IngressService
@@ -189,13 +191,47 @@ async def test_unknown_route_has_the_same_error_shape(ingress: Ingress) -> None:
             assert (await resp.json())["error"]["code"] == "method_not_allowed"
 
 
-async def test_503_when_jetstream_cannot_store(ingress: Ingress, js: JetStreamContext) -> None:
-    await js.delete_stream("INBOUND")
+async def test_503_when_jetstream_cannot_store(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    service = IngressService(settings(nats_server, publish_timeout_s=1.0, provision=False))
+    async with (
+        in_process(service, service.settings) as running,
+        aiohttp.ClientSession() as http,
+    ):
+        await js.delete_stream("INBOUND")
+        await post_and_expect_503(Ingress(running, service, http))
+
+
+async def post_and_expect_503(ingress: Ingress) -> None:
     async with ingress.http.post(
         f"{ingress.url}/v1/messages", json={"text": "hi"}, headers=bearer()
     ) as resp:
         assert resp.status == 503
         assert (await resp.json())["error"]["code"] == "unavailable"
+
+
+async def test_a_store_refused_for_a_moment_is_tried_again_before_any_503(
+    ingress: Ingress, js: JetStreamContext
+) -> None:
+    # As while a stream's leader is re-elected: nothing takes the subject for a moment.
+    await js.delete_stream("INBOUND")
+
+    async def back_soon() -> None:
+        await asyncio.sleep(1.0)
+        await ensure_stream(js, streams.INBOUND)
+
+    restore = asyncio.create_task(back_soon())
+    async with ingress.http.post(
+        f"{ingress.url}/v1/messages",
+        json={"text": "hi"},
+        headers={**bearer(), "Idempotency-Key": "k-failover-1"},
+    ) as resp:
+        status = resp.status
+    await restore
+    assert status == 202
+    (event,) = await stored(js, 1)
+    assert event.text == "hi"
 
 
 # --- Twilio ----------------------------------------------------------------

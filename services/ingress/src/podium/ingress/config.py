@@ -107,8 +107,12 @@ class IngressSettings(CommonSettings, frozen=True, kw_only=True):
     ] = 30 * 1024 * 1024
     publish_timeout_s: Annotated[
         float,
-        setting("How long to wait for JetStream to store an event before answering 503.", gt=0),
-    ] = 5.0
+        setting(
+            "How long to keep trying to store an event (through a stream leader election) "
+            "before answering 503; keep it below Twilio's 15 s webhook timeout.",
+            gt=0,
+        ),
+    ] = 10.0
     direct_publish: Annotated[
         bool,
         setting(

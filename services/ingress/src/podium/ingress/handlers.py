@@ -53,6 +53,10 @@ from podium.ingress.metrics import IngressMetrics
 
 log = logging.getLogger(__name__)
 
+#: One publish attempt's wait for JetStream's ack; attempts repeat within
+#: PODIUM_PUBLISH_TIMEOUT_S (see Handlers._store).
+_ATTEMPT_S = 2.0
+
 TWIML_EMPTY = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 MAX_TEXT = 64 * 1024
 MAX_IDEMPOTENCY_KEY = 255
@@ -199,18 +203,36 @@ class Handlers:
         return wrapped
 
     async def _store(self, subject: str, event: InboundMessage) -> bool:
-        """Publish and wait for the ack; True if it was a duplicate. 503 on failure."""
-        timeout_s = self.deps.settings.publish_timeout_s
-        try:
-            if self.deps.publisher is not None:
-                ack: Ack | PubAck = await self.deps.publisher.publish(
-                    subject, event, timeout_s=timeout_s
-                )
-            else:
-                ack = await publish(self.deps.js, subject, event, timeout_s=timeout_s)
-        except Exception as err:
-            log.warning("could not store inbound event", extra={"error": repr(err)})
-            raise HttpError(503, "unavailable", "could not store the message; retry later") from err
+        """Publish and wait for the ack; True if it was a duplicate. 503 on failure.
+
+        A stream whose leader is being re-elected (a NATS node lost) answers "no
+        responders" or nothing for a few seconds: the publish is tried again, under the
+        same Nats-Msg-Id (so stored at most once), until ``PODIUM_PUBLISH_TIMEOUT_S`` is
+        spent, and only then is the provider asked to retry with a 503.
+        """
+        deadline = time.monotonic() + self.deps.settings.publish_timeout_s
+        delay = 0.1
+        while True:
+            # Short attempts: an ack that does not come from an old leader is not waited
+            # for until the whole budget is gone.
+            attempt_s = max(0.05, min(_ATTEMPT_S, deadline - time.monotonic()))
+            try:
+                if self.deps.publisher is not None:
+                    ack: Ack | PubAck = await self.deps.publisher.publish(
+                        subject, event, timeout_s=attempt_s
+                    )
+                else:
+                    ack = await publish(self.deps.js, subject, event, timeout_s=attempt_s)
+                break
+            except Exception as err:
+                if time.monotonic() + delay >= deadline:
+                    log.warning("could not store inbound event", extra={"error": repr(err)})
+                    raise HttpError(
+                        503, "unavailable", "could not store the message; retry later"
+                    ) from err
+                log.info("store not acknowledged; trying again", extra={"error": repr(err)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
         duplicate = bool(ack.duplicate)
         if duplicate:
             self._duplicate_seq = ack.seq
