@@ -109,9 +109,7 @@ INBOUND = StreamSpec(
         f"inbound.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({PARTITIONS},2)}}}}",
     ),
 )
-TASKS = StreamSpec(
-    "TASKS", (subjects.TASKS_ALL,), "Tasks and follow-ups for workers", share=0.03
-)
+TASKS = StreamSpec("TASKS", (subjects.TASKS_ALL,), "Tasks and follow-ups for workers", share=0.03)
 RESULTS = StreamSpec(
     "RESULTS",
     (subjects.RESULTS_ALL,),

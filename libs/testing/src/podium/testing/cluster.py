@@ -34,18 +34,14 @@ class NatsCluster:
             config.write_text(
                 f"server_name: n{index}\n"
                 f"http: 127.0.0.1:{monitor}\n"
-                "jetstream {\n"
-                + ("  sync_interval: always\n" if sync_always else "")
-                + "}\n"
+                "jetstream {\n" + ("  sync_interval: always\n" if sync_always else "") + "}\n"
                 "cluster {\n"
                 "  name: podium\n"
                 f"  listen: 127.0.0.1:{route}\n"
                 f"  routes: [{routes}]\n"
                 "}\n"
             )
-            self.nodes.append(
-                NatsServer(folder / "jetstream", port=client, config_file=config)
-            )
+            self.nodes.append(NatsServer(folder / "jetstream", port=client, config_file=config))
         self.monitor_ports = [monitor for _, _, monitor in ports]
 
     @property
