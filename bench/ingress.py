@@ -8,7 +8,9 @@ Starts its own nats-server, then in the same run, with the same load generator
 1. bare: an aiohttp handler that only parses the form and answers TwiML — the
    ceiling any Python webhook on this machine can reach;
 2. publish-only: the same handler plus one durable ``js.publish`` of the body
-   per request (the design card's "parse + durable publish" figure), for scale;
+   per request (the design card's "parse + durable publish" figure): what any
+   webhook that stores durably with nats-py must pay; the ingress publishes the
+   same way, so ingress ÷ publish-only is Podium's own cost on top;
 3. ingress: ``python -m podium.ingress`` as deployed — X-Twilio-Signature
    checked over the public URL, opt-out keywords looked at, the event stored
    durably in JetStream (``Nats-Msg-Id`` from the MessageSid, so de-duplication
@@ -20,7 +22,8 @@ shared VM) the drift weighs on all three alike, and each figure is the median
 of its rounds. Every request carries a distinct, validly signed MessageSid.
 Prints a table,
 then as its last line one JSON object with ``ingress_rps``, ``bare_rps``,
-``ratio`` and ``p99_ms`` (the ingress's).
+``ratio`` (ingress ÷ bare), ``ratio_to_publish_only`` (ingress ÷ publish-only;
+the target is 0.8 or more) and ``p99_ms`` (the ingress's).
 """
 
 from __future__ import annotations
@@ -346,6 +349,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     ratios = [i["rps"] / b["rps"] for i, b in zip(rounds["ingress"], rounds["bare"], strict=True)]
     ratio = median("ingress", "rps") / median("bare", "rps")
+    to_publish_only = median("ingress", "rps") / median("publish-only", "rps")
     print(f"{'':14} {'req/s (median)':>15} {'each round':>28} {'p99 ms':>8} {'non-2xx':>8}")
     for name in ports:
         each = " ".join(f"{r['rps']:>8,.0f}" for r in rounds[name])
@@ -356,12 +360,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         )
     print(
         f"stored in INBOUND: {stored:,}   ratio ingress/bare: {ratio:.2f} "
-        f"(per round: {' '.join(f'{r:.2f}' for r in ratios)})"
+        f"(per round: {' '.join(f'{r:.2f}' for r in ratios)})   "
+        f"ingress/publish-only: {to_publish_only:.2f}"
     )
     return {
         "ingress_rps": round(median("ingress", "rps"), 1),
         "bare_rps": round(median("bare", "rps"), 1),
         "ratio": round(ratio, 3),
+        "ratio_to_publish_only": round(to_publish_only, 3),
         "p99_ms": round(median("ingress", "p99_ms"), 2),
         "bare_p99_ms": round(median("bare", "p99_ms"), 2),
         "publish_only_rps": round(median("publish-only", "rps"), 1),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from podium.common.metrics import LoopFamily, Metrics
+from podium.common.metrics import Metrics
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,7 @@ def _families(*owners: object) -> list[MetricDoc]:
     found = []
     for owner in owners:
         for collector in vars(owner).values():
-            if isinstance(collector, LoopFamily):
-                labels = collector.labelnames
-            elif isinstance(collector, MetricWrapperBase):
+            if isinstance(collector, MetricWrapperBase):
                 labels = tuple(getattr(collector, "_labelnames", ()))
             else:
                 continue

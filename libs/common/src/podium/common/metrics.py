@@ -8,11 +8,6 @@ same registry.
 
 from __future__ import annotations
 
-import bisect
-import time
-from collections.abc import Iterator, Sequence
-from typing import Generic, TypeVar
-
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -21,10 +16,6 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
-from prometheus_client.utils import floatToGoString
 
 PREFIX = "podium"
 
@@ -159,143 +150,3 @@ class Metrics:
             ["action", "reason"],
             registry=registry,
         )
-
-
-# --- Loop-local metrics ----------------------------------------------------------
-#
-# prometheus_client's Counter and Histogram take a lock on every update and find a
-# histogram's bucket with a Python loop: on the ingress that was several per cent of
-# the CPU of a webhook (docs/performance.md). Metrics updated only from the event
-# loop's thread — and scraped from it too (the side port's /metrics handler) — need
-# no lock. These expose exactly what prometheus_client's would: the same names,
-# samples (``_total``/``_created``, ``_bucket``/``_count``/``_sum``) and labels.
-
-
-Child = TypeVar("Child")
-
-
-class LoopFamily(Collector, Generic[Child]):
-    """A metric family whose children are updated without a lock (see above)."""
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        registry: CollectorRegistry,
-    ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], Child] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> Child:
-        """The child for these label values (created at first use).
-
-        Not for every update: callers on a hot path keep the child they got.
-        """
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-        key = tuple(str(v) for v in values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._new_child()
-        return child
-
-    def _new_child(self) -> Child:
-        raise NotImplementedError
-
-    def _empty(self) -> Metric:
-        raise NotImplementedError
-
-    def describe(self) -> Iterator[Metric]:
-        """The family without samples (lets the registry check for name clashes)."""
-        yield self._empty()
-
-
-class LoopCounterChild:
-    """One labelled counter: a float and when it was created."""
-
-    __slots__ = ("created", "value")
-
-    def __init__(self) -> None:
-        self.value = 0.0
-        self.created = time.time()
-
-    def inc(self, amount: float = 1.0) -> None:
-        """Add ``amount`` (not negative)."""
-        if amount < 0:
-            raise ValueError("counters only go up")
-        self.value += amount
-
-
-class LoopCounter(LoopFamily[LoopCounterChild]):
-    """A labelled counter updated from the event loop's thread only (no lock)."""
-
-    def _new_child(self) -> LoopCounterChild:
-        return LoopCounterChild()
-
-    def _empty(self) -> CounterMetricFamily:
-        # Like prometheus_client, the family is named without "_total".
-        name = self.name.removesuffix("_total")
-        return CounterMetricFamily(name, self.documentation, labels=self.labelnames)
-
-    def collect(self) -> Iterator[Metric]:
-        """The family as prometheus_client's Counter would expose it."""
-        family = self._empty()
-        for values, child in list(self._children.items()):
-            family.add_metric(values, child.value, created=child.created)
-        yield family
-
-
-class LoopHistogramChild:
-    """One labelled histogram: a count per bucket and the sum."""
-
-    __slots__ = ("bounds", "counts", "created", "total")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.total = 0.0
-        self.created = time.time()
-
-    def observe(self, amount: float) -> None:
-        """Count one observation (a bucket's bound is inclusive, ``le``)."""
-        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
-        self.total += amount
-
-
-class LoopHistogram(LoopFamily[LoopHistogramChild]):
-    """A labelled histogram updated from the event loop's thread only (no lock)."""
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        registry: CollectorRegistry,
-        buckets: Sequence[float] = LATENCY_BUCKETS,
-    ) -> None:
-        self.bounds = tuple(sorted(float(b) for b in buckets if b != float("inf")))
-        super().__init__(name, documentation, labelnames, registry)
-
-    def _new_child(self) -> LoopHistogramChild:
-        return LoopHistogramChild(self.bounds)
-
-    def _empty(self) -> HistogramMetricFamily:
-        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-    def collect(self) -> Iterator[Metric]:
-        """The family as prometheus_client's Histogram would expose it."""
-        family = self._empty()
-        names = [*(floatToGoString(b) for b in self.bounds), "+Inf"]  # type: ignore[no-untyped-call]
-        for values, child in list(self._children.items()):
-            cumulative, buckets = 0, []
-            for bound, count in zip(names, child.counts, strict=True):
-                cumulative += count
-                buckets.append((bound, float(cumulative)))
-            family.add_metric(values, buckets, child.total)
-            labels = dict(zip(self.labelnames, values, strict=True))
-            family.samples.append(Sample(self.name + "_created", labels, child.created))
-        yield family

@@ -113,13 +113,6 @@ class IngressSettings(CommonSettings, frozen=True, kw_only=True):
             gt=0,
         ),
     ] = 10.0
-    direct_publish: Annotated[
-        bool,
-        setting(
-            "Store inbound events through Podium's lean publisher connection (plain TCP, "
-            "user/password); off, or with TLS or a .creds file, through nats-py."
-        ),
-    ] = True
 
     def tokens(self) -> dict[str, str]:
         """{name: token} parsed from ``api_tokens``."""

@@ -20,12 +20,12 @@ import msgspec
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
 from nats.js import JetStreamContext
-from nats.js.api import ObjectMeta, PubAck
+from nats.js.api import ObjectMeta
 from nats.js.object_store import ObjectStore
 from yarl import query_to_pairs
 
 from podium.common import streams, subjects
-from podium.common.bus import Ack, publish
+from podium.common.bus import publish
 from podium.common.errors import Conflict
 from podium.common.events import DeliveryFailed, InboundMessage, Media, decode, utcnow
 from podium.common.ids import (
@@ -46,7 +46,6 @@ from podium.common.state import (
     delivery_of,
     suppression_key,
 )
-from podium.common.wire import EventPublisher
 from podium.ingress import parsing
 from podium.ingress.config import IngressSettings
 from podium.ingress.metrics import IngressMetrics
@@ -112,8 +111,6 @@ class Deps:
     outbox: Store[OutboxRecord] | None = None
     suppressions: Store[Suppression] | None = None
     attachments: ObjectStore | None = None
-    #: The hot-path publisher of inbound events (``js.publish`` when absent).
-    publisher: EventPublisher | None = None
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -217,12 +214,7 @@ class Handlers:
             # for until the whole budget is gone.
             attempt_s = max(0.05, min(_ATTEMPT_S, deadline - time.monotonic()))
             try:
-                if self.deps.publisher is not None:
-                    ack: Ack | PubAck = await self.deps.publisher.publish(
-                        subject, event, timeout_s=attempt_s
-                    )
-                else:
-                    ack = await publish(self.deps.js, subject, event, timeout_s=attempt_s)
+                ack = await publish(self.deps.js, subject, event, timeout_s=attempt_s)
                 break
             except Exception as err:
                 if time.monotonic() + delay >= deadline:

@@ -2,49 +2,49 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from podium.common.metrics import LATENCY_BUCKETS, PREFIX, LoopCounter, LoopHistogram
+from podium.common.metrics import LATENCY_BUCKETS, PREFIX
 
 
 class IngressMetrics:
-    """Every metric the ingress owns (updated from its event loop only: lock-free)."""
+    """Every metric the ingress owns."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = LoopCounter(
+        self.requests = Counter(
             f"{PREFIX}_ingress_requests_total",
             "HTTP requests, by route and status",
             ["route", "status"],
-            registry,
+            registry=registry,
         )
-        self.latency = LoopHistogram(
+        self.latency = Histogram(
             f"{PREFIX}_ingress_request_seconds",
             "HTTP request latency, by route",
             ["route"],
-            registry,
             buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
-        self.accepted = LoopCounter(
+        self.accepted = Counter(
             f"{PREFIX}_ingress_accepted_total",
             "Inbound messages stored, by channel and duplicate",
             ["channel", "duplicate"],
-            registry,
+            registry=registry,
         )
-        self.refused = LoopCounter(
+        self.refused = Counter(
             f"{PREFIX}_ingress_refused_total",
             "Requests refused, by route and reason",
             ["route", "reason"],
-            registry,
+            registry=registry,
         )
-        self.statuses = LoopCounter(
+        self.statuses = Counter(
             f"{PREFIX}_ingress_delivery_statuses_total",
             "Twilio status callbacks applied to the outbox, by status",
             ["status"],
-            registry,
+            registry=registry,
         )
-        self.ignored = LoopCounter(
+        self.ignored = Counter(
             f"{PREFIX}_ingress_ignored_total",
             "Inbound messages deliberately not forwarded (auto-replies, lists, bounces…)",
             ["channel", "reason"],
-            registry,
+            registry=registry,
         )

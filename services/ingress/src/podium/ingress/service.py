@@ -6,13 +6,13 @@ import logging
 from collections.abc import Sequence
 
 from aiohttp import web
+from nats.aio.client import Client
 
 from podium.common import streams
 from podium.common.errors import StartupError
 from podium.common.kv import Store
 from podium.common.runtime import Context, listen
 from podium.common.state import Conversation, OutboxRecord, Suppression
-from podium.common.wire import EventPublisher, open_publisher
 from podium.ingress.config import IngressSettings
 from podium.ingress.handlers import Deps, Handlers
 from podium.ingress.metrics import IngressMetrics
@@ -30,7 +30,7 @@ class IngressService:
         self.settings = settings
         self.port = settings.port
         self._runner: web.AppRunner | None = None
-        self._publisher: EventPublisher | None = None
+        self._nc: Client | None = None
 
     def build_app(self, deps: Deps) -> web.Application:
         """The public application (separate from the health side port)."""
@@ -46,13 +46,12 @@ class IngressService:
     async def start(self, ctx: Context) -> None:
         """Bind the buckets and start listening."""
         ctx.metrics.info.labels(self.name, "none").set(1)
-        self._publisher = await open_publisher(
-            ctx.nc, self.settings, name="ingress", direct=self.settings.direct_publish
-        )
+        # Inbound events are stored through the service's one nats-py connection, like
+        # every other publish (TLS, creds, cluster updates, write back-pressure included).
+        self._nc = ctx.nc
         deps = Deps(
             settings=self.settings,
             js=ctx.js,
-            publisher=self._publisher,
             metrics=IngressMetrics(ctx.registry),
             conversations=await Store.open(ctx.js, streams.CONVERSATIONS.name, Conversation),
             outbox=await Store.open(ctx.js, streams.OUTBOX.name, OutboxRecord),
@@ -88,13 +87,9 @@ class IngressService:
         """Stop accepting connections; requests in flight finish (up to ``timeout_s``)."""
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._publisher is not None:
-            await self._publisher.close()
 
     def readiness(self) -> tuple[bool, str]:
         """Ready once the public server is listening and events can be stored."""
-        if self._runner is None or self._publisher is None:
+        if self._runner is None or self._nc is None:
             return False, "starting"
-        if not self._publisher.connected:
-            return False, "the publisher's NATS connection is down"
         return True, f"listening on port {self.port}"
