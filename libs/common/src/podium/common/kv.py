@@ -61,26 +61,51 @@ class Store(Generic[T]):
             raise Conflict(key) from err
 
     async def mutate(
-        self, key: str, change: Callable[[T | None], T | None], *, attempts: int = 20
+        self,
+        key: str,
+        change: Callable[[T | None], T | None],
+        *,
+        attempts: int = 20,
+        known: tuple[T, int] | None = None,
     ) -> T | None:
         """Apply ``change`` to the current value with compare-and-set, retrying lost races.
 
         ``change`` receives the current value (None if absent) and returns the
         new value, or None to leave the key untouched. It may run several
-        times, so it must not have side effects.
+        times, so it must not have side effects. ``known``: the value and revision
+        the caller just wrote or read, tried first instead of reading the key again
+        (a lost race reads it); revision 0 means the caller knows the key is absent.
         """
+        found = await self.mutate_at(key, change, attempts=attempts, known=known)
+        return found[0] if found else None
+
+    async def mutate_at(
+        self,
+        key: str,
+        change: Callable[[T | None], T | None],
+        *,
+        attempts: int = 20,
+        known: tuple[T, int] | None = None,
+    ) -> tuple[T, int] | None:
+        """:meth:`mutate`, with the revision the value is at afterwards."""
         for attempt in range(attempts):
-            current = await self.get(key)
-            new = change(current[0] if current else None)
+            current = (
+                (msgspec.structs.replace(known[0]), known[1])
+                if known is not None and attempt == 0
+                else await self.get(key)
+            )
+            # A known revision of 0 says the caller knows the key is absent.
+            exists = current is not None and current[1] > 0
+            new = change(current[0] if current is not None and exists else None)
             if new is None:
-                return current[0] if current else None
+                return current if exists else None
             try:
-                if current is None:
-                    await self.create(key, new)
+                if current is None or not exists:
+                    revision = await self.create(key, new)
                 else:
-                    await self.update(key, new, current[1])
+                    revision = await self.update(key, new, current[1])
             except Conflict:
                 await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))  # noqa: S311
                 continue
-            return new
+            return new, revision
         raise Conflict(key)

@@ -405,8 +405,8 @@ class Conductor:
         conv.pending = [Pending(subject=s, event=e) for s, e in effects.stored] + [
             Pending(subject=subjects.kill(k.task_id), event=k, core=True) for k in effects.kills
         ]
-        await self._save(conv, revision)
-        await self._flush(conv)
+        revision = await self._save(conv, revision)
+        await self._flush(conv, revision)
 
     async def _already_handled(self, conv: Conversation, event_id: str) -> None:
         """A redelivered event: its turn is saved; publish what it left unpublished."""
@@ -417,8 +417,13 @@ class Conductor:
             )
             await self._flush(conv)
 
-    async def _flush(self, conv: Conversation) -> None:
-        """Publish the conversation's pending decisions (idempotent ids), then clear them."""
+    async def _flush(self, conv: Conversation, revision: int = 0) -> None:
+        """Publish the conversation's pending decisions (idempotent ids), then clear them.
+
+        ``revision``: the one ``conv`` was just saved at, so clearing needs no read.
+        """
+        if not conv.pending:
+            return
         for item in conv.pending:
             if item.core and isinstance(item.event, KillTask):
                 kill = item.event
@@ -437,14 +442,15 @@ class Conductor:
             current.pending = [p for p in current.pending if p.event.event_id not in done]
             return current
 
-        await self.conversations.mutate(conv.conversation_id, clear)
+        known = (conv, revision) if revision else None
+        await self.conversations.mutate(conv.conversation_id, clear, known=known)
 
-    async def _save(self, conv: Conversation, revision: int) -> None:
+    async def _save(self, conv: Conversation, revision: int) -> int:
+        """Save ``conv`` if it is still at ``revision``; the revision it is saved at."""
         try:
             if revision:
-                await self.conversations.update(conv.conversation_id, conv, revision)
-            else:
-                await self.conversations.create(conv.conversation_id, conv)
+                return await self.conversations.update(conv.conversation_id, conv, revision)
+            return await self.conversations.create(conv.conversation_id, conv)
         except Conflict as err:
             # Someone else moved this conversation on: run the turn again from the
             # new state (what it publishes again is de-duplicated by id).

@@ -76,8 +76,15 @@ class ConductorService:
         runtime = self.runtime
         assert runtime is not None  # noqa: S101 - set by check()
         ctx.metrics.info.labels(self.name, runtime.kind).set(1)
+        # exclusive: a conversation's turns run only on the replica that holds its
+        # partition, so its session needs no lease of its own.
         self.agents = Agents(
-            runtime, role="conductor", settings=self.settings, metrics=ctx.metrics, js=ctx.js
+            runtime,
+            role="conductor",
+            settings=self.settings,
+            metrics=ctx.metrics,
+            js=ctx.js,
+            exclusive=True,
         )
         own = ConductorMetrics(ctx.registry)
         await self.agents.start()
@@ -128,6 +135,9 @@ class ConductorService:
             )
             for spec in (streams.conductor_inbound(partition), streams.conductor_results(partition))
         ]
+        # Its conversations' sessions may have moved on elsewhere meanwhile.
+        if self.agents is not None:
+            self.agents.forget_seen()
         # Whatever a previous owner held without acknowledging (it may have died) is
         # delivered again now, in stream order, before anything newer: a conversation's
         # messages cannot be overtaken on a takeover. What it did finish is skipped.

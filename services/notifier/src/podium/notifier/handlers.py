@@ -109,7 +109,9 @@ class Notifier:
             return
         # Someone may have opted out since the command was written (or since the last try).
         command = await self._without_suppressed(channel, command)
-        record, _ = await self._set(key, "sending", attempts=claimed.attempts)
+        # Each write knows the revision the last one left (no read before it).
+        known = await self._set(key, "sending", attempts=claimed[0].attempts, known=claimed)
+        record = known[0]
         parts = _parts(command, self.sms_max_chars)
         started = time.perf_counter()
         try:
@@ -118,7 +120,17 @@ class Notifier:
                 # The provider took it: from here on the record must say so. Its update
                 # is retried until it is stored, never taken for an unknown send (a
                 # NATS leader election must not turn a sent reply into "ambiguous").
-                await self._until_stored(key, functools.partial(self._progress, key, provider_id))
+                # The last part's update also marks the command sent.
+                known = await self._until_stored(
+                    key,
+                    functools.partial(
+                        self._progress,
+                        key,
+                        provider_id,
+                        known=known,
+                        last=index == len(parts) - 1,
+                    ),
+                )
         except TransientSendError as err:
             self.metrics.sends.labels(channel, transport.name, "retry").inc()
             if delivery.num_delivered >= self.max_deliver:
@@ -148,7 +160,9 @@ class Notifier:
         finally:
             self.metrics.send_seconds.labels(transport.name).observe(time.perf_counter() - started)
         self.metrics.sends.labels(channel, transport.name, "sent").inc()
-        await self._until_stored(key, functools.partial(self._set, key, "sent", error=""))
+        if known[0].state != "sent":
+            # Every part had been recorded before (a resumed send): only the state is left.
+            await self._until_stored(key, functools.partial(self._set, key, "sent", error=""))
         log.info(
             "sent",
             extra={
@@ -163,7 +177,7 @@ class Notifier:
 
     async def _until_stored(
         self, key: str, write: Callable[[], Awaitable[tuple[OutboxRecord, int]]]
-    ) -> None:
+    ) -> tuple[OutboxRecord, int]:
         """Store what the provider already accepted: try until the bucket takes it.
 
         The message stays held meanwhile (the consumer heartbeats it). A shutdown that
@@ -173,7 +187,7 @@ class Notifier:
         delay = 0.2
         while True:
             try:
-                await write()
+                stored = await write()
             except Reject:
                 raise
             except Exception as err:  # noqa: BLE001 - a bus failure: the send itself is done
@@ -182,15 +196,15 @@ class Notifier:
                     extra={"command_id": key, "error": repr(err), "retry_in_s": delay},
                 )
             else:
-                return
+                return stored
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
     async def _claim(
         self, channel: str, command: Command, transport: Transport
-    ) -> OutboxRecord | None:
-        """The record to send under: a new ``pending`` one, or one left to retry;
-        None when the command was sent already.
+    ) -> tuple[OutboxRecord, int] | None:
+        """The record to send under and its revision: a new ``pending`` one, or one left
+        to retry; None when the command was sent already.
 
         Raises ``Reject`` (after reporting) when the command failed earlier or
         was interrupted mid-send.
@@ -209,10 +223,9 @@ class Notifier:
                 to=_recipients(command),
             )
             try:
-                await self.outbox.create(key, record)
+                return record, await self.outbox.create(key, record)
             except Conflict as err:
                 raise Retry("outbox record created concurrently", delay_s=0.5) from err
-            return record
         record = found[0]
         if record.state == "sent":
             self.metrics.skipped.labels(channel).inc()
@@ -246,7 +259,7 @@ class Notifier:
                 await self._report(command, outcome, record.error, transport=transport.name)
             raise Reject(f"command {key} failed for good earlier: {record.error}")
         # pending or retry: parts already sent stay sent, the loop resumes after them.
-        return record
+        return found
 
     async def _set(
         self,
@@ -256,9 +269,11 @@ class Notifier:
         error: str | None = None,
         attempts: int | None = None,
         outcome: str = "",
+        known: tuple[OutboxRecord, int] | None = None,
     ) -> tuple[OutboxRecord, int]:
         """Move the record to ``state`` (compare-and-set, keeping fields others wrote,
-        like a status callback's delivery status)."""
+        like a status callback's delivery status). ``known``: the record and revision the
+        caller's last write left, so that no read comes first."""
 
         def change(current: OutboxRecord | None) -> OutboxRecord | None:
             if current is None:
@@ -275,26 +290,39 @@ class Notifier:
             current.updated_at = utcnow()
             return current
 
-        return await self._mutate(key, change)
+        return await self._mutate(key, change, known)
 
-    async def _progress(self, key: str, provider_id: str) -> tuple[OutboxRecord, int]:
-        """Record one part as sent (before the next part goes)."""
+    async def _progress(
+        self,
+        key: str,
+        provider_id: str,
+        *,
+        known: tuple[OutboxRecord, int] | None = None,
+        last: bool = False,
+    ) -> tuple[OutboxRecord, int]:
+        """Record one part as sent (before the next part goes); the last marks it sent."""
 
         def change(current: OutboxRecord | None) -> OutboxRecord | None:
             if current is None:
                 return None
             current.provider_ids = [*current.provider_ids, provider_id]
             current.provider_id = current.provider_ids[0]
+            if last:
+                current.state = "sent"
+                current.error = ""
             current.updated_at = utcnow()
             return current
 
-        return await self._mutate(key, change)
+        return await self._mutate(key, change, known)
 
     async def _mutate(
-        self, key: str, change: Callable[[OutboxRecord | None], OutboxRecord | None]
+        self,
+        key: str,
+        change: Callable[[OutboxRecord | None], OutboxRecord | None],
+        known: tuple[OutboxRecord, int] | None = None,
     ) -> tuple[OutboxRecord, int]:
         for _ in range(20):
-            found = await self.outbox.get(key)
+            found, known = known or await self.outbox.get(key), None
             if found is None:
                 raise Reject(f"outbox record {key} vanished")
             new = change(msgspec.structs.replace(found[0]))

@@ -167,6 +167,7 @@ class Worker:
                 summary="cancelled before it ran",
                 details="",
                 answer=None,
+                known=found,
             )
             return
         workdir = self.agents.workdir(task_id)
@@ -186,7 +187,8 @@ class Worker:
                 instructions=event.instructions,
             )
         record.state = "running"
-        await self._save(record)
+        # The record as read above (revision 0: there was none): no read before writing.
+        revision = await self._save(record, found or (record, 0))
         call = AgentCall(
             role="worker",
             key=task_id,
@@ -231,6 +233,7 @@ class Worker:
                 summary=f"task cancelled: {reason}",
                 details="",
                 answer=None,
+                known=(record, revision),
             )
             return
         log.debug("agent answer", extra={"task_id": task_id, "answer": answer.text[:4000]})
@@ -251,6 +254,7 @@ class Worker:
             details=details,
             answer=answer,
             structured=structured,
+            known=(record, revision),
         )
 
     async def _run_agent(self, task_id: str, call: AgentCall) -> AgentAnswer | None:
@@ -279,6 +283,7 @@ class Worker:
         details: str,
         answer: AgentAnswer | None,
         structured: bool = True,
+        known: tuple[TaskRecord, int] | None = None,
     ) -> None:
         result = TaskResult(
             event_id=stable_id("result", event.event_id),
@@ -299,10 +304,12 @@ class Worker:
             record.session_id = answer.session_id
         record.last_event_id = event.event_id
         record.last_result = result
-        await self._save(record)
+        await self._save(record, known)
         await self._publish(result)
 
-    async def _save(self, record: TaskRecord) -> None:
+    async def _save(self, record: TaskRecord, known: tuple[TaskRecord, int] | None) -> int:
+        """Store ``record``; the revision it is at. ``known``: the record as last read or
+        written here, with its revision (no read first; a lost race reads it)."""
         record.updated_at = utcnow()
 
         def change(current: TaskRecord | None) -> TaskRecord:
@@ -311,7 +318,8 @@ class Worker:
                 record.cancel_requested = True
             return record
 
-        await self.tasks.mutate(record.task_id, change)
+        stored = await self.tasks.mutate_at(record.task_id, change, known=known)
+        return stored[1] if stored else 0
 
     async def _publish(self, result: TaskResult) -> None:
         await publish(self.js, subjects.result(result.conversation_id, result.task_id), result)

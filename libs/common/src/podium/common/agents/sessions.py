@@ -18,6 +18,14 @@
 
 A session that cannot be restored comes back as ``session_lost``; the caller
 starts a new one with a summary of what came before.
+
+``exclusive=True`` (the conductor) skips the lease: the caller guarantees that one
+replica at a time runs a key's turns — the conductor consumes a conversation only
+while it holds its partition's lease, and gives a partition up only after its turns
+(and their stored sessions) are done. The record is then read once, kept with its
+revision, and written with one compare-and-set per turn; ``forget_seen`` (called
+when a partition is taken) makes the next turn read it again. Three round trips a
+turn instead of seven (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -89,8 +97,10 @@ class Agents:
         metrics: Metrics,
         js: JetStreamContext | None = None,
         replica: str | None = None,
+        exclusive: bool = False,
     ) -> None:
         self.runtime = runtime
+        self.exclusive = exclusive
         self.role = role
         self.settings = settings
         self.metrics = metrics
@@ -100,6 +110,8 @@ class Agents:
         self.objects: ObjectStore | None = None
         # The generation of each session whose latest turn ran here.
         self.seen: dict[str, int] = {}
+        # exclusive: each session's record as this replica last wrote it, and its revision.
+        self._owned: dict[str, tuple[SessionRecord, int]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         # Per key: the task storing its last turn and releasing its lease.
         self._pending: dict[str, asyncio.Task[None]] = {}
@@ -178,10 +190,71 @@ class Agents:
             await self.settled(call.key)
             if self.records is None:
                 answer = await self.runtime.run(call)
+            elif self.exclusive:
+                answer = await self._run_owned(call, self.records)
             else:
                 answer = await self._run_leased(call, self.records)
         self._observe(answer)
         return answer
+
+    def forget_seen(self) -> None:
+        """Read every session's record again before its next turn (exclusive mode: a
+        partition was taken, whose sessions may have moved on elsewhere)."""
+        self.seen.clear()
+        self._owned.clear()
+
+    async def _run_owned(self, call: AgentCall, records: Store[SessionRecord]) -> AgentAnswer:
+        """A turn of a session only this replica runs now (see ``exclusive``)."""
+        name = f"{self.role}.{call.key}"
+        owned = self._owned.get(name)
+        if owned is None:
+            found = await records.get(name)
+            owned = found if found is not None else (SessionRecord(key=name), 0)
+        record, revision = owned
+        call = await self._prepare(call, record)
+        answer = await self.runtime.run(call)
+        self._pending[call.key] = asyncio.create_task(
+            self._persist_owned(
+                records, name, call, record=record, revision=revision, answer=answer
+            )
+        )
+        return answer
+
+    async def _persist_owned(
+        self,
+        records: Store[SessionRecord],
+        name: str,
+        call: AgentCall,
+        *,
+        record: SessionRecord,
+        revision: int,
+        answer: AgentAnswer,
+    ) -> None:
+        try:
+            await self.runtime.settle(call, answer.session_id)
+            if not answer.session_id:
+                return
+            transcript, workspace = await self._store_files(call, answer)
+            new = _next(record, call, answer, transcript, workspace)
+            try:
+                if revision:
+                    new_revision = await records.update(name, new, revision)
+                else:
+                    new_revision = await records.create(name, new)
+            except Conflict:
+                # Written elsewhere meanwhile (it should not be): merge, read it next time.
+                self._owned.pop(name, None)
+                updated = await records.mutate(
+                    name, lambda current: _next(current or record, call, answer, "", "")
+                )
+                if updated is not None:
+                    self.seen[name] = updated.generation
+                return
+            self._owned[name] = (new, new_revision)
+            self.seen[name] = new.generation
+        except Exception:
+            self._owned.pop(name, None)
+            log.exception("could not store the session", extra={"session": name})
 
     async def _run_leased(self, call: AgentCall, records: Store[SessionRecord]) -> AgentAnswer:
         name = f"{self.role}.{call.key}"
@@ -277,6 +350,15 @@ class Agents:
         if self.records is None or not answer.session_id:
             return
         name = f"{self.role}.{call.key}"
+        transcript, workspace = await self._store_files(call, answer)
+        updated = await self.records.mutate(
+            name, lambda current: _next(current or record, call, answer, transcript, workspace)
+        )
+        if updated is not None:
+            self.seen[name] = updated.generation
+
+    async def _store_files(self, call: AgentCall, answer: AgentAnswer) -> tuple[str, str]:
+        """The transcript (and a worker's workspace) into the object store: their names."""
         transcript = ""
         workspace = ""
         if self.objects is not None:
@@ -286,21 +368,7 @@ class Agents:
                 await self.objects.put(transcript, await asyncio.to_thread(path.read_bytes))
             if self.role == "worker":
                 workspace = await self._store_workspace(call)
-
-        def change(current: SessionRecord | None) -> SessionRecord:
-            base = current or record
-            return evolve(
-                base,
-                session_id=answer.session_id,
-                generation=base.generation + 1,
-                workdir=str(call.workdir),
-                transcript=transcript or base.transcript,
-                workspace=workspace or base.workspace,
-            )
-
-        updated = await self.records.mutate(name, change)
-        if updated is not None:
-            self.seen[name] = updated.generation
+        return transcript, workspace
 
     async def _restore(self, call: AgentCall, record: SessionRecord, session_id: str) -> bool:
         """Bring the stored transcript (and workspace) into this replica; False if none."""
@@ -420,6 +488,20 @@ class Agents:
             if count:
                 m.agent_tokens.labels(role, token_kind).inc(count)
         m.agent_live.labels(role).set(self.runtime.live())
+
+
+def _next(
+    base: SessionRecord, call: AgentCall, answer: AgentAnswer, transcript: str, workspace: str
+) -> SessionRecord:
+    """The session's record after a turn: its latest id, one generation on."""
+    return evolve(
+        base,
+        session_id=answer.session_id,
+        generation=base.generation + 1,
+        workdir=str(call.workdir),
+        transcript=transcript or base.transcript,
+        workspace=workspace or base.workspace,
+    )
 
 
 def _write_file(path: Path, data: bytes) -> None:
