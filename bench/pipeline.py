@@ -1,6 +1,6 @@
 """Benchmark: conversations through the whole loop, beside a raw nats-py loop.
 
-    .venv/bin/python bench/pipeline.py [--rate 50] [--seconds 10] [--burst 500]
+    .venv/bin/python bench/pipeline.py [--rate 20] [--seconds 10] [--burst 200]
 
 Starts its own nats-server and the four services as processes (offline agent,
 no delay), then:
@@ -13,8 +13,13 @@ no delay), then:
 3. burst: ``--burst`` conversations as fast as the platform takes them.
 
 Prints a table, then as its last line one JSON object with
-``conversations_per_s``, ``p50_ms``, ``p99_ms``, ``raw_publish_per_s`` and the
-raw relay's figures.
+``conversations_per_s``, ``p50_ms``, ``p99_ms``, ``raw_publish_per_s``, the raw
+relay's figures, and what one conversation costs the bus in the burst, read from
+the server's monitoring endpoint: JetStream API requests (``/jsz``: fetches, KV
+reads, stream and consumer info) and stored messages (each a publish awaiting its
+ack), their sum, ``js_round_trips_per_conversation``, and every message the
+services sent the server (``/varz`` ``in_msgs``: also KV reads, fetches, acks),
+``bus_messages_per_conversation``.
 """
 
 from __future__ import annotations
@@ -175,9 +180,26 @@ async def drive(
     return max(tracker.finished.values()) - start
 
 
+async def bus_counts(monitor: int) -> tuple[int, int, int]:
+    """(JetStream API requests, messages stored in all streams, messages clients sent
+    the server) so far."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{monitor}/jsz?streams=true") as resp:
+            jsz = await resp.json()
+        async with http.get(f"http://127.0.0.1:{monitor}/varz") as resp:
+            varz = await resp.json()
+    stored = sum(
+        stream["state"]["last_seq"]
+        for account in jsz.get("account_details", [])
+        for stream in account.get("stream_detail", [])
+    )
+    return int(jsz["api"]["total"]), int(stored), int(varz["in_msgs"])
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="podium-bench-"))
-    server = NatsServer(root / "nats").start()
+    monitor = free_port()
+    server = NatsServer(root / "nats", monitor_port=monitor).start()
     procs: list[Process] = []
     try:
         raw_rate = await raw_publish_rate(server.url)
@@ -214,7 +236,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         nc = await nats.connect(server.url)
         await nc.subscribe("commands.api.>", cb=burst_tracker.on_command)
         await nc.subscribe("$KV.outbox.>", cb=burst_tracker.on_outbox)
+        api_before, stored_before, in_before = await bus_counts(monitor)
         elapsed = await drive(url, burst_tracker, args.burst, None)
+        api_after, stored_after, in_after = await bus_counts(monitor)
         await nc.close()
     finally:
         for p in procs:
@@ -232,15 +256,25 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "raw_relay_4hop_p99_ms": round(percentile(relay, 99), 2),
     }
     result["loop_over_raw_p50_ms"] = round(result["p50_ms"] - result["raw_relay_4hop_p50_ms"], 2)
+    api = (api_after - api_before) / args.burst
+    stored = (stored_after - stored_before) / args.burst
+    result["js_api_requests_per_conversation"] = round(api, 1)
+    result["stored_messages_per_conversation"] = round(stored, 1)
+    result["js_round_trips_per_conversation"] = round(api + stored, 1)
+    # Everything the services sent the server: publishes, KV reads (direct gets, which
+    # /jsz does not count as API requests), fetches, acks, heartbeats.
+    result["bus_messages_per_conversation"] = round((in_after - in_before) / args.burst, 1)
     return result
 
 
 def cli() -> None:
     """Parse arguments, run, print the table and the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=50.0, help="paced conversations per second")
+    # Defaults below what this machine sustains (about 75 conversations/s in a burst),
+    # so that the paced run measures latency, not a queue.
+    parser.add_argument("--rate", type=float, default=20.0, help="paced conversations per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the paced run")
-    parser.add_argument("--burst", type=int, default=500, help="conversations in the burst run")
+    parser.add_argument("--burst", type=int, default=200, help="conversations in the burst run")
     args = parser.parse_args()
     result = asyncio.run(main(args))
     print(f"{'figure':<28} {'podium':>12} {'raw nats-py':>12}")

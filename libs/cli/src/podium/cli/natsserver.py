@@ -66,6 +66,7 @@ class NatsServer:
         config_file: Path | None = None,
         log_file: Path | None = None,
         env: dict[str, str] | None = None,
+        monitor_port: int | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
@@ -73,6 +74,8 @@ class NatsServer:
         self.log_file = log_file or store_dir / "nats-server.log"
         #: The server's environment (None = this process's): NATS config variables come from it.
         self.env = env
+        #: Its HTTP monitoring port (/varz, /jsz), if it should serve one.
+        self.monitor_port = monitor_port
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -97,6 +100,8 @@ class NatsServer:
         ]
         if self.config_file is not None:
             cmd += ["-c", str(self.config_file)]
+        if self.monitor_port is not None:
+            cmd += ["-m", str(self.monitor_port)]
         self._proc = subprocess.Popen(  # noqa: S603 - fixed binary, no shell
             cmd,
             stdin=subprocess.DEVNULL,
