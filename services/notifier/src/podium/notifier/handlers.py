@@ -305,7 +305,10 @@ class Notifier:
         def change(current: OutboxRecord | None) -> OutboxRecord | None:
             if current is None:
                 return None
-            current.provider_ids = [*current.provider_ids, provider_id]
+            # Idempotent: a write whose acknowledgement was lost (and is tried again) may
+            # have been stored already.
+            if provider_id not in current.provider_ids:
+                current.provider_ids = [*current.provider_ids, provider_id]
             current.provider_id = current.provider_ids[0]
             if last:
                 current.state = "sent"
