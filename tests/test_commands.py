@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from podium.common.protocol import reply_subject
 from podium.conductor.commands import (
     Escalate,
     KillWorker,
@@ -209,3 +210,18 @@ def test_several_commands_in_order_with_a_rejection_between() -> None:
     )
     assert result.commands == [SpawnWorker("A"), SpawnWorker("B"), Reply("started two tasks")]
     assert [r.line for r in result.rejected] == ["FROB_THING: x"]
+
+
+@pytest.mark.parametrize(
+    ("subject", "reply"),
+    [
+        ("Quarterly numbers", "Re: Quarterly numbers"),
+        ("Re: Quarterly numbers", "Re: Quarterly numbers"),
+        ("RE:Quarterly  numbers", "RE:Quarterly numbers"),
+        ("re : numbers", "re : numbers"),
+        ("Reports", "Re: Reports"),
+    ],
+)
+def test_a_reply_subject_has_re_once(subject: str, reply: str) -> None:
+    # The one rule for it: the conductor, the offline agent and the notifier all use it.
+    assert reply_subject(subject) == reply

@@ -12,10 +12,18 @@ from typing import Literal
 
 import msgspec
 
-from podium.common.events import AnyEvent, Channel, TaskResult, utcnow
+from podium.common.events import AnyEvent, Channel, TaskResult, TaskStatus, utcnow
 from podium.common.ids import stable_id
 
 TaskState = Literal["queued", "running", "needs_input", "complete", "failed", "cancelled"]
+
+#: The state a task is in once a worker reported ``status`` (the one place for the rule).
+STATE_AFTER: dict[TaskStatus, TaskState] = {
+    "COMPLETE": "complete",
+    "FAILED": "failed",
+    "NEEDS_INPUT": "needs_input",
+    "CANCELLED": "cancelled",
+}
 FINISHED: frozenset[str] = frozenset({"complete", "failed", "cancelled"})
 
 # Bounds that keep a long conversation's record small.

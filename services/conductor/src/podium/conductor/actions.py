@@ -27,6 +27,7 @@ from podium.common.events import (
 )
 from podium.common.ids import short_id, stable_id
 from podium.common.metrics import Metrics
+from podium.common.protocol import reply_subject
 from podium.common.state import MAX_OUTBOUND, Conversation, Outbound, TaskInfo
 from podium.conductor import commands as cmds
 from podium.conductor.config import ConductorSettings
@@ -157,9 +158,7 @@ class Actions:
     def reply(self, conv: Conversation, base: EventIds, text: str, effects: Effects) -> None:
         """Answer the requester on the channel the conversation came in on."""
         if conv.channel == "email":
-            subject = conv.subject or "your message"
-            if not subject.lower().startswith("re:"):
-                subject = f"Re: {subject}"
+            subject = reply_subject(conv.subject or "your message")
             self.email(conv, base, to=[conv.reply_to], subject=subject, body=text, effects=effects)
         elif conv.channel == "sms":
             self.sms(conv, base, to=conv.reply_to, text=text, effects=effects)

@@ -44,10 +44,10 @@ from podium.common.protocol import worker_block
 from podium.common.state import (
     MAX_HANDLED,
     MAX_REFERENCES,
+    STATE_AFTER,
     Conversation,
     Pending,
     TaskRecord,
-    TaskState,
 )
 from podium.conductor import commands as cmds
 from podium.conductor.actions import Actions, Effects, Trigger
@@ -63,13 +63,6 @@ from podium.conductor.prompts import (
 )
 
 log = logging.getLogger(__name__)
-
-_STATUS_STATE: dict[str, TaskState] = {
-    "COMPLETE": "complete",
-    "FAILED": "failed",
-    "NEEDS_INPUT": "needs_input",
-    "CANCELLED": "cancelled",
-}
 
 
 class Conductor:
@@ -491,7 +484,7 @@ def _account(conv: Conversation, event: TaskResult) -> None:
     task = conv.tasks.get(event.task_id)
     if task is None:
         return
-    task.state = _STATUS_STATE[event.status]
+    task.state = STATE_AFTER[event.status]
     task.summary = event.summary[:500]
     task.updated_at = utcnow()
     if event.event_id in conv.accounted:

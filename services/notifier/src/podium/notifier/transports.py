@@ -43,6 +43,7 @@ from twilio.rest import Client as TwilioClient
 
 from podium.common.events import ApiReply, SendEmail, SendSms, utcnow
 from podium.common.ids import message_id_for, reply_address
+from podium.common.protocol import reply_subject
 from podium.notifier.config import NotifierSettings
 
 log = logging.getLogger(__name__)
@@ -93,10 +94,9 @@ class Transport(Protocol):
 
 def subject_for(command: SendEmail) -> str:
     """A reply's subject starts with ``Re:`` (once)."""
-    subject = " ".join(command.subject.split())
-    if command.in_reply_to and not re.match(r"(?i)^re\s*:", subject):
-        return f"Re: {subject}"
-    return subject
+    if command.in_reply_to:
+        return reply_subject(command.subject)
+    return " ".join(command.subject.split())
 
 
 def email_headers(command: SendEmail, email_from: str) -> dict[str, str]:

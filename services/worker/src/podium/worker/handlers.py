@@ -41,20 +41,13 @@ from podium.common.events import (
 from podium.common.ids import stable_id
 from podium.common.kv import Store
 from podium.common.metrics import Metrics
-from podium.common.state import TaskRecord, TaskState
+from podium.common.state import STATE_AFTER, TaskRecord
 from podium.worker.config import WorkerSettings
 from podium.worker.metrics import WorkerMetrics
 from podium.worker.prompts import ROLE, followup_prompt, task_prompt
 from podium.worker.report import parse_report
 
 log = logging.getLogger(__name__)
-
-_STATE: dict[TaskStatus, TaskState] = {
-    "COMPLETE": "complete",
-    "FAILED": "failed",
-    "NEEDS_INPUT": "needs_input",
-    "CANCELLED": "cancelled",
-}
 
 
 class Worker:
@@ -299,7 +292,7 @@ class Worker:
             duration_ms=answer.duration_ms if answer else 0,
             answers=event.event_id,
         )
-        record.state = _STATE[status]
+        record.state = STATE_AFTER[status]
         if answer is not None and answer.session_id:
             record.session_id = answer.session_id
         record.last_event_id = event.event_id

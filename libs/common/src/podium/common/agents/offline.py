@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 
 from podium.common.agents import AgentAnswer, AgentCall
-from podium.common.protocol import Block, parse_blocks
+from podium.common.protocol import Block, parse_blocks, reply_subject
 
 
 class OfflineRuntime:
@@ -151,9 +151,7 @@ def _judge(report: Block, request: Block | None) -> str:
 
 def _answer(request: Block | None, text: str) -> str:
     if request is not None and request.kind == "EMAIL" and request.fields.get("From"):
-        subject = request.fields.get("Subject", "") or "your request"
-        if not subject.lower().startswith("re:"):
-            subject = f"Re: {subject}"
+        subject = reply_subject(request.fields.get("Subject", "") or "your request")
         return f"SEND_EMAIL: {request.fields['From']} | {subject} | {text}"
     if request is not None and request.kind == "SMS" and request.fields.get("From"):
         return f"SEND_SMS: {request.fields['From']} | {text}"
