@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from podium.common import streams, subjects
+from podium.common.backoff import JITTER, backoff
 from podium.common.bus import publish
 from podium.common.consumer import Delivery, PullConsumer
 from podium.common.errors import Reject, Retry
@@ -262,3 +263,12 @@ async def test_ordered_consumer_retries_in_place_so_nothing_overtakes(
     await c.stop(5)
     # e1 was retried in place (attempts 1, 2, 3) and e2 waited for it.
     assert seen == [("e1", 1), ("e1", 2), ("e1", 3), ("e2", 1)]
+
+
+def test_backoff_doubles_up_to_its_cap_with_jitter() -> None:
+    for attempt, plain in ((1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 5.0), (9, 5.0)):
+        delays = [backoff(attempt, base=0.5, cap=5.0) for _ in range(200)]
+        assert min(delays) >= plain * (1 - JITTER) - 1e-9
+        assert max(delays) <= min(plain * (1 + JITTER), 5.0) + 1e-9
+        # Spread, so that replicas that failed together do not retry together.
+        assert max(delays) > min(delays)

@@ -39,6 +39,7 @@ import aiohttp
 
 from podium.cli.natsserver import NatsServer, free_port
 from podium.common.agents import claude_credentials_present
+from podium.common.backoff import backoff
 from podium.common.bus import MIN_SERVER_VERSION, shown_url, version_text
 from podium.common.errors import EXIT_STARTUP, PodiumError
 from podium.common.runtime import wait_set
@@ -687,7 +688,7 @@ async def supervise(children: list[Child], stop: asyncio.Event) -> int:
             if len(child.restarts) > 5:
                 _say(f"podium up: {child.service} keeps failing; stopping", err=True)
                 return 1
-            delay = 2 ** (len(child.restarts) - 1)
+            delay = round(backoff(len(child.restarts), base=1.0, cap=16.0), 1)
             _say(
                 f"podium up: {child.service} exited ({task.result()}); restarting in {delay}s",
                 err=True,

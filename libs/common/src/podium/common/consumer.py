@@ -50,6 +50,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import FetchTimeoutError
 
 from podium.common import logs, subjects
+from podium.common.backoff import backoff
 from podium.common.bus import publish
 from podium.common.errors import Reject, Retry
 from podium.common.events import AnyEvent, DeadLetter, decode, event_type
@@ -235,7 +236,7 @@ class PullConsumer:
                 # (nats.py #504): bind a new one.
                 if self._sub is not None and failures >= 3:
                     await self._unsubscribe()
-                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
+                await asyncio.sleep(backoff(failures, base=0.4, cap=5.0))
                 continue
             for msg in msgs:
                 self._dispatch(msg)
@@ -402,7 +403,7 @@ class PullConsumer:
                     delivery.msg, delivery, reason, kind="exhausted", event=event
                 )
                 return "dead_letter", None
-            return "retry", min(2.0 ** (delivery.attempt - 1), 60.0)
+            return "retry", backoff(delivery.attempt, base=1.0, cap=60.0)
         await delivery.msg.ack()
         return "ok", None
 
@@ -432,7 +433,7 @@ class PullConsumer:
                 reason = f"gave up: {err!r}"
                 await self._dead_letter(msg, delivery, reason, kind="exhausted", event=event)
                 return "dead_letter"
-            await msg.nak(delay=min(2.0 ** (delivery.num_delivered - 1), 60.0))
+            await msg.nak(delay=backoff(delivery.num_delivered, base=1.0, cap=60.0))
             return "error"
         await msg.ack()
         return "ok"
@@ -461,7 +462,7 @@ class PullConsumer:
         """
         record = self._record(msg, delivery, reason)
         hook_done = event is None or self.on_dead_letter is None
-        delay = 0.5
+        tries = 0
         # A shutdown meanwhile cancels this; the message is then lost to JetStream if it
         # used up its deliveries (the server's MAX_DELIVERIES advisory still tells).
         while True:
@@ -474,12 +475,13 @@ class PullConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                tries += 1
+                delay = backoff(tries, base=0.5, cap=5.0)
                 log.exception(
                     "could not dead-letter the message; trying again",
                     extra={"consumer": self.name, "retry_in_s": delay},
                 )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+                await asyncio.sleep(delay)
         await msg.term()
         self.metrics.dead_letters.labels(self.name, kind).inc()
         log.error(

@@ -34,6 +34,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from podium.common import logs, subjects
+from podium.common.backoff import backoff
 from podium.common.bus import connect, server_problem, shown_url
 from podium.common.config import CommonSettings
 from podium.common.errors import EXIT_STARTUP, NatsUnreachable, StartupError
@@ -168,7 +169,7 @@ async def connect_until_ready(
     no retry makes it usable. Replies come to the service's own inbox prefix, the
     only one its NATS user may subscribe to (see :mod:`podium.common.access`).
     """
-    delay = 0.25
+    tries = 0
     while not stop.is_set():
         attempt = asyncio.create_task(
             connect(settings, name=f"podium-{name}", inbox_prefix=subjects.inbox_prefix(name))
@@ -182,6 +183,8 @@ async def connect_until_ready(
             if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
                 await attempt.result().close()
             return None
+        tries += 1
+        delay = backoff(tries, base=0.25, cap=5.0)
         try:
             return attempt.result()
         except NatsUnreachable as err:
@@ -190,7 +193,6 @@ async def connect_until_ready(
                 extra={"nats_url": err.url, "error": err.reason, "retry_in_s": delay},
             )
         await wait_set(stop, delay)
-        delay = min(delay * 2, 5.0)
     return None
 
 

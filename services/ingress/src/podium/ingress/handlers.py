@@ -25,6 +25,7 @@ from nats.js.object_store import ObjectStore
 from yarl import query_to_pairs
 
 from podium.common import streams, subjects
+from podium.common.backoff import backoff
 from podium.common.bus import publish
 from podium.common.errors import Conflict
 from podium.common.events import DeliveryFailed, InboundMessage, Media, decode, utcnow
@@ -208,7 +209,7 @@ class Handlers:
         spent, and only then is the provider asked to retry with a 503.
         """
         deadline = time.monotonic() + self.deps.settings.publish_timeout_s
-        delay = 0.1
+        tries = 0
         while True:
             # Short attempts: an ack that does not come from an old leader is not waited
             # for until the whole budget is gone.
@@ -217,14 +218,15 @@ class Handlers:
                 ack = await publish(self.deps.js, subject, event, timeout_s=attempt_s)
                 break
             except Exception as err:
+                tries += 1
+                delay = backoff(tries, base=0.1, cap=1.0)
                 if time.monotonic() + delay >= deadline:
                     log.warning("could not store inbound event", extra={"error": repr(err)})
                     raise HttpError(
                         503, "unavailable", "could not store the message; retry later"
                     ) from err
                 log.info("store not acknowledged; trying again", extra={"error": repr(err)})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+                await asyncio.sleep(delay)
         duplicate = bool(ack.duplicate)
         if duplicate:
             self._duplicate_seq = ack.seq

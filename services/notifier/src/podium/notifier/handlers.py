@@ -31,6 +31,7 @@ import msgspec
 from nats.js import JetStreamContext
 
 from podium.common import subjects
+from podium.common.backoff import backoff
 from podium.common.bus import publish
 from podium.common.consumer import Delivery
 from podium.common.errors import Conflict, Reject, Retry
@@ -184,21 +185,20 @@ class Notifier:
         interrupts this leaves the record ``sending``; the next delivery then finds
         how many parts the provider took (see ``_claim``).
         """
-        delay = 0.2
+        tries = 0
         while True:
             try:
-                stored = await write()
+                return await write()
             except Reject:
                 raise
             except Exception as err:  # noqa: BLE001 - a bus failure: the send itself is done
+                tries += 1
+                delay = backoff(tries, base=0.2, cap=5.0)
                 log.warning(
                     "outbox record not stored after the send; trying again",
                     extra={"command_id": key, "error": repr(err), "retry_in_s": delay},
                 )
-            else:
-                return stored
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+                await asyncio.sleep(delay)
 
     async def _claim(
         self, channel: str, command: Command, transport: Transport
@@ -444,7 +444,7 @@ class Notifier:
         await self._mutate(command.command_id, change)
 
     def _backoff(self, deliveries: int) -> float:
-        return float(min(self.retry_base_s * 2 ** max(deliveries - 1, 0), self.retry_max_s))
+        return backoff(deliveries, base=self.retry_base_s, cap=self.retry_max_s)
 
 
 _OUTCOMES: dict[str, DeliveryOutcome] = {

@@ -51,6 +51,7 @@ from nats.js.object_store import ObjectStore
 
 from podium.common import streams
 from podium.common.agents import AgentAnswer, AgentCall, AgentRuntime, Role
+from podium.common.backoff import backoff
 from podium.common.config import AgentSettings
 from podium.common.errors import AgentUnavailable, Conflict
 from podium.common.kv import Store
@@ -407,7 +408,7 @@ class Agents:
     async def _acquire(self, records: Store[SessionRecord], name: str) -> SessionRecord:
         ttl = self.settings.agent_lease_ttl_s
         deadline = time.monotonic() + self.settings.agent_lease_wait_s
-        delay = 0.05
+        attempt = 0
         while True:
             now = time.time()
             found = await records.get(name)
@@ -431,8 +432,8 @@ class Agents:
             if time.monotonic() >= deadline:
                 raise LeaseBusy(name)
             self.metrics.agent_sessions.labels(self.role, "lease_wait").inc()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            attempt += 1
+            await asyncio.sleep(backoff(attempt, base=0.05, cap=1.0))
 
     async def _renew(
         self, records: Store[SessionRecord], name: str, turn: asyncio.Task[AgentAnswer]
