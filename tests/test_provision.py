@@ -66,11 +66,16 @@ async def test_provisioning_again_updates_streams_buckets_and_object_stores(
             await provision(js, replicas=1)
             await provision(js, replicas=3, budget=8 * GIB)
             shares = store_shares()
-            assert set(shares) >= {"INBOUND", "KV_conversations", "OBJ_attachments"}
+            assert set(shares) >= {"INBOUND", "OBJ_attachments", "OBJ_transcripts"}
             for name, share in shares.items():
                 config = (await js.stream_info(name)).config
                 assert config.num_replicas == 3, name
                 assert config.max_bytes == int(share * 8 * GIB), name
+            # State must stay writable: buckets get replicas, no size limit.
+            for bucket in streams.TOPOLOGY.buckets:
+                config = (await js.stream_info(f"KV_{bucket.name}")).config
+                assert config.num_replicas == 3, bucket.name
+                assert config.max_bytes == -1, bucket.name
             # A bucket's own settings come back too, if someone changed them.
             kv = (await js.stream_info("KV_suppressions")).config
             await js.update_stream(kv.evolve(max_msgs_per_subject=1))
@@ -79,6 +84,15 @@ async def test_provisioning_again_updates_streams_buckets_and_object_stores(
             assert kv.max_msgs_per_subject == streams.SUPPRESSIONS.history
         finally:
             await nc.close()
+
+
+async def test_a_limit_below_what_a_stream_holds_is_refused(js: JetStreamContext) -> None:
+    await provision(js)
+    store = await js.object_store(streams.ATTACHMENTS)
+    await store.put("big", b"x" * 300_000)
+    # 1 MB of budget: the attachments store's share is far below what it holds now.
+    with pytest.raises(ProvisionError, match=r"OBJ_attachments holds \d+ bytes, more than"):
+        await provision(js, budget=1_000_000)
 
 
 def test_the_storage_budget_fits_the_shipped_nats_configuration() -> None:

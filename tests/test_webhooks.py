@@ -388,6 +388,39 @@ async def test_attachments_are_stored_within_the_limit(
     assert "limit" in skipped.note
 
 
+async def test_an_email_still_goes_through_when_the_attachment_store_is_full(
+    ingress: Ingress, js: JetStreamContext
+) -> None:
+    # The attachments store's share of the storage budget, used up.
+    info = await js.stream_info(f"OBJ_{streams.ATTACHMENTS}")
+    await js.update_stream(info.config.evolve(max_bytes=1500))
+    objects = await js.object_store(streams.ATTACHMENTS)
+    await objects.put("earlier", b"x" * 1000)
+    body, content_type = multipart_body(
+        [
+            ("from", "grace@example.org", None, None),
+            ("to", "podium@example.com", None, None),
+            ("subject", "Files", None, None),
+            ("text", "See attached.", None, None),
+            ("headers", "Message-ID: <full@example.org>\n", None, None),
+            ("attachments", "1", None, None),
+            ("attachment-info", json.dumps({"attachment1": {"filename": "q3.csv"}}), None, None),
+            ("attachment1", b"q" * 1000, "q3.csv", "text/csv"),
+        ]
+    )
+    async with ingress.http.post(
+        f"{ingress.url}/webhooks/sendgrid/inbound",
+        data=body,
+        headers={**SENDGRID_AUTH, "Content-Type": content_type},
+    ) as resp:
+        assert resp.status == 200
+    (event,) = await stored(js, expect=1)
+    assert event.text.startswith("See attached.")
+    (left_out,) = event.media
+    assert (left_out.filename, left_out.object) == ("q3.csv", "")
+    assert left_out.note == "not stored: the attachment store is full"
+
+
 async def post_email(ingress: Ingress, **fields: str) -> dict[str, Any]:
     base = {
         "from": "grace@example.org",

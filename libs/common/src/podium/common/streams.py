@@ -79,8 +79,6 @@ class BucketSpec:
     description: str
     history: int = 1
     ttl_s: float = 0.0
-    #: Its share of PODIUM_STORE_BUDGET_BYTES, when a budget is set.
-    share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -177,31 +175,28 @@ NOTIFIER_COMMANDS = ConsumerSpec(
 )
 
 CONVERSATIONS = BucketSpec(
-    "conversations", "Conversation state: session, participants, tasks", share=0.06
+    "conversations", "Conversation state: session, participants, tasks"
 )
 TASK_STATE = BucketSpec(
-    "tasks", "Worker-side task state: session id, workdir, last outcome", share=0.03
+    "tasks", "Worker-side task state: session id, workdir, last outcome"
 )
 OUTBOX = BucketSpec(
-    "outbox", "Notifier outbox: one record per command id", ttl_s=30 * DAY, share=0.03
+    "outbox", "Notifier outbox: one record per command id", ttl_s=30 * DAY
 )
 CONDUCTORS = BucketSpec(
     "conductors",
     "Conductor replicas: membership heartbeats and partition leases",
     ttl_s=DAY,
-    share=0.005,
 )
 SESSIONS = BucketSpec(
     "sessions",
     "Agent sessions: lease, latest session id, transcript generation",
     ttl_s=30 * DAY,
-    share=0.015,
 )
 SUPPRESSIONS = BucketSpec(
     "suppressions",
     "Recipients never to write to: SMS opt-outs (STOP until START), hard bounces",
     history=5,
-    share=0.01,
 )
 #: Object store of agent transcripts and worker workspaces, so sessions move between replicas.
 TRANSCRIPTS = "transcripts"
@@ -228,9 +223,13 @@ _STREAM_NAME_IN_USE = 10058
 
 
 def store_shares(topology: Topology = TOPOLOGY) -> dict[str, float]:
-    """Each stream's, bucket's and object store's share of the storage budget."""
+    """Each stream's and object store's share of the storage budget.
+
+    Buckets get none: state (conversations, tasks, the outbox, suppressions) must
+    always be writable, and a full bucket would refuse even updates of existing
+    keys; what ages out of the streams and object stores leaves them the rest.
+    """
     shares = {spec.name: spec.share for spec in topology.streams}
-    shares |= {f"KV_{b.name}": b.share for b in topology.buckets}
     shares |= {f"OBJ_{o}": OBJECT_STORE_SHARES.get(o, 0.0) for o in topology.object_stores}
     return shares
 
@@ -285,6 +284,7 @@ async def ensure_stream(
         except BadRequestError as err:
             if err.err_code != _STREAM_NAME_IN_USE:
                 raise
+            _fits(spec.name, (await js.stream_info(spec.name)).state.bytes, config.max_bytes)
             await js.update_stream(config)
             log.info("stream updated", extra={"stream": spec.name})
 
@@ -306,7 +306,6 @@ async def provision(
         with _refused("consumer", consumer.durable):
             await js.add_consumer(consumer.stream, consumer_config(consumer))
     for bucket in topology.buckets:
-        max_bytes = _max_bytes(bucket.share, budget)
         config = KeyValueConfig(
             bucket=bucket.name,
             description=bucket.description,
@@ -314,7 +313,6 @@ async def provision(
             ttl=bucket.ttl_s or None,
             replicas=replicas,
             storage=StorageType.FILE,
-            max_bytes=max_bytes,
         )
         with _refused("bucket", bucket.name):
             if not await _created(js.create_key_value(config)):
@@ -325,7 +323,6 @@ async def provision(
                     num_replicas=replicas,
                     max_msgs_per_subject=bucket.history,
                     max_age=bucket.ttl_s,
-                    max_bytes=max_bytes,
                 )
     for store in topology.object_stores:
         description = _OBJECT_STORE_DESCRIPTIONS.get(store, store)
@@ -363,12 +360,24 @@ async def _created(create: Awaitable[object]) -> bool:
 
 async def _update(js: JetStreamContext, stream: str, **changes: Any) -> None:
     """Bring a bucket's or object store's stream to ``changes`` (only what differs)."""
-    config = (await js.stream_info(stream)).config
+    info = await js.stream_info(stream)
+    _fits(stream, info.state.bytes, changes.get("max_bytes", -1))
+    config = info.config
     wanted = {k: v for k, v in changes.items() if getattr(config, k) != v}
     if not wanted:
         return
     await js.update_stream(config.evolve(**wanted))
     log.info("updated", extra={"stream": stream, "changed": sorted(wanted)})
+
+
+def _fits(stream: str, stored: int, max_bytes: int | None) -> None:
+    """Refuse a size limit below what a stream already holds: the server would take it,
+    and the stream would then refuse every new message."""
+    if max_bytes is not None and max_bytes > 0 and stored > max_bytes:
+        raise ProvisionError(
+            f"{stream} holds {stored} bytes, more than its new limit of {max_bytes} "
+            "(PODIUM_STORE_BUDGET_BYTES' share): raise the budget, or let it age out first"
+        )
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
 from nats.js import JetStreamContext
 from nats.js.api import ObjectMeta
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 from nats.js.object_store import ObjectStore
 from yarl import query_to_pairs
 
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 #: One publish attempt's wait for JetStream's ack; attempts repeat within
 #: PODIUM_PUBLISH_TIMEOUT_S (see Handlers._store).
 _ATTEMPT_S = 2.0
+#: JetStream's error code for a store that has used up its size limit.
+_STORE_FULL = 10077
 
 TWIML_EMPTY = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 MAX_TEXT = 64 * 1024
@@ -220,14 +223,23 @@ class Handlers:
             except Exception as err:
                 tries += 1
                 delay = backoff(tries, base=0.1, cap=1.0)
-                if time.monotonic() + delay >= deadline:
+                # A refusal that will not clear (the stream is full, or refuses the
+                # message) is answered at once; only an election's silence is waited out.
+                full = isinstance(err, ServiceUnavailableError) and err.err_code == _STORE_FULL
+                final = full or (
+                    isinstance(err, APIError)
+                    and not isinstance(err, ServiceUnavailableError | NoStreamResponseError)
+                )
+                if final or time.monotonic() + delay >= deadline:
                     log.warning("could not store inbound event", extra={"error": repr(err)})
                     raise HttpError(
                         503, "unavailable", "could not store the message; retry later"
                     ) from err
                 log.info("store not acknowledged; trying again", extra={"error": repr(err)})
                 await asyncio.sleep(delay)
-        duplicate = bool(ack.duplicate)
+        # After a lost acknowledgement, "duplicate" may mean our own earlier attempt was
+        # stored: only the first attempt's answer says whether someone else sent it.
+        duplicate = bool(ack.duplicate) and tries == 0
         if duplicate:
             self._duplicate_seq = ack.seq
         # Bodies are personal data: DEBUG only.
@@ -747,6 +759,24 @@ class Handlers:
                     item.data,
                     meta=ObjectMeta(name=object_name, description=f"{item.content_type} {name}"),
                 )
+            except ServiceUnavailableError as err:
+                if err.err_code != _STORE_FULL:
+                    log.warning("could not store an attachment", extra={"error": repr(err)})
+                    raise HttpError(503, "unavailable", "could not store an attachment") from err
+                # Its share of the storage budget is used up: the email still goes through,
+                # this attachment listed as left out (a 503 would lose the whole email once
+                # the provider gives up retrying).
+                log.warning("attachment store full; attachment left out")
+                self.deps.metrics.ignored.labels("email", "attachment store full").inc()
+                media.append(
+                    Media(
+                        filename=name,
+                        content_type=item.content_type,
+                        size=size,
+                        note="not stored: the attachment store is full",
+                    )
+                )
+                continue
             except Exception as err:
                 log.warning("could not store an attachment", extra={"error": repr(err)})
                 raise HttpError(503, "unavailable", "could not store an attachment") from err
