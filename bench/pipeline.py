@@ -15,10 +15,11 @@ no delay), then:
 Prints a table, then as its last line one JSON object with
 ``conversations_per_s``, ``p50_ms``, ``p99_ms``, ``raw_publish_per_s``, the raw
 relay's figures, and what one conversation costs the bus in the burst, read from
-the server's monitoring endpoint: JetStream API requests (``/jsz``: fetches, KV
-reads, stream and consumer info) and stored messages (each a publish awaiting its
-ack), their sum, ``js_round_trips_per_conversation``, and every message the
-services sent the server (``/varz`` ``in_msgs``: also KV reads, fetches, acks),
+the server's monitoring endpoint: JetStream API requests as ``/jsz`` counts them
+(stream and consumer info, object-store lookups and purges; not fetches nor KV reads,
+which are direct gets) and stored messages (each a publish awaiting its ack), their
+sum, ``js_round_trips_per_conversation`` (so a lower bound), and every message the
+services sent the server (``/varz`` ``in_msgs``: KV reads, fetches and acks too),
 ``bus_messages_per_conversation``.
 """
 

@@ -228,9 +228,9 @@ def test_rollouts_do_not_cut_work_short(
     # whole task (the conductor's task deadline).
     worker = container(find(objs, "Deployment", "worker"))
     env = {e["name"]: e.get("value") for e in worker["env"]}
+    # (the result is stored and reported after the deadline: a margin on top).
     task_timeout = ConductorSettings().task_timeout_s
-    assert float(env["PODIUM_DRAIN_TIMEOUT_S"]) >= task_timeout
-    assert float(env["PODIUM_DEFAULT_TASK_TIMEOUT_S"]) <= task_timeout
+    assert float(env["PODIUM_DRAIN_TIMEOUT_S"]) >= task_timeout + 60
 
 
 def test_scaling(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -311,6 +311,11 @@ def test_nats_cluster_and_durability(rendered: dict[str, list[dict[str, Any]]]) 
     assert server["readinessProbe"]["httpGet"]["path"] == "/healthz?js-server-only=true"
     assert server["livenessProbe"]["httpGet"]["path"] == "/healthz?js-enabled-only=true"
     assert nats["spec"].get("updateStrategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+    # What a StatefulSet cannot change once created stays as released: an apply over an
+    # existing cluster would be refused otherwise.
+    assert nats["spec"]["selector"] == {"matchLabels": {"app.kubernetes.io/name": "nats"}}
+    (claim,) = nats["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"] == {"name": "data"}
     dev = rendered["overlays/dev"]
     assert find(dev, "StatefulSet", "nats")["spec"]["replicas"] == 1
     assert "cluster" not in find(dev, "ConfigMap", "nats-config")["data"]["nats.conf"]

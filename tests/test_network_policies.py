@@ -95,6 +95,13 @@ def _port_matches(rule_ports: list[dict[str, Any]] | None, port: int, proto: str
     return False
 
 
+def _policy_types(spec: dict[str, Any]) -> list[str]:
+    """``policyTypes``, or the API's default: Ingress, and Egress if it has egress rules."""
+    if "policyTypes" in spec:
+        return list(spec["policyTypes"])
+    return ["Ingress", "Egress"] if spec.get("egress") else ["Ingress"]
+
+
 def _allowed(
     policies: list[dict[str, Any]], pod: Pod, direction: str, other: Pod, port: int, proto: str
 ) -> bool:
@@ -105,7 +112,7 @@ def _allowed(
         p
         for p in policies
         if _labels_match(p["spec"].get("podSelector"), pod.labels)
-        and direction in p["spec"].get("policyTypes", ["Ingress"])
+        and direction in _policy_types(p["spec"])
     ]
     if not selecting:
         return True

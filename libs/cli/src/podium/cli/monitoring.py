@@ -202,12 +202,23 @@ ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         "NatsClusterRoutesMissing",
-        "gnatsd_varz_routes < scalar(count(gnatsd_varz_routes)) - 1",
+        # Relative to the best-connected node: nats-server 2.10+ pools several routes
+        # per peer, so the count is not the number of peers.
+        "gnatsd_varz_routes < scalar(max(gnatsd_varz_routes))",
         "5m",
         "critical",
         "A NATS node sees {{ $value }} routes, fewer than the other nodes",
-        "A node lost its route to a peer: R3 streams run on two nodes (a second loss "
+        "A node lost its routes to a peer: R3 streams run on two nodes (a second loss "
         "stops them). Check the NATS pods, their network policy and DNS.",
+    ),
+    Alert(
+        "NatsServerDown",
+        'up{service="nats"} == 0',
+        "2m",
+        "critical",
+        "A NATS node's exporter cannot be scraped",
+        "The node (or its exporter) is down: R3 streams run on the other two. A second "
+        "loss stops them; see `kubectl -n podium get pods -l app.kubernetes.io/name=nats`.",
     ),
     Alert(
         "NatsJetStreamStorageHigh",

@@ -75,6 +75,7 @@ class Store(Generic[T]):
         times, so it must not have side effects. ``known``: the value and revision
         the caller just wrote or read, tried first instead of reading the key again
         (a lost race reads it); revision 0 means the caller knows the key is absent.
+        ``change`` gets a shallow copy: it replaces nested values, never mutates them.
         """
         found = await self.mutate_at(key, change, attempts=attempts, known=known)
         return found[0] if found else None

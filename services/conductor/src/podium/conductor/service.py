@@ -17,6 +17,7 @@ from podium.common.events import AnyEvent
 from podium.common.kv import Store
 from podium.common.runtime import Context
 from podium.common.state import Conversation, TaskRecord
+from podium.common.subjects import partition_of
 from podium.conductor.config import ConductorSettings
 from podium.conductor.handlers import Conductor
 from podium.conductor.metrics import ConductorMetrics
@@ -137,7 +138,9 @@ class ConductorService:
         ]
         # Its conversations' sessions may have moved on elsewhere meanwhile.
         if self.agents is not None:
-            self.agents.forget_seen()
+            self.agents.forget_seen(
+                lambda conversation: partition_of(conversation, streams.PARTITIONS) == partition
+            )
         # Whatever a previous owner held without acknowledging (it may have died) is
         # delivered again now, in stream order, before anything newer: a conversation's
         # messages cannot be overtaken on a takeover. What it did finish is skipped.
@@ -151,6 +154,10 @@ class ConductorService:
         consumers = self.consumers.pop(partition, [])
         timeout_s = 0.0 if urgent else self.settings.drain_timeout_s
         await asyncio.gather(*(c.stop(timeout_s) for c in consumers))
+        # Its sessions are stored before its lease goes (the next owner resumes them),
+        # even for turns whose handler was cancelled while it waited for that.
+        if self.agents is not None:
+            await self.agents.settle_all()
 
     async def stop(self, timeout_s: float) -> None:
         """Hand every partition back (turns in flight finish up to ``timeout_s``)."""

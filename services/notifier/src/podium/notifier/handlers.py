@@ -182,8 +182,9 @@ class Notifier:
         """Store what the provider already accepted: try until the bucket takes it.
 
         The message stays held meanwhile (the consumer heartbeats it). A shutdown that
-        interrupts this leaves the record ``sending``; the next delivery then finds
-        how many parts the provider took (see ``_claim``).
+        interrupts this leaves the record ``sending`` with the parts recorded so far: the
+        next delivery knows only those (see ``_claim``), so a part the provider took but
+        whose record never got stored is then reported ``ambiguous``, never sent again.
         """
         tries = 0
         while True:

@@ -198,11 +198,20 @@ class Agents:
         self._observe(answer)
         return answer
 
-    def forget_seen(self) -> None:
-        """Read every session's record again before its next turn (exclusive mode: a
-        partition was taken, whose sessions may have moved on elsewhere)."""
-        self.seen.clear()
-        self._owned.clear()
+    def forget_seen(self, keys: Callable[[str], bool]) -> None:
+        """Read the records of the sessions whose key ``keys`` picks again before their
+        next turn (exclusive mode: a partition was taken, whose sessions may have moved
+        on elsewhere; the others stay warm)."""
+        for name in [n for n in self.seen if keys(n.split(".", 1)[-1])]:
+            self.seen.pop(name, None)
+            self._owned.pop(name, None)
+
+    async def settle_all(self, timeout_s: float = 30.0) -> None:
+        """Wait until every turn run here is stored (before its keys may move elsewhere);
+        a store that takes longer than ``timeout_s`` is left to finish on its own."""
+        pending = [t for t in self._pending.values() if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
 
     async def _run_owned(self, call: AgentCall, records: Store[SessionRecord]) -> AgentAnswer:
         """A turn of a session only this replica runs now (see ``exclusive``)."""
@@ -243,13 +252,11 @@ class Agents:
                 else:
                     new_revision = await records.create(name, new)
             except Conflict:
-                # Written elsewhere meanwhile (it should not be): merge, read it next time.
+                # Another replica ran a turn meanwhile (its partition lease outlived ours):
+                # its record wins, and this replica reads it before its next turn.
+                log.warning("session moved on elsewhere; not storing", extra={"session": name})
                 self._owned.pop(name, None)
-                updated = await records.mutate(
-                    name, lambda current: _next(current or record, call, answer, "", "")
-                )
-                if updated is not None:
-                    self.seen[name] = updated.generation
+                self.seen.pop(name, None)
                 return
             self._owned[name] = (new, new_revision)
             self.seen[name] = new.generation
