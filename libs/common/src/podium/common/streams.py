@@ -174,15 +174,9 @@ NOTIFIER_COMMANDS = ConsumerSpec(
     "Notifier: outbound commands",
 )
 
-CONVERSATIONS = BucketSpec(
-    "conversations", "Conversation state: session, participants, tasks"
-)
-TASK_STATE = BucketSpec(
-    "tasks", "Worker-side task state: session id, workdir, last outcome"
-)
-OUTBOX = BucketSpec(
-    "outbox", "Notifier outbox: one record per command id", ttl_s=30 * DAY
-)
+CONVERSATIONS = BucketSpec("conversations", "Conversation state: session, participants, tasks")
+TASK_STATE = BucketSpec("tasks", "Worker-side task state: session id, workdir, last outcome")
+OUTBOX = BucketSpec("outbox", "Notifier outbox: one record per command id", ttl_s=30 * DAY)
 CONDUCTORS = BucketSpec(
     "conductors",
     "Conductor replicas: membership heartbeats and partition leases",
