@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import access, streams, subjects
+from podium.common import access, registry, streams, subjects
 from podium.common.streams import provision
 from tests.conftest import NATS_PASSWORDS
 
@@ -107,6 +107,11 @@ FORBIDDEN_PUBLISH = {
         "$KV.conversations.c1",
         "$KV.tasks.t1",
         "$KV.sessions.conductor.c1",
+        # The notifier's state: the ingress only stores facts for it.
+        "$KV.outbox.cmd1",
+        "$KV.suppressions.sms.15550100001",
+        "$KV.replies.c1",
+        "results.c1.cmd1",
         "$JS.API.STREAM.CREATE.EVIL",
         "$JS.API.STREAM.DELETE.INBOUND",
         "$JS.API.CONSUMER.DURABLE.CREATE.INBOUND.evil",
@@ -115,6 +120,9 @@ FORBIDDEN_PUBLISH = {
         "inbound.api.c1",
         "results.c1.t1",
         "$KV.outbox.cmd1",
+        # The workers' task state and the workers' sessions.
+        "$KV.tasks.t1",
+        "$KV.sessions.worker.t1",
         "$JS.API.STREAM.CREATE.INBOUND",
         "$JS.API.STREAM.PURGE.INBOUND",
         "$JS.API.CONSUMER.CREATE.INBOUND.evil",
@@ -124,9 +132,10 @@ FORBIDDEN_PUBLISH = {
         "inbound.api.c1",
         "tasks.t1",
         "commands.sms.c1",
-        "control.tasks.t1.kill",
+        "tasks.t1.cancel",
         "$KV.conversations.c1",
         "$KV.outbox.cmd1",
+        "$KV.sessions.conductor.c1",
         "$JS.API.STREAM.UPDATE.TASKS",
         "deadletter.notifier.COMMANDS",
     ],
@@ -175,10 +184,15 @@ async def test_each_service_may_do_its_own_work(provisioned: NatsServer) -> None
     # The refusal checks above are only worth something if the same check passes
     # where the right exists.
     allowed = {
-        "ingress": ["inbound.api.c1"],
-        "conductor": ["tasks.t1", "commands.email.c1", "control.tasks.t1.kill"],
-        "worker": ["results.c1.t1", "deadletter.worker.TASKS"],
-        "notifier": ["deadletter.notifier.COMMANDS", "$KV.outbox.cmd1"],
+        "ingress": ["inbound.api.c1", "delivery.status.cmd1", "delivery.preference.c1"],
+        "conductor": [
+            "tasks.t1",
+            "tasks.t1.cancel",
+            "commands.email.c1",
+            "control.tasks.t1.kill",
+        ],
+        "worker": ["results.c1.t1", "deadletter.worker.TASKS", "control.tasks.t1.kill"],
+        "notifier": ["deadletter.notifier.COMMANDS", "$KV.outbox.cmd1", "results.c1.cmd1"],
         access.ADMIN: ["tasks.t2", "$KV.conversations.c1"],
     }
     for user, subjects_ in allowed.items():
@@ -189,6 +203,33 @@ async def test_each_service_may_do_its_own_work(provisioned: NatsServer) -> None
                 assert not refused, f"{user} was refused {subject}"
     async with session(provisioned.url, "worker") as s:
         assert not await s.subscribe_refused(subjects.KILL_ALL)
+
+
+@pytest.mark.parametrize("user", registry.SERVICES)
+async def test_only_a_buckets_owner_may_write_it(provisioned: NatsServer, user: str) -> None:
+    # The registry's ownership, as the server enforces it: a service that writes a
+    # bucket it does not own is refused (and fails wherever it runs under these rights).
+    async with session(provisioned.url, user) as s:
+        for bucket in registry.BUCKETS:
+            if bucket.kind == "object":
+                subject = f"$O.{bucket.name}.C.test"
+                owns = user in bucket.owners
+            else:
+                # Shared buckets: each owner writes only keys under its own name.
+                owners = bucket.owners if bucket.shared else ()
+                prefix = f"{owners[0]}." if owners else ""
+                subject = f"$KV.{bucket.name}.{prefix}k1"
+                owns = user in bucket.owners and (not owners or user == owners[0])
+            refused = await s.publish_refused(subject, timeout_s=1.0)
+            assert refused != owns, f"{user} {'refused' if refused else 'may write'} {subject}"
+
+
+def test_every_provisioned_bucket_has_one_owner_entry() -> None:
+    provisioned = {b.name for b in streams.TOPOLOGY.buckets} | set(streams.TOPOLOGY.object_stores)
+    assert {b.name for b in registry.BUCKETS} == provisioned
+    for bucket in registry.BUCKETS:
+        assert bucket.owners, bucket.name
+        assert not set(bucket.owners) & set(bucket.readers), bucket.name
 
 
 async def test_ingress_stores_events_and_reads_state_but_cannot_write_it(

@@ -50,6 +50,9 @@ def test_channel_addresses_are_what_the_subject_functions_produce() -> None:
         "inbound": subjects.inbound("email", "c1"),
         "task": subjects.task("t1"),
         "taskFollowup": subjects.task_followup("t1"),
+        "taskCancel": subjects.task_cancel("t1"),
+        "deliveryStatus": subjects.delivery_status("k1"),
+        "recipientPreference": subjects.preference("c1"),
         "result": subjects.result("c1", "t1"),
         "deliveryReport": subjects.delivery_report("c1", "k1"),
         "emailCommand": subjects.command("email", "c1"),
@@ -133,6 +136,25 @@ SAMPLES: list[events.Event] = [
         reason="opted out",
         provider_code="21610",
     ),
+    events.DeliveryStatus(
+        event_id="e12",
+        correlation_id="k2",
+        conversation_id="",
+        command_id="k2",
+        channel="sms",
+        provider_id="SM1",
+        status="delivered",
+    ),
+    events.RecipientPreference(
+        event_id="e13",
+        correlation_id="e13",
+        conversation_id="c1",
+        channel="sms",
+        address="+15550001",
+        opted_out=True,
+        keyword="STOP",
+        source_id="SM2",
+    ),
     events.DeadLetter(
         event_id="e10",
         correlation_id="e1",
@@ -168,6 +190,11 @@ def test_operations_follow_the_nats_permissions(document: dict[str, Any]) -> Non
     assert operations["conductor.receive.inbound"]["action"] == "receive"
     assert operations["worker.receive.kill"]["channel"] == {"$ref": "#/channels/kill"}
     assert not any(k.startswith("notifier.send.") and "Command" in k for k in operations)
+    # Facts go from the ingress to the notifier; only the notifier reports failures.
+    assert operations["ingress.send.deliveryStatus"]["action"] == "send"
+    assert operations["notifier.receive.recipientPreference"]["action"] == "receive"
+    assert "notifier.send.deliveryReport" in operations
+    assert "ingress.send.deliveryReport" not in operations
 
 
 # --- monitoring ----------------------------------------------------------------------

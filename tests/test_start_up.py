@@ -207,6 +207,8 @@ async def test_a_service_whose_consumer_cannot_fetch_is_not_ready_and_says_why(
     js = nc.jetstream()
     # The stream exists, its consumer does not (provisioning was skipped).
     await ensure_stream(js, streams.COMMANDS)
+    await ensure_stream(js, streams.DELIVERY)
+    await js.add_consumer("DELIVERY", streams.consumer_config(streams.NOTIFIER_DELIVERY))
     await provision_buckets(js)
     settings = NotifierSettings(
         nats_url=nats_server.url,
@@ -233,7 +235,7 @@ async def test_a_service_whose_consumer_cannot_fetch_is_not_ready_and_says_why(
 async def provision_buckets(js: JetStreamContext) -> None:
     """Only the notifier's buckets (no streams or consumers besides)."""
     topology = streams.Topology(
-        streams=(), consumers=(), buckets=(streams.OUTBOX, streams.SUPPRESSIONS)
+        streams=(), consumers=(), buckets=(streams.OUTBOX, streams.SUPPRESSIONS, streams.REPLIES)
     )
     await streams.provision(js, topology)
 

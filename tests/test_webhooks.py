@@ -1,7 +1,11 @@
 """Ingress webhooks as the providers really call them: Twilio opt-out keywords and
 status callbacks (signed by Twilio's own RequestValidator), SendGrid's signed
 Inbound Parse (ECDSA keys in SendGrid's format, checked against its own
-EventWebhook helper), attachments, reply threading and API idempotency."""
+EventWebhook helper), attachments, reply threading and API idempotency.
+
+Keywords and status callbacks are facts the ingress stores; the notifier, owner
+of the outbox and the suppression list, applies them. So those tests run both,
+and look at the notifier's state once its DELIVERY consumer has settled."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -26,6 +31,9 @@ from podium.common.ids import conversation_id, message_id_for, reply_address
 from podium.common.kv import Store
 from podium.common.state import OutboxRecord, Suppression, suppression_key
 from podium.ingress.service import IngressService
+from podium.notifier.config import NotifierSettings
+from podium.notifier.service import NotifierService
+from podium.testing.bus import settled
 from podium.testing.sendgrid import multipart_body
 from podium.testing.services import in_process
 from podium.testing.twilio import FakeTwilio, Sent
@@ -46,16 +54,30 @@ OURS = "+15550100999"
 
 
 @pytest.fixture
-async def ingress(nats_server: NatsServer, js: JetStreamContext) -> AsyncIterator[Ingress]:
+async def ingress(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> AsyncIterator[Ingress]:
     service = IngressService(settings(nats_server, attachment_max_bytes=2048))
+    notifier = NotifierService(
+        NotifierSettings(
+            nats_url=nats_server.url, health_port=0, outbox_path=str(tmp_path / "out.jsonl")
+        )
+    )
     async with (
+        in_process(notifier, notifier.settings),
         in_process(service, service.settings) as running,
         aiohttp.ClientSession() as http,
     ):
         yield Ingress(running, service, http)
 
 
+async def applied(js: JetStreamContext) -> None:
+    """Wait until the notifier has applied every fact the ingress stored."""
+    await settled(js, streams.NOTIFIER_DELIVERY)
+
+
 async def suppression(js: JetStreamContext, number: str = PERSON) -> Suppression | None:
+    await applied(js)
     store = await Store.open(js, streams.SUPPRESSIONS.name, Suppression)
     found = await store.get(suppression_key("sms", number))
     return found[0] if found else None
@@ -120,6 +142,7 @@ async def outbox_record(js: JetStreamContext, command_id: str, **fields: Any) ->
 
 
 async def record_of(js: JetStreamContext, command_id: str) -> OutboxRecord:
+    await applied(js)
     store = await Store.open(js, streams.OUTBOX.name, OutboxRecord)
     found = await store.get(command_id)
     assert found is not None
@@ -191,6 +214,7 @@ async def test_undelivered_sms_is_reported_and_an_opt_out_suppressed(
     assert status == 200
     record = await record_of(js, "cmd3")
     assert (record.delivery, record.delivery_error) == ("undelivered", "undelivered 21610")
+    assert record.reported and record.outcome == "undelivered"
     info = await js.stream_info("RESULTS")
     assert info.state.messages == 1
     msg = await js.get_msg("RESULTS", info.state.last_seq)
@@ -206,6 +230,7 @@ async def test_undelivered_sms_is_reported_and_an_opt_out_suppressed(
     assert found is not None and found.suppressed and found.reason == "provider-opt-out"
     # Twilio retries the callback: reported once.
     await twilio.callback(sent_message(sid, "cmd3"), "undelivered", error_code="21610", reach=reach)
+    await applied(js)
     assert (await js.stream_info("RESULTS")).state.messages == 1
 
 
@@ -229,11 +254,17 @@ async def test_unknown_commands_and_statuses_are_acknowledged_and_ignored(
     twilio = FakeTwilio("AC" + "0" * 32, TWILIO_TOKEN)
     reach = (PUBLIC, ingress.url)
     assert await twilio.callback(sent_message("SM" + "e" * 32, "nope"), "sent", reach=reach) == 200
+    await applied(js)
+    outbox = await Store.open(js, streams.OUTBOX.name, OutboxRecord)
+    assert await outbox.get("nope") is None
     await outbox_record(js, "cmd5")
+    facts = (await js.stream_info("DELIVERY")).state.messages
     assert (
         await twilio.callback(sent_message("SM" + "e" * 32, "cmd5"), "teleported", reach=reach)
         == 200
     )
+    # A status Twilio does not document is not even stored.
+    assert (await js.stream_info("DELIVERY")).state.messages == facts
     assert (await record_of(js, "cmd5")).delivery == ""
 
 

@@ -16,12 +16,13 @@ from podium.common import access
 
 def artifacts() -> dict[str, Callable[[], str]]:
     """Relative path → renderer, for every generated file."""
-    from podium.cli import asyncapi, docs, metricsdoc, monitoring  # noqa: PLC0415
+    from podium.cli import asyncapi, busdoc, docs, metricsdoc, monitoring  # noqa: PLC0415
 
     return {
         "docs/configuration.md": docs.render,
         "docs/metrics.md": metricsdoc.render,
         "docs/asyncapi.yaml": asyncapi.render,
+        "docs/bus.md": busdoc.render,
         # The same accounts file for docker-compose and for the kustomize base
         # (kustomize reads files only below its own folder).
         "deploy/nats/accounts.conf": access.render_accounts,

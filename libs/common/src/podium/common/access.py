@@ -2,11 +2,13 @@
 
 Each service connects as its own user in the ``PODIUM`` account and may
 publish and subscribe only where its work takes it. The permission sets are
-*derived* from the contracts (subjects, streams, consumers, buckets), so a
-new consumer or bucket updates them, and ``podium generate`` renders them as
-the NATS server configuration that docker-compose and Kubernetes use
-(``deploy/nats/accounts.conf``; a test keeps the file current and runs every
-service against a real nats-server configured with it).
+*derived* from the registry (:mod:`podium.common.registry`: who produces and
+consumes each channel, who owns and reads each bucket) and the consumers of
+:mod:`podium.common.streams`, so a new channel, consumer or bucket updates them,
+and ``podium generate`` renders them as the NATS server configuration that
+docker-compose and Kubernetes use (``deploy/nats/accounts.conf``; a test keeps
+the file current and runs every service against a real nats-server configured
+with it).
 
 What a service needs besides its own event subjects, in JetStream's API:
 
@@ -37,7 +39,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from podium.common import streams, subjects
+from podium.common import registry, streams, subjects
 from podium.common.streams import ConsumerSpec
 
 #: The one NATS account every Podium user belongs to (it owns the streams).
@@ -137,94 +139,71 @@ def _own_inbox(service: str) -> str:
     return subjects.inbox_prefix(service) + ".>"
 
 
-INGRESS = Role(
-    "ingress",
-    "Stores inbound messages and their attachments; records opt-outs and delivery "
-    "statuses; reports undelivered messages; reads conversation state for the API.",
-    publish=_unique(
-        [
-            subjects.INBOUND_ALL,
-            # Delivery failures reported by Twilio's status callbacks.
-            subjects.RESULTS_ALL,
-            *stream_info(streams.INBOUND.name, streams.RESULTS.name),
-            *kv_read(streams.CONVERSATIONS.name),
-            *kv_write(streams.OUTBOX.name),
-            *kv_write(streams.SUPPRESSIONS.name),
-            *object_store(streams.ATTACHMENTS),
-        ]
-    ),
-    subscribe=(_own_inbox("ingress"),),
-    sends=(subjects.INBOUND_ALL, subjects.RESULTS_ALL),
-)
+def _writes(spec: registry.BucketSpec, role: str) -> list[str]:
+    """What owning a bucket lets ``role`` publish: its keys (its own, when shared)."""
+    if spec.kind == "object":
+        return object_store(spec.name)
+    extra = _ordered_consumers(f"KV_{spec.name}") if spec.lists_keys else []
+    keys = f"$KV.{spec.name}.{role}.>" if spec.shared else f"$KV.{spec.name}.>"
+    return [*kv_read(spec.name), keys, *extra]
 
-CONDUCTOR = Role(
+
+def _reads(spec: registry.BucketSpec) -> list[str]:
+    if spec.kind == "object":
+        stream = f"OBJ_{spec.name}"
+        return [*stream_info(stream), *_direct_get(stream), *_ordered_consumers(stream)]
+    return kv_read(spec.name)
+
+
+def derive(user: str, description: str) -> Role:
+    """A service's user, from the registry: it publishes what it produces, consumes its
+    durable consumers, writes the buckets it owns and reads those it may read."""
+    produces = [c for c in registry.CHANNELS if user in c.producers]
+    consumes = [c for c in registry.CHANNELS if user in c.consumers]
+    own_consumers = [spec for spec in streams.TOPOLOGY.consumers if spec.role == user]
+    used_streams = [c.stream for c in (*produces, *consumes) if c.stream]
+    publish = [
+        *(c.wildcard(user) for c in produces),
+        *stream_info(*dict.fromkeys(used_streams)),
+        *(s for spec in own_consumers for s in consume(spec)),
+        # The conductor: on taking a partition, what a dead predecessor held comes back first.
+        *(s for spec in own_consumers if user == "conductor" for s in rewind(spec)),
+    ]
+    for spec in registry.BUCKETS:
+        if user in spec.owners:
+            publish += _writes(spec, user)
+        elif user in spec.readers:
+            publish += _reads(spec)
+    core = [c.wildcard() for c in consumes if not c.stream]
+    return Role(
+        user,
+        description,
+        publish=_unique(publish),
+        subscribe=(_own_inbox(user), *core),
+        sends=tuple(dict.fromkeys(c.wildcard(user) for c in produces)),
+        receives=tuple(dict.fromkeys(c.wildcard() for c in consumes)),
+    )
+
+
+INGRESS = derive(
+    "ingress",
+    "Stores inbound messages, their attachments and what providers report (delivery "
+    "statuses, opt-outs) for the notifier; reads conversations and replies for the API.",
+)
+CONDUCTOR = derive(
     "conductor",
     "Consumes inbound messages and results of its partitions; publishes tasks, "
-    "commands and kills; keeps conversation, task, lease and session state.",
-    publish=_unique(
-        [
-            subjects.TASKS_ALL,
-            subjects.COMMANDS_ALL,
-            subjects.KILL_ALL,
-            subjects.dead_letters_of("conductor"),
-            *stream_info(streams.INBOUND.name, streams.RESULTS.name),
-            *(s for spec in streams.CONDUCTOR_CONSUMERS for s in consume(spec)),
-            # On taking a partition, what a dead predecessor held comes back first.
-            *(s for spec in streams.CONDUCTOR_CONSUMERS for s in rewind(spec)),
-            *kv_write(streams.CONVERSATIONS.name),
-            *kv_write(streams.TASK_STATE.name),
-            *kv_write(streams.CONDUCTORS.name, list_keys=True),
-            *kv_write(streams.SESSIONS.name),
-            *object_store(streams.TRANSCRIPTS),
-        ]
-    ),
-    subscribe=(_own_inbox("conductor"),),
-    sends=(
-        subjects.TASKS_ALL,
-        subjects.COMMANDS_ALL,
-        subjects.KILL_ALL,
-        subjects.DEADLETTER_ALL,
-    ),
-    receives=(subjects.INBOUND_ALL, subjects.RESULTS_ALL),
+    "cancels, commands and kills; keeps conversation, partition lease and session state.",
 )
-
-WORKER = Role(
+WORKER = derive(
     "worker",
-    "Consumes tasks, runs agents, publishes results; obeys kill requests.",
-    publish=_unique(
-        [
-            subjects.RESULTS_ALL,
-            subjects.dead_letters_of("worker"),
-            *stream_info(streams.TASKS.name, streams.RESULTS.name),
-            *consume(streams.WORKER_TASKS),
-            *kv_write(streams.TASK_STATE.name),
-            *kv_write(streams.SESSIONS.name),
-            *object_store(streams.TRANSCRIPTS),
-        ]
-    ),
-    subscribe=(_own_inbox("worker"), subjects.KILL_ALL),
-    sends=(subjects.RESULTS_ALL, subjects.DEADLETTER_ALL),
-    receives=(subjects.TASKS_ALL, subjects.KILL_ALL),
+    "Consumes tasks and cancels, runs agents, publishes results; keeps task state; "
+    "obeys kill requests.",
 )
-
-NOTIFIER = Role(
+NOTIFIER = derive(
     "notifier",
-    "Consumes commands, records each send in the outbox, obeys and keeps the suppression "
-    "list, and reports undeliverable commands to the conductor.",
-    publish=_unique(
-        [
-            subjects.dead_letters_of("notifier"),
-            # Delivery failures, told to the conductor.
-            subjects.RESULTS_ALL,
-            *stream_info(streams.COMMANDS.name, streams.RESULTS.name),
-            *consume(streams.NOTIFIER_COMMANDS),
-            *kv_write(streams.OUTBOX.name),
-            *kv_write(streams.SUPPRESSIONS.name),
-        ]
-    ),
-    subscribe=(_own_inbox("notifier"),),
-    sends=(subjects.RESULTS_ALL, subjects.DEADLETTER_ALL),
-    receives=(subjects.COMMANDS_ALL,),
+    "Consumes commands and provider facts; sole writer of the outbox, the suppression "
+    "list and the replies read model; reports undeliverable commands to the conductor.",
 )
 
 ADMIN_ROLE = Role(

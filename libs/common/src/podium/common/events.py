@@ -132,6 +132,9 @@ class SendEmail(Event, frozen=True, kw_only=True, tag="command.email"):
     body: str
     in_reply_to: str = ""
     references: list[str] = []
+    #: An escalation to the operator, not a reply to the conversation's people: the
+    #: API's read model of a conversation's replies leaves it out.
+    operator: bool = False
 
 
 class SendSms(Event, frozen=True, kw_only=True, tag="command.sms"):
@@ -177,6 +180,40 @@ class DeliveryFailed(Event, frozen=True, kw_only=True, tag="delivery.failed"):
     transport: str = ""
 
 
+class DeliveryStatus(Event, frozen=True, kw_only=True, tag="delivery.status"):
+    """A provider's status callback for one part of a message we sent, as received.
+
+    A fact the ingress records (Twilio's ``MessageStatus``): the notifier, which owns
+    the outbox, applies it to the command's record and reports a failure to the
+    conductor. ``conversation_id`` is empty: the callback names only the command.
+    """
+
+    command_id: str
+    channel: Literal["email", "sms"]
+    provider_id: str
+    status: str
+    error_code: str = ""
+    #: The recipient and our number as the provider reports them.
+    to: str = ""
+    our_address: str = ""
+
+
+class RecipientPreference(Event, frozen=True, kw_only=True, tag="delivery.preference"):
+    """A recipient said STOP or START (an SMS keyword), as the ingress received it.
+
+    The notifier, owner of the suppression list, applies it: never text an
+    opted-out number until it opts back in. ``source_id`` is the provider's id
+    of the keyword message, so a retried STOP cannot undo a later START.
+    """
+
+    channel: Literal["email", "sms"]
+    address: str
+    opted_out: bool
+    keyword: str = ""
+    our_address: str = ""
+    source_id: str
+
+
 class KillTask(Event, frozen=True, kw_only=True, tag="control.kill"):
     """Stop a task's agent wherever it runs (core NATS, not stored)."""
 
@@ -212,6 +249,8 @@ AnyEvent = (
     | KillTask
     | DeadLetter
     | DeliveryFailed
+    | DeliveryStatus
+    | RecipientPreference
 )
 
 Command = SendEmail | SendSms | ApiReply

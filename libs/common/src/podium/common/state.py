@@ -248,3 +248,31 @@ def suppression_key(channel: str, address: str) -> str:
         digits = "".join(ch for ch in address if ch.isdigit())
         return f"sms.{digits}" if digits else f"sms.h{stable_id(address.strip().lower())}"
     return f"email.{stable_id(address.strip().lower())}"
+
+
+class ReplyView(msgspec.Struct, kw_only=True):
+    """One reply as the API shows it: what went out and how far it got."""
+
+    command_id: str
+    kind: Literal["email", "sms", "api"]
+    to: list[str] = []
+    subject: str = ""
+    body: str = ""
+    #: The notifier's state (``sending`` … ``sent``, ``failed``, ``ambiguous``).
+    delivery: str = "pending"
+    #: What the provider reported afterwards (status callbacks), if anything.
+    provider_status: str = ""
+    at: datetime = msgspec.field(default_factory=utcnow)
+
+
+class ConversationReplies(msgspec.Struct, kw_only=True):
+    """The ``replies`` bucket (key: conversation id): a read model kept by the notifier.
+
+    The notifier owns every fact in it (what it sent, and what providers said
+    since), so ``GET /v1/conversations/{id}`` reads one record per owner instead
+    of joining the conversation with an outbox record per reply.
+    """
+
+    conversation_id: str
+    replies: list[ReplyView] = []
+    updated_at: datetime = msgspec.field(default_factory=utcnow)

@@ -30,7 +30,7 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-from podium.common import subjects
+from podium.common import registry, subjects
 from podium.common.errors import ProvisionError
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class ConsumerSpec:
     ack_wait_s: float = 30.0
     max_deliver: int = 10
     max_ack_pending: int = 1000
+    #: The service that consumes it (its NATS permissions follow).
+    role: str = ""
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ PARTITIONS = 16
 
 INBOUND = StreamSpec(
     "INBOUND",
-    (subjects.INBOUND_ALL,),
+    registry.stream_subjects("INBOUND"),
     "Messages received by ingress",
     share=0.19,
     transform=(
@@ -107,10 +109,15 @@ INBOUND = StreamSpec(
         f"inbound.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({PARTITIONS},2)}}}}",
     ),
 )
-TASKS = StreamSpec("TASKS", (subjects.TASKS_ALL,), "Tasks and follow-ups for workers", share=0.03)
+TASKS = StreamSpec(
+    "TASKS",
+    registry.stream_subjects("TASKS"),
+    "Tasks, follow-ups and cancels for workers",
+    share=0.03,
+)
 RESULTS = StreamSpec(
     "RESULTS",
-    (subjects.RESULTS_ALL,),
+    registry.stream_subjects("RESULTS"),
     "Worker results and progress for the conductor",
     share=0.06,
     transform=(
@@ -119,11 +126,17 @@ RESULTS = StreamSpec(
     ),
 )
 COMMANDS = StreamSpec(
-    "COMMANDS", (subjects.COMMANDS_ALL,), "Outbound email/SMS/API replies", share=0.06
+    "COMMANDS", registry.stream_subjects("COMMANDS"), "Outbound email/SMS/API replies", share=0.06
+)
+DELIVERY = StreamSpec(
+    "DELIVERY",
+    registry.stream_subjects("DELIVERY"),
+    "Facts from providers for the notifier: delivery statuses, opt-outs and opt-ins",
+    share=0.02,
 )
 DEADLETTER = StreamSpec(
     "DEADLETTER",
-    (subjects.DEADLETTER_ALL,),
+    registry.stream_subjects("DEADLETTER"),
     "Messages a service could never handle",
     max_age_s=30 * DAY,
     share=0.06,
@@ -141,6 +154,7 @@ def conductor_inbound(partition: int) -> ConsumerSpec:
         f"Conductor: inbound messages of partition {partition}",
         # Turns in progress send heartbeats; a crashed replica's message returns in 30 s.
         ack_wait_s=30.0,
+        role="conductor",
     )
 
 
@@ -152,6 +166,7 @@ def conductor_results(partition: int) -> ConsumerSpec:
         (subjects.results_partition(partition),),
         f"Conductor: worker results of partition {partition}",
         ack_wait_s=30.0,
+        role="conductor",
     )
 
 
@@ -166,12 +181,21 @@ WORKER_TASKS = ConsumerSpec(
     # Long tasks stay claimed through heartbeats (in_progress) every ack_wait/3.
     ack_wait_s=60.0,
     max_deliver=5,
+    role="worker",
 )
 NOTIFIER_COMMANDS = ConsumerSpec(
     "COMMANDS",
     "notifier-commands",
     (subjects.COMMANDS_ALL,),
     "Notifier: outbound commands",
+    role="notifier",
+)
+NOTIFIER_DELIVERY = ConsumerSpec(
+    "DELIVERY",
+    "notifier-delivery",
+    (subjects.DELIVERY_ALL,),
+    "Notifier: delivery statuses and opt-outs to apply to the outbox and suppression list",
+    role="notifier",
 )
 
 CONVERSATIONS = BucketSpec("conversations", "Conversation state: session, participants, tasks")
@@ -192,11 +216,16 @@ SUPPRESSIONS = BucketSpec(
     "Recipients never to write to: SMS opt-outs (STOP until START), hard bounces",
     history=5,
 )
+REPLIES = BucketSpec(
+    "replies",
+    "Read model for the API: each conversation's replies and their delivery states",
+    ttl_s=30 * DAY,
+)
 #: Object store of agent transcripts and worker workspaces, so sessions move between replicas.
 TRANSCRIPTS = "transcripts"
 #: Object store of inbound email attachments (``Media.object`` names them).
 ATTACHMENTS = "attachments"
-_OBJECT_STORE_DESCRIPTIONS = {
+OBJECT_STORE_DESCRIPTIONS = {
     TRANSCRIPTS: "Agent transcripts and workspaces",
     ATTACHMENTS: "Inbound email attachments",
 }
@@ -206,9 +235,9 @@ _OBJECT_STORE_DESCRIPTIONS = {
 OBJECT_STORE_SHARES = {TRANSCRIPTS: 0.18, ATTACHMENTS: 0.25}
 
 TOPOLOGY = Topology(
-    streams=(INBOUND, TASKS, RESULTS, COMMANDS, DEADLETTER),
-    consumers=(*CONDUCTOR_CONSUMERS, WORKER_TASKS, NOTIFIER_COMMANDS),
-    buckets=(CONVERSATIONS, TASK_STATE, OUTBOX, SESSIONS, CONDUCTORS, SUPPRESSIONS),
+    streams=(INBOUND, TASKS, RESULTS, COMMANDS, DELIVERY, DEADLETTER),
+    consumers=(*CONDUCTOR_CONSUMERS, WORKER_TASKS, NOTIFIER_COMMANDS, NOTIFIER_DELIVERY),
+    buckets=(CONVERSATIONS, TASK_STATE, OUTBOX, SESSIONS, CONDUCTORS, SUPPRESSIONS, REPLIES),
     object_stores=(TRANSCRIPTS, ATTACHMENTS),
 )
 
@@ -319,7 +348,7 @@ async def provision(
                     max_age=bucket.ttl_s,
                 )
     for store in topology.object_stores:
-        description = _OBJECT_STORE_DESCRIPTIONS.get(store, store)
+        description = OBJECT_STORE_DESCRIPTIONS.get(store, store)
         max_bytes = _max_bytes(OBJECT_STORE_SHARES.get(store, 0.0), budget)
         object_config = ObjectStoreConfig(
             bucket=store,

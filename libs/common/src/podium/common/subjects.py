@@ -1,15 +1,7 @@
 """Every NATS subject Podium uses. No service spells a subject string of its own.
 
-| subject                                   | producer  | consumer  | stream     |
-|-------------------------------------------|-----------|-----------|------------|
-| inbound.<channel>.<conversation>          | ingress   | conductor | INBOUND    |
-| tasks.<task_id> / tasks.<task_id>.followup| conductor | worker    | TASKS      |
-| results.<conversation>.<task_id>          | worker    | conductor | RESULTS    |
-| results.<conversation>.<command_id>       | notifier, | conductor | RESULTS    |
-|   (delivery failures)                     | ingress   |           |            |
-| commands.<email|sms|api>.<conversation>   | conductor | notifier  | COMMANDS   |
-| deadletter.<service>.<stream>             | any       | operators | DEADLETTER |
-| control.tasks.<task_id>.kill (core NATS)  | conductor | worker    | —          |
+The templates, and who produces and consumes each, are declared once in
+:mod:`podium.common.registry`; the functions here fill them with checked tokens.
 
 INBOUND and RESULTS append a partition token when they store a message:
 ``inbound.<channel>.<conversation>.<p>``, ``results.<conversation>.<task>.<p>``,
@@ -24,16 +16,18 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+from podium.common import registry as reg
 from podium.common.events import Channel
 
 CommandKind = Literal["email", "sms", "api"]
 
-INBOUND_ALL = "inbound.>"
-TASKS_ALL = "tasks.>"
-RESULTS_ALL = "results.>"
-COMMANDS_ALL = "commands.>"
-DEADLETTER_ALL = "deadletter.>"
-KILL_ALL = "control.tasks.*.kill"
+INBOUND_ALL = f"{reg.INBOUND.namespace}.>"
+TASKS_ALL = f"{reg.TASK.namespace}.>"
+RESULTS_ALL = f"{reg.RESULT.namespace}.>"
+COMMANDS_ALL = f"{reg.EMAIL_COMMAND.namespace}.>"
+DELIVERY_ALL = f"{reg.DELIVERY_STATUS.namespace}.>"
+DEADLETTER_ALL = f"{reg.DEAD_LETTER.namespace}.>"
+KILL_ALL = reg.KILL.wildcard()
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -49,39 +43,59 @@ def token(value: str) -> str:
     return value
 
 
+def _fill(spec: reg.ChannelSpec, /, **values: str) -> str:
+    return spec.address.format(**{name: token(v) for name, v in values.items()})
+
+
 def inbound(channel: Channel, conversation: str) -> str:
     """Subject of an inbound message."""
-    return f"inbound.{token(channel)}.{token(conversation)}"
+    return _fill(reg.INBOUND, channel=channel, conversation=conversation)
 
 
 def task(task_id: str) -> str:
     """Subject of a new task."""
-    return f"tasks.{token(task_id)}"
+    return _fill(reg.TASK, task=task_id)
 
 
 def task_followup(task_id: str) -> str:
     """Subject of a follow-up (TELL_WORKER) for a task."""
-    return f"tasks.{token(task_id)}.followup"
+    return _fill(reg.TASK_FOLLOWUP, task=task_id)
+
+
+def task_cancel(task_id: str) -> str:
+    """Subject of a stored cancel request: a worker records it in the task's state."""
+    return _fill(reg.TASK_CANCEL, task=task_id)
 
 
 def result(conversation: str, task_id: str) -> str:
     """Subject of a worker's result for a task."""
-    return f"results.{token(conversation)}.{token(task_id)}"
+    return _fill(reg.RESULT, conversation=conversation, task=task_id)
 
 
 def delivery_report(conversation: str, command_id: str) -> str:
     """Subject of a delivery failure told to the conductor (in the conversation's partition)."""
-    return f"results.{token(conversation)}.{token(command_id)}"
+    return _fill(reg.DELIVERY_REPORT, conversation=conversation, command=command_id)
 
 
 def command(kind: CommandKind, conversation: str) -> str:
     """Subject of an outbound command for the notifier."""
-    return f"commands.{token(kind)}.{token(conversation)}"
+    spec = {"email": reg.EMAIL_COMMAND, "sms": reg.SMS_COMMAND, "api": reg.API_COMMAND}[kind]
+    return _fill(spec, conversation=conversation)
+
+
+def delivery_status(command_id: str) -> str:
+    """Subject of a provider's status callback for one of our commands (a fact)."""
+    return _fill(reg.DELIVERY_STATUS, command=command_id)
+
+
+def preference(conversation: str) -> str:
+    """Subject of a recipient's opt-out or opt-in (a fact), in its conversation's order."""
+    return _fill(reg.PREFERENCE, conversation=conversation)
 
 
 def kill(task_id: str) -> str:
     """Core-NATS subject that tells whichever worker runs ``task_id`` to stop it."""
-    return f"control.tasks.{token(task_id)}.kill"
+    return _fill(reg.KILL, task=task_id)
 
 
 def inbound_partition(partition: int) -> str:
@@ -113,12 +127,12 @@ def inbox_prefix(service: str) -> str:
 
 def dead_letter(service: str, stream: str) -> str:
     """Subject where ``service`` records a message of ``stream`` it could never handle."""
-    return f"deadletter.{token(service)}.{token(stream)}"
+    return _fill(reg.DEAD_LETTER, service=service, stream=stream)
 
 
 def dead_letters_of(service: str) -> str:
     """Every subject where ``service`` may record dead letters (its NATS permission)."""
-    return f"deadletter.{token(service)}.*"
+    return reg.DEAD_LETTER.wildcard(token(service))
 
 
 # Headers every Podium publish carries, so operators can filter with the NATS CLI.

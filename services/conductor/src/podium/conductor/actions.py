@@ -242,6 +242,7 @@ class Actions:
             to=[operator],
             subject=f"[Podium] escalation: {conv.subject or conv.conversation_id}",
             body=body,
+            operator=True,
         )
         effects.stored.append((subjects.command("email", conv.conversation_id), message))
         record(

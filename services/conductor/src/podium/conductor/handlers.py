@@ -47,7 +47,6 @@ from podium.common.state import (
     STATE_AFTER,
     Conversation,
     Pending,
-    TaskRecord,
 )
 from podium.conductor import commands as cmds
 from podium.conductor.actions import Actions, Effects, Trigger
@@ -76,7 +75,6 @@ class Conductor:
         js: JetStreamContext,
         agents: Agents,
         conversations: Store[Conversation],
-        tasks: Store[TaskRecord],
         metrics: Metrics,
         own_metrics: ConductorMetrics,
         role_prompt: str = ROLE,
@@ -86,7 +84,6 @@ class Conductor:
         self.js = js
         self.agents = agents
         self.conversations = conversations
-        self.tasks = tasks
         self.metrics = metrics
         self.own = own_metrics
         self.role_prompt = role_prompt
@@ -404,6 +401,7 @@ class Conductor:
     async def _already_handled(self, conv: Conversation, event_id: str) -> None:
         """A redelivered event: its turn is saved; publish what it left unpublished."""
         log.info("already handled; skipping", extra={"event_id": event_id})
+        self.own.duplicates.inc()
         if conv.pending:
             log.warning(
                 "publishing decisions a crash left unpublished", extra={"n": len(conv.pending)}
@@ -420,9 +418,10 @@ class Conductor:
         for item in conv.pending:
             if item.core and isinstance(item.event, KillTask):
                 kill = item.event
-                # Recorded first, so a worker that has not started the task yet skips it;
-                # then told on core NATS to whichever worker runs it now.
-                await self.tasks.mutate(kill.task_id, functools.partial(_cancel, kill))
+                # Stored first, for the workers to record in the task's state (theirs to
+                # write), so one that has not started the task yet skips it; then told on
+                # core NATS to whichever worker runs it now.
+                await publish(self.js, subjects.task_cancel(kill.task_id), kill)
                 await self.nc.publish(item.subject, encode(kill))
             else:
                 await publish(self.js, item.subject, item.event)
@@ -501,13 +500,3 @@ def _account_only(event: TaskResult, conv: Conversation | None) -> Conversation 
     _account(conv, event)
     conv.updated_at = utcnow()
     return conv
-
-
-def _cancel(kill: KillTask, current: TaskRecord | None) -> TaskRecord:
-    record = current or TaskRecord(
-        task_id=kill.task_id,
-        conversation_id=kill.conversation_id,
-        correlation_id=kill.correlation_id,
-    )
-    record.cancel_requested = True
-    return record

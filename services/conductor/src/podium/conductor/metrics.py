@@ -34,6 +34,11 @@ class ConductorMetrics:
             ["reason", "routed"],
             registry=registry,
         )
+        self.duplicates = Counter(
+            f"{PREFIX}_conductor_duplicates_total",
+            "Events already handled (redelivered or replayed), skipped without a turn",
+            registry=registry,
+        )
         self.active_turns = Gauge(
             f"{PREFIX}_conductor_active_turns",
             "Agent turns running now",

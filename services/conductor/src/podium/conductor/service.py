@@ -16,7 +16,7 @@ from podium.common.consumer import Handler, Lanes, PullConsumer
 from podium.common.events import AnyEvent
 from podium.common.kv import Store
 from podium.common.runtime import Context
-from podium.common.state import Conversation, TaskRecord
+from podium.common.state import Conversation
 from podium.common.subjects import partition_of
 from podium.conductor.config import ConductorSettings
 from podium.conductor.handlers import Conductor
@@ -96,7 +96,6 @@ class ConductorService:
             agents=self.agents,
             role_prompt=self._role_prompt,
             conversations=await Store.open(ctx.js, streams.CONVERSATIONS.name, Conversation),
-            tasks=await Store.open(ctx.js, streams.TASK_STATE.name, TaskRecord),
             metrics=ctx.metrics,
             own_metrics=own,
         )

@@ -20,7 +20,7 @@ import msgspec
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
 from nats.js import JetStreamContext
-from nats.js.api import ObjectMeta
+from nats.js.api import ObjectMeta, PubAck
 from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 from nats.js.object_store import ObjectStore
 from yarl import query_to_pairs
@@ -28,8 +28,14 @@ from yarl import query_to_pairs
 from podium.common import streams, subjects
 from podium.common.backoff import backoff
 from podium.common.bus import publish
-from podium.common.errors import Conflict
-from podium.common.events import DeliveryFailed, InboundMessage, Media, decode, utcnow
+from podium.common.events import (
+    DeliveryStatus,
+    Event,
+    InboundMessage,
+    Media,
+    RecipientPreference,
+    decode,
+)
 from podium.common.ids import (
     conversation_id,
     conversation_of_address,
@@ -39,15 +45,7 @@ from podium.common.ids import (
     stable_id,
 )
 from podium.common.kv import Store
-from podium.common.state import (
-    DELIVERY_FAILED,
-    DELIVERY_RANK,
-    Conversation,
-    OutboxRecord,
-    Suppression,
-    delivery_of,
-    suppression_key,
-)
+from podium.common.state import DELIVERY_RANK, Conversation, ConversationReplies
 from podium.ingress import parsing
 from podium.ingress.config import IngressSettings
 from podium.ingress.metrics import IngressMetrics
@@ -112,8 +110,7 @@ class Deps:
     js: JetStreamContext
     metrics: IngressMetrics
     conversations: Store[Conversation] | None = None
-    outbox: Store[OutboxRecord] | None = None
-    suppressions: Store[Suppression] | None = None
+    replies: Store[ConversationReplies] | None = None
     attachments: ObjectStore | None = None
 
 
@@ -204,39 +201,8 @@ class Handlers:
         return wrapped
 
     async def _store(self, subject: str, event: InboundMessage) -> bool:
-        """Publish and wait for the ack; True if it was a duplicate. 503 on failure.
-
-        A stream whose leader is being re-elected (a NATS node lost) answers "no
-        responders" or nothing for a few seconds: the publish is tried again, under the
-        same Nats-Msg-Id (so stored at most once), until ``PODIUM_PUBLISH_TIMEOUT_S`` is
-        spent, and only then is the provider asked to retry with a 503.
-        """
-        deadline = time.monotonic() + self.deps.settings.publish_timeout_s
-        tries = 0
-        while True:
-            # Short attempts: an ack that does not come from an old leader is not waited
-            # for until the whole budget is gone.
-            attempt_s = max(0.05, min(_ATTEMPT_S, deadline - time.monotonic()))
-            try:
-                ack = await publish(self.deps.js, subject, event, timeout_s=attempt_s)
-                break
-            except Exception as err:
-                tries += 1
-                delay = backoff(tries, base=0.1, cap=1.0)
-                # A refusal that will not clear (the stream is full, or refuses the
-                # message) is answered at once; only an election's silence is waited out.
-                full = isinstance(err, ServiceUnavailableError) and err.err_code == _STORE_FULL
-                final = full or (
-                    isinstance(err, APIError)
-                    and not isinstance(err, ServiceUnavailableError | NoStreamResponseError)
-                )
-                if final or time.monotonic() + delay >= deadline:
-                    log.warning("could not store inbound event", extra={"error": repr(err)})
-                    raise HttpError(
-                        503, "unavailable", "could not store the message; retry later"
-                    ) from err
-                log.info("store not acknowledged; trying again", extra={"error": repr(err)})
-                await asyncio.sleep(delay)
+        """Store an inbound message (see ``_durably``); True if it was a duplicate."""
+        ack, tries = await self._durably(subject, event, "the message")
         # After a lost acknowledgement, "duplicate" may mean our own earlier attempt was
         # stored: only the first attempt's answer says whether someone else sent it.
         duplicate = bool(ack.duplicate) and tries == 0
@@ -265,6 +231,42 @@ class Handlers:
                 },
             )
         return duplicate
+
+    async def _durably(self, subject: str, event: Event, what: str) -> tuple[PubAck, int]:
+        """Publish and wait for the ack: (ack, failed attempts before it). 503 on failure.
+
+        A stream whose leader is being re-elected (a NATS node lost) answers "no
+        responders" or nothing for a few seconds: the publish is tried again, under the
+        same Nats-Msg-Id (so stored at most once), until ``PODIUM_PUBLISH_TIMEOUT_S`` is
+        spent, and only then is the provider asked to retry with a 503.
+        """
+        deadline = time.monotonic() + self.deps.settings.publish_timeout_s
+        tries = 0
+        while True:
+            # Short attempts: an ack that does not come from an old leader is not waited
+            # for until the whole budget is gone.
+            attempt_s = max(0.05, min(_ATTEMPT_S, deadline - time.monotonic()))
+            try:
+                ack = await publish(self.deps.js, subject, event, timeout_s=attempt_s)
+                break
+            except Exception as err:
+                tries += 1
+                delay = backoff(tries, base=0.1, cap=1.0)
+                # A refusal that will not clear (the stream is full, or refuses the
+                # message) is answered at once; only an election's silence is waited out.
+                full = isinstance(err, ServiceUnavailableError) and err.err_code == _STORE_FULL
+                final = full or (
+                    isinstance(err, APIError)
+                    and not isinstance(err, ServiceUnavailableError | NoStreamResponseError)
+                )
+                if final or time.monotonic() + delay >= deadline:
+                    log.warning("could not store an event", extra={"error": repr(err)})
+                    raise HttpError(
+                        503, "unavailable", f"could not store {what}; retry later"
+                    ) from err
+                log.info("store not acknowledged; trying again", extra={"error": repr(err)})
+                await asyncio.sleep(delay)
+        return ack, tries
 
     async def _same_as_stored(self, event: InboundMessage) -> bool:
         """Whether the message stored under ``event``'s id says the same as ``event``."""
@@ -383,20 +385,21 @@ class Handlers:
         if found is None or found[0].client != client:
             raise HttpError(404, "not_found", "no such conversation")
         conv = found[0]
-        replies: list[dict[str, Any]] = []
-        for out in conv.outbound:
-            delivery = await self.deps.outbox.get(out.command_id) if self.deps.outbox else None
-            replies.append(
-                {
-                    "command_id": out.command_id,
-                    "kind": out.kind,
-                    "body": out.body,
-                    "at": out.at.isoformat(),
-                    "delivery": delivery[0].state if delivery else "pending",
-                    # What the provider reported afterwards (status callbacks), if anything.
-                    "provider_status": delivery[0].delivery if delivery else "",
-                }
-            )
+        # The replies come from the notifier's read model of this conversation (one
+        # read): it owns what was sent and what providers said since.
+        view = await self.deps.replies.get(conversation_key) if self.deps.replies else None
+        replies = [
+            {
+                "command_id": r.command_id,
+                "kind": r.kind,
+                "body": r.body,
+                "at": r.at.isoformat(),
+                "delivery": r.delivery,
+                # What the provider reported afterwards (status callbacks), if anything.
+                "provider_status": r.provider_status,
+            }
+            for r in (view[0].replies if view else [])
+        ]
         return web.json_response(
             {
                 "conversation_id": conv.conversation_id,
@@ -476,48 +479,42 @@ class Handlers:
         """STOP/START/HELP: recorded (opt-out/in) and counted, never forwarded to an agent.
 
         Twilio answers these keywords itself (Advanced Opt-Out); what we must do
-        is never text an opted-out number until it says START. The record keeps
-        the MessageSids it applied, so Twilio's retry of an old STOP cannot undo
-        a later START.
+        is never text an opted-out number until it says START. The keyword is
+        stored as a fact for the notifier, which keeps the suppression list.
         """
         kind = (
             "opt-out" if keyword in self.opt_out else "opt-in" if keyword in self.opt_in else "help"
         )
         self.deps.metrics.ignored.labels("sms", kind).inc()
         log.info("sms keyword", extra={"keyword": keyword, "kind": kind})
-        if kind == "help" or self.deps.suppressions is None:
+        if kind == "help":
             return
+        fact = RecipientPreference(
+            event_id=stable_id("twilio", sid),
+            correlation_id=stable_id("twilio", sid),
+            conversation_id=conversation_id("sms", sender, ours),
+            channel="sms",
+            address=sender,
+            opted_out=kind == "opt-out",
+            keyword=keyword,
+            our_address=ours,
+            source_id=sid,
+        )
+        await self._record(subjects.preference(fact.conversation_id), fact, "the opt-out")
 
-        def change(current: Suppression | None) -> Suppression | None:
-            if current is not None and sid in current.seen:
-                return None
-            if current is None and kind == "opt-in":
-                return None
-            return Suppression(
-                channel="sms",
-                address=sender,
-                suppressed=kind == "opt-out",
-                reason="opt-out",
-                keyword=keyword,
-                our_address=ours,
-                source_id=sid,
-                seen=[*(current.seen if current else []), sid][-20:],
-            )
-
-        try:
-            await self.deps.suppressions.mutate(suppression_key("sms", sender), change)
-        except Exception as err:
-            log.warning("could not record an sms keyword", extra={"error": repr(err)})
-            raise HttpError(
-                503, "unavailable", "could not record the opt-out; retry later"
-            ) from err
+    async def _record(
+        self, subject: str, fact: DeliveryStatus | RecipientPreference, what: str
+    ) -> None:
+        """Store a fact for the notifier, which owns what it changes; 503 if not stored."""
+        await self._durably(subject, fact, what)
 
     async def twilio_status(self, request: web.Request) -> web.Response:
         """``POST /webhooks/twilio/status?cid=<command>``: how far Twilio got with our SMS.
 
         The command id is in the callback URL the notifier gave Twilio, so it is
-        covered by the signature. Statuses only move forward (callbacks arrive
-        out of order and are retried); a failure is reported to the conductor.
+        covered by the signature. The callback is stored as a fact for the
+        notifier, which owns the outbox: it moves the record forward and reports
+        a failure to the conductor.
         """
         form = await self._twilio_form(request)
         command_id = request.query.get("cid", "")
@@ -528,93 +525,25 @@ class Handlers:
             subjects.token(command_id)
         except ValueError as err:
             raise HttpError(400, "invalid", "cid is missing or not a command id") from err
-        if status not in DELIVERY_RANK or self.deps.outbox is None:
+        if status not in DELIVERY_RANK:
             self.deps.metrics.ignored.labels("sms_status", "unknown-status").inc()
             return web.Response(text="")
-        error_code = form.get("ErrorCode", "")
-
-        def change(current: OutboxRecord | None) -> OutboxRecord | None:
-            if current is None or (
-                current.provider_ids and sid not in current.provider_ids and current.state == "sent"
-            ):
-                return None
-            previous = current.parts.get(sid, "")
-            if DELIVERY_RANK[status] <= DELIVERY_RANK.get(previous, 0):
-                return None
-            current.parts = {**current.parts, sid: status}
-            current.delivery = delivery_of(current.parts)
-            if status in DELIVERY_FAILED:
-                current.delivery_error = f"{status} {error_code}".strip()
-            if current.state == "ambiguous" and status not in DELIVERY_FAILED:
-                # Twilio has it after all: the send that timed out did go out.
-                current.state = "sent"
-                current.provider_id = current.provider_id or sid
-                current.provider_ids = current.provider_ids or [sid]
-            current.updated_at = utcnow()
-            return current
-
-        try:
-            record = await self.deps.outbox.mutate(command_id, change)
-        except Conflict as err:
-            raise HttpError(503, "unavailable", "outbox busy; retry later") from err
-        except Exception as err:
-            raise HttpError(503, "unavailable", "could not record the status") from err
-        if record is None:
-            self.deps.metrics.ignored.labels("sms_status", "unknown-command").inc()
-            return web.Response(text="")
-        self.deps.metrics.statuses.labels(status).inc()
-        if status in DELIVERY_FAILED and record.conversation_id:
-            await self._undelivered(record, command_id, form, status, error_code)
-        return web.Response(text="")
-
-    async def _undelivered(
-        self, record: OutboxRecord, command_id: str, form: dict[str, str], status: str, code: str
-    ) -> None:
-        if code == "21610" and self.deps.suppressions is not None:
-            await self._keyword_suppress(form.get("To", ""), form.get("From", ""), command_id)
-        report = DeliveryFailed(
-            event_id=stable_id("delivery", command_id, "undelivered"),
-            correlation_id=record.correlation_id or command_id,
-            conversation_id=record.conversation_id,
+        fact = DeliveryStatus(
+            # One per part and status: Twilio's retries of the same callback are one fact.
+            event_id=stable_id("twilio-status", command_id, sid, status),
+            correlation_id=command_id,
+            conversation_id="",
             command_id=command_id,
             channel="sms",
-            to=record.to,
-            outcome="undelivered",
-            reason=f"Twilio reported the message {status}" + (f" (error {code})" if code else ""),
-            provider_code=code,
-            transport="twilio",
+            provider_id=sid,
+            status=status,
+            error_code=form.get("ErrorCode", ""),
+            to=form.get("To", ""),
+            our_address=form.get("From", ""),
         )
-        try:
-            await publish(
-                self.deps.js,
-                subjects.delivery_report(record.conversation_id, command_id),
-                report,
-                timeout_s=self.deps.settings.publish_timeout_s,
-            )
-        except Exception as err:
-            raise HttpError(503, "unavailable", "could not report the failure") from err
-
-    async def _keyword_suppress(self, number: str, ours: str, command_id: str) -> None:
-        if not number or self.deps.suppressions is None:
-            return
-
-        def change(current: Suppression | None) -> Suppression | None:
-            if current is not None and current.suppressed:
-                return None
-            return Suppression(
-                channel="sms",
-                address=number,
-                suppressed=True,
-                reason="provider-opt-out",
-                our_address=ours,
-                source_id=command_id,
-                seen=current.seen if current else [],
-            )
-
-        try:
-            await self.deps.suppressions.mutate(suppression_key("sms", number), change)
-        except Exception as err:
-            raise HttpError(503, "unavailable", "could not record the opt-out") from err
+        await self._record(subjects.delivery_status(command_id), fact, "the status")
+        self.deps.metrics.statuses.labels(status).inc()
+        return web.Response(text="")
 
     # --- SendGrid ----------------------------------------------------------
 

@@ -38,7 +38,7 @@ class IngressMetrics:
         )
         self.statuses = Counter(
             f"{PREFIX}_ingress_delivery_statuses_total",
-            "Twilio status callbacks applied to the outbox, by status",
+            "Twilio status callbacks stored for the notifier, by status",
             ["status"],
             registry=registry,
         )

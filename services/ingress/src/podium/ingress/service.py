@@ -12,7 +12,7 @@ from podium.common import streams
 from podium.common.errors import StartupError
 from podium.common.kv import Store
 from podium.common.runtime import Context, listen
-from podium.common.state import Conversation, OutboxRecord, Suppression
+from podium.common.state import Conversation, ConversationReplies
 from podium.ingress.config import IngressSettings
 from podium.ingress.handlers import Deps, Handlers
 from podium.ingress.metrics import IngressMetrics
@@ -24,7 +24,7 @@ class IngressService:
     """Serves the API and webhooks; every accepted message is stored in INBOUND first."""
 
     name = "ingress"
-    streams: Sequence[str] = (streams.INBOUND.name, streams.RESULTS.name)
+    streams: Sequence[str] = (streams.INBOUND.name, streams.DELIVERY.name)
 
     def __init__(self, settings: IngressSettings) -> None:
         self.settings = settings
@@ -54,8 +54,7 @@ class IngressService:
             js=ctx.js,
             metrics=IngressMetrics(ctx.registry),
             conversations=await Store.open(ctx.js, streams.CONVERSATIONS.name, Conversation),
-            outbox=await Store.open(ctx.js, streams.OUTBOX.name, OutboxRecord),
-            suppressions=await Store.open(ctx.js, streams.SUPPRESSIONS.name, Suppression),
+            replies=await Store.open(ctx.js, streams.REPLIES.name, ConversationReplies),
             attachments=await ctx.js.object_store(streams.ATTACHMENTS),
         )
         if not self.settings.twilio_auth_token:

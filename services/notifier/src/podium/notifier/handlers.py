@@ -16,6 +16,12 @@ Whatever ends a command without sending it (a permanent refusal, a suppressed
 recipient, an ambiguous outcome, retries exhausted) is reported to the
 conductor as a :class:`DeliveryFailed` event on RESULTS, then the command is
 terminated and dead-lettered.
+
+The notifier is the only writer of the outbox, the suppression list and the
+``replies`` read model, and the only publisher of ``DeliveryFailed``. What
+providers say afterwards (status callbacks, STOP and START) the ingress stores
+as facts on DELIVERY (:class:`DeliveryStatus`, :class:`RecipientPreference`);
+the notifier applies them here.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from podium.common.events import (
     ApiReply,
     DeliveryFailed,
     DeliveryOutcome,
+    DeliveryStatus,
+    RecipientPreference,
     SendEmail,
     SendSms,
     event_type,
@@ -47,7 +55,18 @@ from podium.common.events import (
 )
 from podium.common.ids import stable_id
 from podium.common.kv import Store
-from podium.common.state import OutboxRecord, OutboxState, Suppression, suppression_key
+from podium.common.state import (
+    DELIVERY_FAILED,
+    DELIVERY_RANK,
+    MAX_OUTBOUND,
+    ConversationReplies,
+    OutboxRecord,
+    OutboxState,
+    ReplyView,
+    Suppression,
+    delivery_of,
+    suppression_key,
+)
 from podium.notifier.metrics import NotifierMetrics
 from podium.notifier.transports import (
     PermanentSendError,
@@ -70,6 +89,7 @@ class Notifier:
         js: JetStreamContext,
         outbox: Store[OutboxRecord],
         suppressions: Store[Suppression],
+        replies: Store[ConversationReplies],
         email: Transport,
         sms: Transport,
         api: Transport,
@@ -82,6 +102,7 @@ class Notifier:
         self.js = js
         self.outbox = outbox
         self.suppressions = suppressions
+        self.replies = replies
         self.transports: dict[str, Transport] = {"email": email, "sms": sms, "api": api}
         self.metrics = metrics
         self.max_deliver = max_deliver
@@ -100,6 +121,16 @@ class Notifier:
                 await self.send("api", event, delivery)
             case _:
                 raise Reject(f"the notifier does not handle {event_type(event)} events")
+
+    async def handle_fact(self, event: AnyEvent, delivery: Delivery) -> None:
+        """Entry point for the DELIVERY consumer: what providers reported, as stored."""
+        match event:
+            case DeliveryStatus():
+                await self.status(event)
+            case RecipientPreference():
+                await self.preference(event)
+            case _:
+                raise Reject(f"the notifier does not handle {event_type(event)} facts")
 
     async def send(self, channel: str, command: Command, delivery: Delivery) -> None:
         """Send ``command`` unless the outbox shows it was already sent (or may have been)."""
@@ -146,7 +177,9 @@ class Notifier:
             outcome: DeliveryOutcome = "suppressed" if err.opted_out else "rejected"
             await self._set(key, "failed", error=str(err), outcome=outcome)
             for address in err.suppress:
-                await self._suppress(channel, address, err.why or "rejected", command)
+                await self._suppress(
+                    channel, address, err.why or "rejected", source_id=command.command_id
+                )
             await self._report(command, outcome, str(err), code=err.code, transport=transport.name)
             raise Reject(f"send refused for good: {err}") from err
         except (Retry, Reject, Conflict):
@@ -164,6 +197,7 @@ class Notifier:
         if known[0].state != "sent":
             # Every part had been recorded before (a resumed send): only the state is left.
             await self._until_stored(key, functools.partial(self._set, key, "sent", error=""))
+        await self._show(command, "sent")
         log.info(
             "sent",
             extra={
@@ -231,6 +265,8 @@ class Notifier:
         if record.state == "sent":
             self.metrics.skipped.labels(channel).inc()
             log.info("already sent; not sending again", extra={"command_id": key})
+            # The read model may have missed it (a crash right after the send).
+            await self._show(command, "sent", provider_status=record.delivery)
             return None
         parts = len(_parts(command, self.sms_max_chars))
         if record.state == "sending" and len(record.provider_ids) >= parts:
@@ -371,7 +407,9 @@ class Notifier:
         found = await self.suppressions.get(suppression_key(channel, address))
         return found is not None and found[0].suppressed
 
-    async def _suppress(self, channel: str, address: str, why: str, command: Command) -> None:
+    async def _suppress(
+        self, channel: str, address: str, why: str, *, source_id: str, our_address: str = ""
+    ) -> None:
         if channel not in ("email", "sms"):
             return
 
@@ -383,7 +421,8 @@ class Notifier:
                 address=address,
                 suppressed=True,
                 reason=why,
-                source_id=command.command_id,
+                our_address=our_address,
+                source_id=source_id,
                 seen=current.seen if current else [],
             )
 
@@ -406,30 +445,46 @@ class Notifier:
         A failure to publish raises ``Retry``: the record stays failed or
         ambiguous, and the redelivered command reports again.
         """
-        channel: Literal["email", "sms", "api"] = "api"
-        if isinstance(command, SendEmail):
-            channel = "email"
-        elif isinstance(command, SendSms):
-            channel = "sms"
-        event_id = stable_id("delivery", command.command_id, outcome)
-        report = DeliveryFailed(
-            event_id=event_id,
-            correlation_id=command.correlation_id,
-            conversation_id=command.conversation_id,
+        record = await self._publish_failure(
             command_id=command.command_id,
-            channel=channel,
+            conversation_id=command.conversation_id,
+            correlation_id=command.correlation_id,
+            channel=_channel(command),
             to=_recipients(command),
+            outcome=outcome,
+            reason=reason,
+            code=code,
+            transport=transport,
+        )
+        await self._show(command, record.state)
+
+    async def _publish_failure(
+        self,
+        *,
+        command_id: str,
+        conversation_id: str,
+        correlation_id: str,
+        channel: Literal["email", "sms", "api"],
+        to: list[str],
+        outcome: DeliveryOutcome,
+        reason: str,
+        code: str,
+        transport: str,
+    ) -> OutboxRecord:
+        report = DeliveryFailed(
+            event_id=stable_id("delivery", command_id, outcome),
+            correlation_id=correlation_id or command_id,
+            conversation_id=conversation_id,
+            command_id=command_id,
+            channel=channel,
+            to=to,
             outcome=outcome,
             reason=reason[:1000],
             provider_code=code,
             transport=transport,
         )
         try:
-            await publish(
-                self.js,
-                subjects.delivery_report(command.conversation_id, command.command_id),
-                report,
-            )
+            await publish(self.js, subjects.delivery_report(conversation_id, command_id), report)
         except Exception as err:
             log.warning("could not report delivery failure", extra={"error": repr(err)})
             raise Retry("could not report the delivery failure yet", delay_s=5.0) from err
@@ -442,7 +497,173 @@ class Notifier:
             current.outcome = outcome
             return current
 
-        await self._mutate(command.command_id, change)
+        return (await self._mutate(command_id, change))[0]
+
+    # --- the API's read model ---------------------------------------------------
+
+    async def _show(self, command: Command, state: str, *, provider_status: str = "") -> None:
+        """Keep the conversation's ``replies`` read model in step with the outbox.
+
+        A read model: the outbox stays the record that decides what is sent. A
+        failure to update it is logged and counted (``read_model_errors``), never
+        taken for a failed send; the next change of the same reply writes it again.
+        """
+        if (isinstance(command, SendEmail) and command.operator) or not command.conversation_id:
+            return
+        view = ReplyView(
+            command_id=command.command_id,
+            kind=_channel(command),
+            to=_recipients(command),
+            subject=command.subject if isinstance(command, SendEmail) else "",
+            body=command.body,
+            delivery=state,
+            provider_status=provider_status,
+            at=command.at,
+        )
+        await self._update_view(command.conversation_id, view)
+
+    async def _update_view(
+        self, conversation: str, view: ReplyView | None, *, command_id: str = "", **fields: str
+    ) -> None:
+        """Add ``view``, or set ``fields`` of the reply ``command_id`` (if shown)."""
+
+        def change(current: ConversationReplies | None) -> ConversationReplies | None:
+            replies = list(current.replies) if current else []
+            wanted = view.command_id if view is not None else command_id
+            at = next((i for i, r in enumerate(replies) if r.command_id == wanted), None)
+            if at is None:
+                if view is None:
+                    return None
+                replies.append(view)
+            else:
+                old = replies[at]
+                new = (
+                    msgspec.structs.replace(
+                        old,
+                        delivery=view.delivery,
+                        provider_status=view.provider_status or old.provider_status,
+                    )
+                    if view is not None
+                    else msgspec.structs.replace(old, **fields)
+                )
+                if new == old:
+                    return None
+                replies[at] = new
+            return ConversationReplies(
+                conversation_id=conversation, replies=replies[-MAX_OUTBOUND:], updated_at=utcnow()
+            )
+
+        try:
+            await self.replies.mutate(conversation, change)
+        except Exception as err:  # noqa: BLE001 - a read model: logged and counted, see _show
+            self.metrics.read_model_errors.inc()
+            log.warning(
+                "could not update the replies read model",
+                extra={"conversation_id": conversation, "error": repr(err)},
+            )
+
+    # --- facts from providers -------------------------------------------------
+
+    async def status(self, event: DeliveryStatus) -> None:
+        """A status callback: how far the provider got with one part of a command.
+
+        Statuses only move forward (callbacks arrive out of order and are retried).
+        A failure is reported to the conductor once; Twilio's 21610 (the recipient
+        opted out with Twilio) also suppresses the number. An ``ambiguous`` send
+        that the provider turns out to have taken becomes ``sent``.
+        """
+        command_id, sid = event.command_id, event.provider_id
+        status = event.status.lower()
+        if status not in DELIVERY_RANK:
+            self.metrics.statuses.labels("unknown", "ignored").inc()
+            return
+        found = await self.outbox.get(command_id)
+        if found is None:
+            self.metrics.statuses.labels(status, "unknown-command").inc()
+            log.info("status for an unknown command", extra={"command_id": command_id})
+            return
+
+        def change(current: OutboxRecord | None) -> OutboxRecord | None:
+            if current is None or (
+                current.provider_ids and sid not in current.provider_ids and current.state == "sent"
+            ):
+                return None
+            previous = current.parts.get(sid, "")
+            if DELIVERY_RANK[status] <= DELIVERY_RANK.get(previous, 0):
+                return None
+            current.parts = {**current.parts, sid: status}
+            current.delivery = delivery_of(current.parts)
+            if status in DELIVERY_FAILED:
+                current.delivery_error = f"{status} {event.error_code}".strip()
+            if current.state == "ambiguous" and status not in DELIVERY_FAILED:
+                # The provider has it after all: the send that timed out did go out.
+                current.state = "sent"
+                current.provider_id = current.provider_id or sid
+                current.provider_ids = current.provider_ids or [sid]
+            current.updated_at = utcnow()
+            return current
+
+        record, _ = await self._mutate(command_id, change, found)
+        applied = record.parts.get(sid) == status and found[0].parts.get(sid) != status
+        self.metrics.statuses.labels(status, "applied" if applied else "stale").inc()
+        if record.conversation_id:
+            await self._update_view(
+                record.conversation_id,
+                None,
+                command_id=command_id,
+                delivery=record.state,
+                provider_status=record.delivery,
+            )
+        if status not in DELIVERY_FAILED or not record.conversation_id:
+            return
+        if event.error_code == "21610" and event.to:
+            await self._suppress(
+                "sms",
+                event.to,
+                "provider-opt-out",
+                source_id=command_id,
+                our_address=event.our_address,
+            )
+        provider = "Twilio" if record.transport == "twilio" else record.transport
+        await self._publish_failure(
+            command_id=command_id,
+            conversation_id=record.conversation_id,
+            correlation_id=record.correlation_id,
+            channel=event.channel,
+            to=record.to,
+            outcome="undelivered",
+            reason=f"{provider} reported the message {status}"
+            + (f" (error {event.error_code})" if event.error_code else ""),
+            code=event.error_code,
+            transport=record.transport,
+        )
+
+    async def preference(self, event: RecipientPreference) -> None:
+        """STOP or START: keep the suppression list (a retried STOP cannot undo a START)."""
+        sid = event.source_id
+
+        def change(current: Suppression | None) -> Suppression | None:
+            if current is not None and sid in current.seen:
+                return None
+            if current is None and not event.opted_out:
+                return None
+            return Suppression(
+                channel=event.channel,
+                address=event.address,
+                suppressed=event.opted_out,
+                reason="opt-out",
+                keyword=event.keyword,
+                our_address=event.our_address,
+                source_id=sid,
+                seen=[*(current.seen if current else []), sid][-20:],
+            )
+
+        await self.suppressions.mutate(suppression_key(event.channel, event.address), change)
+        self.metrics.preferences.labels(event.channel, str(event.opted_out).lower()).inc()
+        log.info(
+            "recipient preference applied",
+            extra={"channel": event.channel, "opted_out": event.opted_out},
+        )
 
     def _backoff(self, deliveries: int) -> float:
         return backoff(deliveries, base=self.retry_base_s, cap=self.retry_max_s)
@@ -454,6 +675,16 @@ _OUTCOMES: dict[str, DeliveryOutcome] = {
     "ambiguous": "ambiguous",
     "exhausted": "exhausted",
 }
+
+
+def _channel(command: Command) -> Literal["email", "sms", "api"]:
+    match command:
+        case SendEmail():
+            return "email"
+        case SendSms():
+            return "sms"
+        case ApiReply():
+            return "api"
 
 
 def _recipients(command: Command) -> list[str]:

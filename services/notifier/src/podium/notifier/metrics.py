@@ -42,3 +42,21 @@ class NotifierMetrics:
             ["channel"],
             registry=registry,
         )
+        self.statuses = Counter(
+            f"{PREFIX}_notifier_delivery_statuses_total",
+            "Provider status callbacks, by status and what became of them "
+            "(applied, stale: an older status, unknown-command, ignored: unknown status)",
+            ["status", "outcome"],
+            registry=registry,
+        )
+        self.preferences = Counter(
+            f"{PREFIX}_notifier_preferences_total",
+            "Opt-outs (opted_out=true) and opt-ins applied to the suppression list",
+            ["channel", "opted_out"],
+            registry=registry,
+        )
+        self.read_model_errors = Counter(
+            f"{PREFIX}_notifier_read_model_errors_total",
+            "Updates of the replies read model that failed (the outbox is unaffected)",
+            registry=registry,
+        )

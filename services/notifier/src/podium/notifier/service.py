@@ -1,7 +1,8 @@
-"""The notifier service: the COMMANDS consumer and its transports."""
+"""The notifier service: the COMMANDS and DELIVERY consumers and the transports."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ from podium.common import streams
 from podium.common.consumer import PullConsumer
 from podium.common.kv import Store
 from podium.common.runtime import Context
-from podium.common.state import OutboxRecord, Suppression
+from podium.common.state import ConversationReplies, OutboxRecord, Suppression
 from podium.notifier.config import NotifierSettings
 from podium.notifier.handlers import Notifier
 from podium.notifier.metrics import NotifierMetrics
@@ -29,11 +30,13 @@ class NotifierService:
     """Sends email, SMS and API replies, once per command."""
 
     name = "notifier"
-    streams: Sequence[str] = (streams.COMMANDS.name,)
+    streams: Sequence[str] = (streams.COMMANDS.name, streams.DELIVERY.name)
 
     def __init__(self, settings: NotifierSettings) -> None:
         self.settings = settings
         self.consumer: PullConsumer | None = None
+        #: Facts from providers (status callbacks, opt-outs), applied to what it owns.
+        self.facts: PullConsumer | None = None
         self._transports: tuple[Transport, ...] = ()
 
     def transports(self) -> tuple[Transport, Transport, Transport]:
@@ -63,6 +66,7 @@ class NotifierService:
             js=ctx.js,
             outbox=await Store.open(ctx.js, streams.OUTBOX.name, OutboxRecord),
             suppressions=await Store.open(ctx.js, streams.SUPPRESSIONS.name, Suppression),
+            replies=await Store.open(ctx.js, streams.REPLIES.name, ConversationReplies),
             email=email,
             sms=sms,
             api=api,
@@ -80,20 +84,32 @@ class NotifierService:
             metrics=ctx.metrics,
             concurrency=self.settings.concurrency,
         )
+        self.facts = PullConsumer(
+            ctx.js,
+            streams.NOTIFIER_DELIVERY,
+            notifier.handle_fact,
+            service=self.name,
+            metrics=ctx.metrics,
+            concurrency=self.settings.concurrency,
+        )
         self.consumer.start()
+        self.facts.start()
 
     async def stop(self, timeout_s: float) -> None:
         """Stop taking commands; let sends in flight finish up to ``timeout_s``."""
-        if self.consumer is not None:
-            await self.consumer.stop(timeout_s)
+        # Both at once, so the shutdown takes ``timeout_s`` at most, not twice that.
+        await asyncio.gather(
+            *(c.stop(timeout_s) for c in (self.consumer, self.facts) if c is not None)
+        )
         for transport in set(self._transports):
             await transport.close()
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready while consuming commands."""
-        if self.consumer is None:
+        """Ready while consuming commands and facts."""
+        if self.consumer is None or self.facts is None:
             return False, "starting"
-        if self.consumer.problem:
-            return False, self.consumer.problem
+        for consumer in (self.consumer, self.facts):
+            if consumer.problem:
+                return False, consumer.problem
         email, sms, _ = self._transports
         return True, f"email via {email.name}, SMS via {sms.name}"

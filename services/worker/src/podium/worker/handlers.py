@@ -7,8 +7,12 @@ last result, so a redelivered message republishes the same result (same id,
 de-duplicated) instead of running the agent again.
 
 A kill (``control.tasks.<id>.kill``) cancels the agent call, which kills its
-process group; the task ends CANCELLED. A deadline ends it FAILED. A shutdown
-cancels it too, but then the message is nak'ed so another worker runs it.
+process group; the task ends CANCELLED. The conductor also stores each kill
+(``tasks.<id>.cancel``): the worker that takes it records the cancel in the
+task's record (the workers own the ``tasks`` bucket), so a task that has not
+started yet is never run, and tells a running one on core NATS again. A
+deadline ends it FAILED. A shutdown cancels it too, but then the message is
+nak'ed so another worker runs it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import logging
 from dataclasses import replace
 
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -35,13 +40,14 @@ from podium.common.events import (
     TaskResult,
     TaskStatus,
     decode,
+    encode,
     event_type,
     utcnow,
 )
 from podium.common.ids import stable_id
 from podium.common.kv import Store
 from podium.common.metrics import Metrics
-from podium.common.state import STATE_AFTER, TaskRecord
+from podium.common.state import FINISHED, STATE_AFTER, TaskRecord
 from podium.worker.config import WorkerSettings
 from podium.worker.metrics import WorkerMetrics
 from podium.worker.prompts import ROLE, followup_prompt, task_prompt
@@ -57,6 +63,7 @@ class Worker:
         self,
         *,
         settings: WorkerSettings,
+        nc: Client,
         js: JetStreamContext,
         agents: Agents,
         tasks: Store[TaskRecord],
@@ -65,6 +72,7 @@ class Worker:
         role_prompt: str = ROLE,
     ) -> None:
         self.settings = settings
+        self.nc = nc
         self.js = js
         self.agents = agents
         self.tasks = tasks
@@ -80,6 +88,8 @@ class Worker:
         match event:
             case TaskRequested() | TaskFollowup():
                 await self.turn(event)
+            case KillTask():
+                await self.cancel(event)
             case _:
                 raise Reject(f"the worker does not handle {event_type(event)} events")
 
@@ -120,6 +130,30 @@ class Worker:
         await publish(self.js, subjects.result(event.conversation_id, event.task_id), result)
         self.metrics.events_out.labels(event_type(result)).inc()
         log.error("task given up; reported FAILED", extra={"task_id": event.task_id})
+
+    async def cancel(self, kill: KillTask) -> None:
+        """A stored kill: record it in the task's state, then stop the task wherever it runs.
+
+        Recorded first, so a worker that takes the task later ends it CANCELLED without
+        running it; then said again on core NATS, for a run that started after the
+        conductor's own kill went out.
+        """
+
+        def cancelled(current: TaskRecord | None) -> TaskRecord | None:
+            if current is not None and (current.cancel_requested or current.state in FINISHED):
+                return None
+            record = current or TaskRecord(
+                task_id=kill.task_id,
+                conversation_id=kill.conversation_id,
+                correlation_id=kill.correlation_id,
+            )
+            record.cancel_requested = True
+            record.updated_at = utcnow()
+            return record
+
+        await self.tasks.mutate(kill.task_id, cancelled)
+        await self.nc.publish(subjects.kill(kill.task_id), encode(kill))
+        log.info("cancel recorded", extra={"task_id": kill.task_id})
 
     async def on_kill(self, msg: Msg) -> None:
         """A kill request (core NATS): stop the task's agent if it runs here."""

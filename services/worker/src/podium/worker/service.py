@@ -70,6 +70,7 @@ class WorkerService:
         await self.agents.start()
         worker = Worker(
             settings=self.settings,
+            nc=ctx.nc,
             js=ctx.js,
             agents=self.agents,
             role_prompt=self._role_prompt,
