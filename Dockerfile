@@ -23,6 +23,7 @@ COPY pyproject.toml uv.lock ./
 COPY libs/common/pyproject.toml libs/common/
 COPY libs/cli/pyproject.toml libs/cli/
 COPY libs/testing/pyproject.toml libs/testing/
+COPY libs/docgen/pyproject.toml libs/docgen/
 COPY services/ingress/pyproject.toml services/ingress/
 COPY services/conductor/pyproject.toml services/conductor/
 COPY services/worker/pyproject.toml services/worker/

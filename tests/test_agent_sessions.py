@@ -261,7 +261,10 @@ async def test_a_session_moves_to_another_replica_with_its_workspace(
         "which word?",
     ]
     assert (tmp_path / "workspaces" / "tasks" / "t9" / "notes.txt").read_text() == "made on a"
-    assert b.metrics.agent_sessions.labels("worker", "restored")._value.get() == 1
+    restored = b.metrics.registry.get_sample_value(
+        "podium_agent_session_events_total", {"role": "worker", "event": "restored"}
+    )
+    assert restored == 1
 
 
 async def test_conductor_replica_killed_then_another_resumes_the_conversation(

@@ -231,3 +231,47 @@ def test_up_names_every_bad_setting_of_a_service_on_its_one_line(tmp_path: Path)
     assert line.startswith("podium up: worker cannot start: invalid configuration: ")
     assert "PODIUM_WORKER_SLOTS='0' is invalid" in line
     assert "PODIUM_WORKER_AGENT_POOL_SIZE='many' is invalid" in line
+
+
+SERVICE_PACKAGES = ("podium.ingress", "podium.conductor", "podium.worker", "podium.notifier")
+
+
+def test_the_podium_command_imports_no_service() -> None:
+    # An operator's CLI-only image has podium-cli and podium-common, not the services:
+    # every module of the command must load there (podium up runs the services as
+    # processes, `python -m podium.<service>`; it never imports them).
+    code = (
+        "import pkgutil, importlib, sys, podium.cli\n"
+        "for m in pkgutil.iter_modules(podium.cli.__path__, 'podium.cli.'):\n"
+        "    importlib.import_module(m.name)\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({SERVICE_PACKAGES!r})))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+    root = Path(__file__).resolve().parents[1]
+    for path in (root / "libs" / "cli" / "src").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from|import) podium\.(ingress|conductor|worker|notifier)\b",
+                             text, re.M), path  # fmt: skip
+
+
+def test_generate_without_docgen_says_what_is_missing(tmp_path: Path) -> None:
+    # Run the command where podium.docgen cannot be imported, as in the CLI image.
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'podium.docgen' or name.startswith('podium.docgen.'):\n"
+        "            raise ModuleNotFoundError(name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [*PODIUM, "generate", "--check"], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 2, done
+    assert "needs the podium-docgen package" in done.stderr
+    assert "Traceback" not in done.stderr

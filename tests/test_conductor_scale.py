@@ -23,6 +23,7 @@ from podium.common import streams
 from podium.common.kv import Store
 from podium.common.state import Conversation
 from podium.conductor.partitions import Lease
+from podium.testing.bus import quiescent
 from podium.testing.platform import Platform
 
 pytestmark = pytest.mark.e2e
@@ -102,7 +103,8 @@ async def test_two_replicas_many_conversations_one_killed(
                 a.signal(signal.SIGKILL)
         expected = CONVERSATIONS * MESSAGES
         await platform.wait_outbox(expected, timeout_s=180)
-        await asyncio.sleep(1)  # anything extra would show up now
+        # Every consumer settled: anything extra would have been sent by now.
+        await quiescent(js)
         replies = platform.outbox()
     finally:
         platform.stop()

@@ -21,6 +21,7 @@ from podium.common.consumer import Delivery, PullConsumer
 from podium.common.errors import Reject, Retry
 from podium.common.events import AnyEvent, DeadLetter, InboundMessage, decode
 from podium.common.metrics import Metrics
+from podium.testing.bus import settled
 
 SPEC = dataclasses.replace(
     streams.conductor_inbound(0),
@@ -118,7 +119,7 @@ async def test_reject_terminates_at_once_and_retry_comes_back(jsc: JetStreamCont
     await publish(jsc, "inbound.api.a", message(1, "a"))
     await publish(jsc, "inbound.api.b", message(2, "b"))
     await asyncio.wait_for(done.wait(), 10)
-    await asyncio.sleep(0.5)
+    await settled(jsc, SPEC)
     await c.stop(5)
     assert seen == {"e1": 1, "e2": 2}
     letters = await dead_letters(jsc)
@@ -139,7 +140,10 @@ async def test_a_crashing_handler_is_retried_then_dead_lettered(jsc: JetStreamCo
     await c.stop(5)
     assert attempts == [1, 2, 3]
     assert len(letters) == 1 and "gave up" in letters[0].reason
-    assert metrics.dead_letters.labels(SPEC.durable, "exhausted")._value.get() == 1
+    exhausted = metrics.registry.get_sample_value(
+        "podium_dead_letters_total", {"consumer": SPEC.durable, "reason": "exhausted"}
+    )
+    assert exhausted == 1
 
 
 async def test_same_key_is_serial_and_ordered_other_keys_run_in_parallel(

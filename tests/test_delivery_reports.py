@@ -16,6 +16,7 @@ from podium.common.kv import Store
 from podium.common.state import Conversation
 from podium.conductor.config import ConductorSettings
 from podium.conductor.service import ConductorService
+from podium.testing.bus import settled
 from podium.testing.services import in_process
 
 
@@ -71,7 +72,9 @@ async def test_a_delivery_failure_becomes_a_note_for_the_next_turn(
         assert after.turns == before.turns
         # Told again (a redelivery, a replay): still one note.
         await publish(js, subjects.delivery_report("sms-c1", "cmd-9"), report, msg_id="again")
-        await asyncio.sleep(0.5)
+        await settled(
+            js, streams.conductor_results(subjects.partition_of("sms-c1", streams.PARTITIONS))
+        )
         store = await Store.open(js, streams.CONVERSATIONS.name, Conversation)
         found = await store.get("sms-c1")
         assert found is not None

@@ -34,7 +34,7 @@ import yaml
 from compose_spec.compose_spec import PyOptions
 from prometheus_client.parser import text_string_to_metric_families
 
-from podium.cli import monitoring
+from podium.docgen import monitoring
 from podium.cli.natsserver import NatsServer, free_port
 from podium.common import access, streams
 from podium.common.config import variables

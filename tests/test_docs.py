@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from podium.cli.docs import write_config_docs
+from podium.docgen.docs import write_config_docs
 from tests.conftest import ROOT
 
 

@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
 from podium.common.events import DeadLetter, decode
+from podium.testing.bus import quiescent
 from podium.testing.platform import TOKEN, Platform
 from podium.testing.services import Process
 
@@ -170,8 +171,9 @@ async def test_senders_outside_the_allowlist_get_no_agent(
             headers="In-Reply-To: <m1@x>\nReferences: <m1@x>\n",
         )  # fmt: skip
         await platform.email("Grace <grace@example.org>", "Numbers", "Count.", message_id="<g1@x>")
-        replies = await platform.wait_outbox(2 if mode == "refuse" else 1)
-        await asyncio.sleep(1)
+        await platform.wait_outbox(2 if mode == "refuse" else 1)
+        # Every consumer settled: a reply to Mallory's second message would be out now.
+        await quiescent(js)
         replies = platform.outbox()
         metrics = await platform.metrics("conductor")
     finally:

@@ -18,8 +18,8 @@ import promql_parser
 import pytest
 import yaml
 
-from podium.cli import asyncapi, metricsdoc, monitoring
-from podium.cli.generate import artifacts, generate
+from podium.docgen import asyncapi, metricsdoc, monitoring
+from podium.docgen.generate import artifacts, generate
 from podium.common import events, subjects
 from tests.conftest import ROOT
 

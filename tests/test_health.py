@@ -56,7 +56,12 @@ async def test_health_ready_metrics(
             raise AssertionError(text)
 
         await js.delete_stream("COMMANDS")
-        running.health._ready_cache = (0.0, False, "")
-        async with http.get(f"{running.health_url}/readyz") as resp:
-            assert resp.status == 503
-            assert "COMMANDS" in (await resp.json())["reason"]
+        # Streams are checked every few seconds (a request per stream): wait for it.
+        for _ in range(200):
+            async with http.get(f"{running.health_url}/readyz") as resp:
+                status, reason = resp.status, (await resp.json())["reason"]
+            if status == 503:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 503
+        assert "COMMANDS" in reason

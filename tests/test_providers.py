@@ -22,6 +22,7 @@ from podium.common.state import OutboxRecord, Suppression, suppression_key
 from podium.notifier.config import NotifierSettings
 from podium.notifier.service import NotifierService
 from podium.notifier.transports import split_sms, utf16_len
+from podium.testing.bus import settled
 from podium.testing.sendgrid import FakeSendGrid
 from podium.testing.services import in_process
 from podium.testing.twilio import FakeTwilio
@@ -210,7 +211,8 @@ async def test_a_timeout_after_the_request_left_is_ambiguous_not_retried(
     (report,) = await reports(js, 1)
     assert report.outcome == "ambiguous"
     twilio.release()
-    await asyncio.sleep(0.5)
+    # The command was given up (not retried): its consumer holds nothing any more.
+    await settled(js, streams.NOTIFIER_COMMANDS)
     assert len(twilio.sent) == 1
     assert twilio.requests == 1
 

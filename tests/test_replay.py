@@ -25,6 +25,7 @@ from podium.cli.natsserver import NatsServer
 from podium.cli.replay import original_subject
 from podium.common import access, events, streams, subjects
 from podium.common.bus import publish
+from podium.testing.bus import quiescent
 from podium.testing.platform import SERVICES, Platform
 from podium.testing.services import base_env
 from tests.conftest import user_env
@@ -120,7 +121,7 @@ async def test_replaying_handled_events_sends_nothing_twice(
     assert "notifier-commands: next delivery at stream sequence >= 1" in out, out
 
     async def conductor_skipped() -> bool:
-        return "already handled; skipping" in platform.processes["conductor"].log()
+        return await platform.metric("conductor", "podium_conductor_duplicates_total") >= 1
 
     async def notifier_skipped_all() -> bool:
         # The replayed copy, then after the reset the original and the copy again.
@@ -129,7 +130,8 @@ async def test_replaying_handled_events_sends_nothing_twice(
 
     await eventually(conductor_skipped, "the conductor to skip the replayed inbound event")
     await eventually(notifier_skipped_all, "the notifier to skip every replayed command")
-    await asyncio.sleep(1.0)  # anything that would be sent twice would show by now
+    # Every consumer settled: anything that would be sent twice has been by now.
+    await quiescent(admin_js)
     assert len(await platform.wait_outbox(1)) == 1
     assert (await admin_js.stream_info("TASKS")).state.messages == tasks_before
     # Only the replayed copy was added: the conductor published no new command.
@@ -178,13 +180,14 @@ async def test_a_dead_letter_is_replayed_once(
     assert reply["correlation_id"] == inbound.event_id
 
     # Replaying it a second time: stored again, handled never again.
+    before = await platform.metric("conductor", "podium_conductor_duplicates_total")
     await podium_cli(platform.nats, "replay", "deadletter", "--all")
 
     async def skipped() -> bool:
-        return "already handled; skipping" in platform.processes["conductor"].log()
+        return await platform.metric("conductor", "podium_conductor_duplicates_total") > before
 
     await eventually(skipped, "the conductor to skip the second replay")
-    await asyncio.sleep(1.0)
+    await quiescent(admin_js)
     assert len(await platform.wait_outbox(1)) == 1
     assert platform.violations() == []
 

@@ -187,15 +187,30 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 every=getattr(args, "every", False),
                 dry_run=args.dry_run,
             )
-        case "generate":
-            from podium.cli.generate import generate  # noqa: PLC0415
-
-            return generate(Path(args.root), check=args.check)
-        case "config-docs":
-            from podium.cli.docs import write_config_docs  # noqa: PLC0415
-
-            return write_config_docs(Path(args.output), check=args.check)
+        case "generate" | "config-docs":
+            return _generate(args)
     return 2
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """The development verbs: they need podium-docgen (which documents every service).
+
+    The ``podium`` command does not depend on the services, so an operator's CLI-only
+    image has none of them; there these verbs say so instead of failing on an import.
+    """
+    try:
+        from podium.docgen import docs, generate  # noqa: PLC0415
+    except ModuleNotFoundError as err:
+        print(  # noqa: T201
+            f"podium {args.verb}: needs the podium-docgen package and the four services "
+            f"({err.name} is not installed); run it in the repository's development "
+            "environment (make setup)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.verb == "generate":
+        return generate.generate(Path(args.root), check=args.check)
+    return docs.write_config_docs(Path(args.output), check=args.check)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from podium.common import access
 
 def artifacts() -> dict[str, Callable[[], str]]:
     """Relative path → renderer, for every generated file."""
-    from podium.cli import asyncapi, busdoc, docs, metricsdoc, monitoring  # noqa: PLC0415
+    from podium.docgen import asyncapi, busdoc, docs, metricsdoc, monitoring  # noqa: PLC0415
 
     return {
         "docs/configuration.md": docs.render,
@@ -54,3 +54,14 @@ def generate(root: Path, *, check: bool) -> int:
         )
         return 1
     return 0
+
+
+def main() -> None:
+    """``podium-generate [--check] [root]``: the same as ``podium generate``."""
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="podium-generate", description=__doc__)
+    parser.add_argument("root", nargs="?", default=".", help="the repository's root")
+    parser.add_argument("--check", action="store_true", help="only report stale files")
+    args = parser.parse_args()
+    sys.exit(generate(Path(args.root), check=args.check))

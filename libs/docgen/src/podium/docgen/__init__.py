@@ -1,0 +1,1 @@
+"""Files derived from the code (``podium generate``): docs, NATS permissions, monitoring."""
