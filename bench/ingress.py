@@ -51,7 +51,7 @@ from aiohttp import web
 
 from podium.cli.natsserver import NatsServer, free_port
 from podium.common import streams
-from podium.ingress.parsing import twilio_signature
+from podium.ingress.auth import twilio_signature
 from podium.testing.services import Process, base_env
 
 TOKEN = "bench-twilio-auth-token-0123456789"

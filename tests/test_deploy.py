@@ -34,12 +34,12 @@ import yaml
 from compose_spec.compose_spec import PyOptions
 from prometheus_client.parser import text_string_to_metric_families
 
-from podium.docgen import monitoring
 from podium.cli.natsserver import NatsServer, free_port
 from podium.common import access, streams
 from podium.common.config import variables
 from podium.common.runtime import CLOSE_GRACE_S
 from podium.conductor.config import ConductorSettings
+from podium.docgen import monitoring
 from podium.ingress.config import IngressSettings
 from podium.notifier.config import NotifierSettings
 from podium.testing.platform import Platform

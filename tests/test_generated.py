@@ -18,9 +18,9 @@ import promql_parser
 import pytest
 import yaml
 
+from podium.common import events, subjects
 from podium.docgen import asyncapi, metricsdoc, monitoring
 from podium.docgen.generate import artifacts, generate
-from podium.common import events, subjects
 from tests.conftest import ROOT
 
 

@@ -20,8 +20,8 @@ from podium.common import streams
 from podium.common.config import Secret
 from podium.common.events import InboundMessage, decode
 from podium.common.streams import ensure_stream
+from podium.ingress.auth import TwilioSignatures
 from podium.ingress.config import IngressSettings
-from podium.ingress.parsing import TwilioSignatures
 from podium.ingress.service import IngressService
 from podium.testing.services import Running, in_process
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import msgspec
 
 from podium.common.config import CommonSettings, Secret, setting
-from podium.ingress.parsing import sendgrid_public_key
+from podium.ingress.auth import sendgrid_public_key
 
 
 class IngressSettings(CommonSettings, frozen=True, kw_only=True):

@@ -1,165 +1,23 @@
-"""Turning provider payloads into facts: signatures, email headers, text to show the agent.
+"""What an inbound email says: sender, recipients, threading, the text to show the agent.
 
-Everything here is pure (no I/O), so it is tested directly with real-world
-shaped inputs.
+Parsed with the standard library's ``email.policy.default``: headers come
+decoded (RFC 2047 words, any charset), ``get_body`` picks the part a reader
+would read, ``iter_attachments`` the files. Everything here is pure (no I/O),
+so it is tested directly with real-world shaped inputs (tests/data/email).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import functools
-import hashlib
-import hmac
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email import policy
-from email.errors import MessageError
-from email.header import decode_header
-from email.message import Message
+from email.message import EmailMessage, Message
 from email.parser import BytesParser, HeaderParser
 from email.utils import getaddresses, parseaddr
 from html.parser import HTMLParser
-from urllib.parse import urlsplit, urlunsplit
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from podium.common.ids import conversation_of_message_id
-
-
-def twilio_signature(auth_token: str, url: str, params: Iterable[tuple[str, str]]) -> str:
-    """X-Twilio-Signature for a form POST: HMAC-SHA1 over the URL and sorted params."""
-    return TwilioSignatures(auth_token).sign(url, list(params))
-
-
-class TwilioSignatures:
-    """Signs and checks X-Twilio-Signature with one account's auth token.
-
-    The HMAC is keyed once and copied per request: OpenSSL 3 looks the digest up
-    by name on every one-shot ``hmac.digest``, which cost more than the hashing
-    itself on the ingress's hot path (docs/performance.md).
-    """
-
-    def __init__(self, auth_token: str) -> None:
-        self._keyed = hmac.new(auth_token.encode(), digestmod=hashlib.sha1)
-
-    def sign(self, url: str, pairs: list[tuple[str, str]]) -> str:
-        """The signature of a form POST to ``url``: the URL, then each name and value
-        in sorted order, concatenated (Twilio's scheme)."""
-        return base64.b64encode(self._digest(url, pairs)).decode()
-
-    def _digest(self, url: str, pairs: list[tuple[str, str]]) -> bytes:
-        mac = self._keyed.copy()
-        mac.update((url + "".join(map("".join, sorted(pairs)))).encode("utf-8"))
-        return mac.digest()
-
-    def valid(self, url: str, pairs: list[tuple[str, str]], signature: str) -> bool:
-        """Whether ``signature`` is Twilio's for this request (constant-time compare).
-
-        Like Twilio's own ``RequestValidator``, the URL is tried as given, with its
-        default port added and with it removed: Twilio signs the URL exactly as it
-        called it, and a configured URL may spell the port either way.
-        """
-        # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as sent.
-        given = signature.encode("utf-8", "surrogateescape")
-        primary, *others = _url_variants(url)  # cached: webhooks call back the same few URLs
-        encode = binascii.b2a_base64
-        if hmac.compare_digest(encode(self._digest(primary, pairs), newline=False), given):
-            return True
-        # The alternative spellings are public; only the comparison must be constant-time.
-        return any(
-            hmac.compare_digest(encode(self._digest(other, pairs), newline=False), given)
-            for other in others
-        )
-
-
-@functools.lru_cache(maxsize=256)
-def _url_variants(url: str) -> list[str]:
-    parts = urlsplit(url)
-    default = {"https": 443, "http": 80}.get(parts.scheme)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    variants = [url]
-    if default is None:
-        return variants
-    try:
-        port = parts.port
-    except ValueError:
-        return variants
-    if port is None:
-        variants.append(urlunsplit(parts._replace(netloc=f"{host}:{default}")))
-    elif port == default:
-        variants.append(urlunsplit(parts._replace(netloc=host)))
-    return variants
-
-
-def sendgrid_public_key(key: str) -> ec.EllipticCurvePublicKey:
-    """The ECDSA key SendGrid shows for signed webhooks (base64 DER), as an object.
-
-    Raises ``ValueError`` when it is not a P-256 public key in that format.
-    """
-    try:
-        der = base64.b64decode("".join(key.split()), validate=True)
-        loaded = serialization.load_der_public_key(der)
-    except (binascii.Error, ValueError) as err:
-        raise ValueError(f"not a base64 DER public key: {err}") from err
-    if not isinstance(loaded, ec.EllipticCurvePublicKey):
-        raise ValueError("not an elliptic-curve public key")  # noqa: TRY004 - a bad setting
-    return loaded
-
-
-def sendgrid_signature_valid(
-    key: ec.EllipticCurvePublicKey, body: bytes, signature: str, timestamp: str
-) -> bool:
-    """Whether ``signature`` (base64 DER ECDSA/SHA-256) signs ``timestamp`` + ``body``.
-
-    The scheme of SendGrid's signed webhooks (``X-Twilio-Email-Event-Webhook-
-    Signature`` / ``-Timestamp``), as its own ``EventWebhook`` helper checks it.
-    """
-    try:
-        raw = base64.b64decode(signature, validate=True)
-        key.verify(raw, timestamp.encode() + body, ec.ECDSA(hashes.SHA256()))
-    except (binascii.Error, ValueError, InvalidSignature):
-        return False
-    return True
-
-
-def basic_auth_valid(header: str, expected: str) -> bool:
-    """Whether an ``Authorization: Basic`` header carries ``expected`` (user:password)."""
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "basic":
-        return False
-    try:
-        given = base64.b64decode(value.strip(), validate=True)
-    except ValueError:
-        return False
-    # Digests have one length: the comparison does not leak the password's.
-    return hmac.compare_digest(_digest(given), _digest(expected.encode()))
-
-
-def _digest(value: bytes) -> bytes:
-    return hashlib.sha256(value).digest()
-
-
-def bearer_client(header: str, tokens: Mapping[str, str]) -> str | None:
-    """The name of the client whose token is in ``Authorization: Bearer``, or None.
-
-    Every token is compared (in constant time), so timing does not tell which
-    token came close.
-    """
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return None
-    given = _digest(value.strip().encode("utf-8", "surrogateescape"))  # bytes as sent
-    found = None
-    for name, token in tokens.items():
-        if hmac.compare_digest(given, _digest(token.encode())):
-            found = name
-    return found
 
 
 @dataclass
@@ -242,7 +100,7 @@ def _header(headers: Message, name: str) -> str:
     except (ValueError, TypeError, IndexError):
         # policy.default parses structured headers; a malformed one is treated as absent.
         return ""
-    return " ".join(str(value).split()) if value is not None else ""
+    return _header_text(str(value)) if value is not None else ""
 
 
 def own_domains(own: Iterable[str]) -> set[str]:
@@ -392,8 +250,8 @@ def strip_quoted(text: str) -> str:
 
 
 def header_message(raw_headers: str) -> Message:
-    """The header block SendGrid sends in ``headers``, parsed."""
-    return HeaderParser(policy=policy.compat32).parsestr(raw_headers or "", headersonly=True)
+    """The header block SendGrid sends in ``headers``, parsed (headers decoded)."""
+    return HeaderParser(policy=policy.default).parsestr(raw_headers or "", headersonly=True)
 
 
 def decode_text(data: bytes, charset: str | None) -> str:
@@ -460,8 +318,17 @@ def _recipients(fields: list[str], envelope_to: Iterable[str]) -> list[str]:
 
 
 def _part_text(part: Message | None) -> str:
+    """A text part's content, decoded by its charset (an unknown one: UTF-8, and bytes
+    that do not decode become U+FFFD rather than failing the message)."""
     if part is None:
         return ""
+    if isinstance(part, EmailMessage):
+        try:
+            content = part.get_content()
+        except (LookupError, ValueError, UnicodeError, KeyError):
+            content = None
+        if isinstance(content, str):
+            return content
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         return ""
@@ -475,38 +342,24 @@ def raw_email_facts(
     envelope_to: Iterable[str] = (),
 ) -> EmailFacts:
     """Facts of a whole MIME message (SendGrid raw mode)."""
-    msg = BytesParser(policy=policy.compat32).parsebytes(raw)
-    text_part = html_part = None
-    attachments: list[Attachment] = []
-    for part in msg.walk():
-        if part.is_multipart():
-            continue
-        disposition = (part.get("Content-Disposition") or "").split(";")[0].strip().lower()
-        ctype = part.get_content_type()
-        filename = part.get_filename()
-        if disposition != "attachment" and not filename:
-            if ctype == "text/plain" and text_part is None:
-                text_part = part
-                continue
-            if ctype == "text/html" and html_part is None:
-                html_part = part
-                continue
-            if ctype.startswith(("text/", "message/")):
-                continue
-        payload = part.get_payload(decode=True)
-        attachments.append(
-            Attachment(
-                filename=_decoded_filename(filename),
-                content_type=ctype,
-                data=payload if isinstance(payload, bytes) else b"",
-            )
+    msg = BytesParser(policy=policy.default).parsebytes(raw)
+    assert isinstance(msg, EmailMessage)  # noqa: S101 - what policy.default makes
+    body = _body(msg, "plain")
+    html = _body(msg, "html")
+    attachments = [
+        Attachment(
+            filename=_header_text(part.get_filename() or ""),
+            content_type=part.get_content_type(),
+            data=_payload(part),
         )
-    sender = parseaddr(_decoded(msg, "From"))[1].lower()
+        for part in _attachments(msg)
+    ]
+    sender = parseaddr(_header(msg, "From"))[1].lower()
     return EmailFacts(
         sender=sender,
-        recipients=_recipients([_decoded(msg, "To"), _decoded(msg, "Cc")], envelope_to),
-        subject=" ".join(_decoded(msg, "Subject").split()),
-        text=body_text(_part_text(text_part), _part_text(html_part)),
+        recipients=_recipients([_header(msg, "To"), _header(msg, "Cc")], envelope_to),
+        subject=_header(msg, "Subject"),
+        text=body_text(_part_text(body), _part_text(html)),
         message_id=next(iter(message_ids(_header(msg, "Message-ID"))), ""),
         in_reply_to=next(iter(message_ids(_header(msg, "In-Reply-To"))), ""),
         references=message_ids(_header(msg, "References")),
@@ -515,29 +368,42 @@ def raw_email_facts(
     )
 
 
-def _decoded(msg: Message, name: str) -> str:
-    """A header's text with RFC 2047 encoded words decoded, whatever their charset."""
-    value = msg.get(name)
-    if value is None:
-        return ""
+def _body(msg: EmailMessage, kind: str) -> EmailMessage | None:
+    """The part a reader would read as ``kind`` (plain or html), unless it is a file."""
     try:
-        pieces = decode_header(str(value))
-    except (ValueError, LookupError, MessageError):  # a broken encoded word: kept as is
-        return str(value)
-    out = []
-    for chunk, charset in pieces:
-        out.append(decode_text(chunk, charset) if isinstance(chunk, bytes) else chunk)
-    return "".join(out)
+        part = msg.get_body(preferencelist=(kind,))
+    except (LookupError, ValueError, KeyError):  # a malformed Content-Type: no body
+        return None
+    if part is None or part.get_content_type() != f"text/{kind}" or part.get_filename():
+        return None
+    return part  # type: ignore[return-value]  # typeshed: get_body returns Message
 
 
-def _decoded_filename(filename: str | None) -> str:
-    if not filename:
-        return ""
-    try:
-        pieces = decode_header(filename)
-    except (ValueError, LookupError, MessageError):  # a broken encoded word: kept as is
-        return filename
-    return "".join(
-        decode_text(chunk, charset) if isinstance(chunk, bytes) else chunk
-        for chunk, charset in pieces
-    )
+def _attachments(msg: EmailMessage) -> list[Message]:
+    """Every file of the message, at any depth (``iter_attachments`` looks one level down
+    only: an image inside ``multipart/related`` would be missed), bodies excluded."""
+    bodies = {id(_body(msg, "plain")), id(_body(msg, "html"))}
+    found: list[Message] = []
+    for part in msg.walk():
+        if part.is_multipart() or id(part) in bodies:
+            continue
+        if part.get_content_disposition() == "attachment" or part.get_filename():
+            found.append(part)
+        elif not part.get_content_type().startswith(("text/", "message/")):
+            found.append(part)  # an inline image or document without a name
+    return found
+
+
+def _payload(part: Message) -> bytes:
+    payload = part.get_payload(decode=True)
+    return payload if isinstance(payload, bytes) else b""
+
+
+#: Control characters (a NUL in an encoded word…): never part of a header's text.
+_CONTROLS = dict.fromkeys([*range(32), 127])
+
+
+def _header_text(value: str) -> str:
+    """A header value (already decoded by ``policy.default``) on one line, without
+    control characters."""
+    return " ".join(value.split()).translate(_CONTROLS)
