@@ -20,7 +20,9 @@ WORKDIR /app
 ARG SERVICE
 # Every member's pyproject.toml: uv needs the whole workspace to read the lock.
 COPY pyproject.toml uv.lock ./
+COPY libs/contracts/pyproject.toml libs/contracts/
 COPY libs/common/pyproject.toml libs/common/
+COPY libs/agents/pyproject.toml libs/agents/
 COPY libs/cli/pyproject.toml libs/cli/
 COPY libs/testing/pyproject.toml libs/testing/
 COPY libs/docgen/pyproject.toml libs/docgen/

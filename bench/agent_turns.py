@@ -25,8 +25,8 @@ from pathlib import Path
 
 import msgspec
 
-from podium.common.agents import AgentCall
-from podium.common.agents.claude import ClaudeRuntime
+from podium.agents import AgentCall
+from podium.agents.claude import ClaudeRuntime
 from podium.common.config import AgentSettings
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply
 

@@ -31,11 +31,11 @@ import nats
 from nats.aio.msg import Msg
 
 from podium.cli.natsserver import NatsServer, free_port
-from podium.common import subjects
 from podium.common.bus import publish
-from podium.common.events import InboundMessage
-from podium.common.ids import conversation_id, new_id
-from podium.common.streams import provision
+from podium.common.provision import provision
+from podium.contracts import subjects
+from podium.contracts.events import InboundMessage
+from podium.contracts.ids import conversation_id, new_id
 from podium.testing.platform import Platform
 
 

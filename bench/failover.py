@@ -34,7 +34,7 @@ import aiohttp
 import nats
 from prometheus_client.parser import text_string_to_metric_families
 
-from podium.common.streams import provision
+from podium.common.provision import provision
 from podium.testing.cluster import NatsCluster
 from podium.testing.platform import TOKEN, Platform
 

@@ -50,7 +50,7 @@ import uvloop
 from aiohttp import web
 
 from podium.cli.natsserver import NatsServer, free_port
-from podium.common import streams
+from podium.common import provision
 from podium.ingress.auth import twilio_signature
 from podium.testing.services import Process, base_env
 
@@ -301,7 +301,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     server = NatsServer(root / "jetstream").start()
     nc = await nats.connect(server.url)
-    await streams.provision(nc.jetstream())
+    await provision.provision(nc.jetstream())
     await nc.close()
     ports = {"bare": free_port(), "publish-only": free_port(), "ingress": free_port()}
     env = base_env(

@@ -42,8 +42,8 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from podium.cli.natsserver import NatsServer, free_port
-from podium.common.events import ApiReply, decode
-from podium.common.state import OutboxRecord
+from podium.contracts.events import ApiReply, decode
+from podium.contracts.state import OutboxRecord
 from podium.testing.services import Process, base_env
 
 TOKEN = "bench-token-0123456789abcdef"

@@ -17,8 +17,8 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer, free_port, wait_for_port
-from podium.common import access
-from podium.common.streams import provision
+from podium.common.provision import provision
+from podium.contracts import access
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,8 +17,8 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import access, registry, streams, subjects
-from podium.common.streams import provision
+from podium.common.provision import provision
+from podium.contracts import access, registry, streams, subjects
 from tests.conftest import NATS_PASSWORDS
 
 

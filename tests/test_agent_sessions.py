@@ -21,13 +21,13 @@ import pytest
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
-from podium.common import streams, subjects
-from podium.common.agents import AgentAnswer, AgentCall
-from podium.common.agents.claude import ClaudeRuntime
-from podium.common.agents.sessions import Agents
+from podium.agents import AgentAnswer, AgentCall
+from podium.agents.claude import ClaudeRuntime
+from podium.agents.sessions import Agents
 from podium.common.config import AgentSettings
-from podium.common.ids import conversation_id
 from podium.common.metrics import Metrics
+from podium.contracts import streams, subjects
+from podium.contracts.ids import conversation_id
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply, Usage
 from podium.testing.services import Process, base_env
 

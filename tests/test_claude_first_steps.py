@@ -23,16 +23,16 @@ from typing import Any
 import pytest
 from nats.js import JetStreamContext
 
+from podium.agents import AgentCall
+from podium.agents.claude import ClaudeRuntime
 from podium.cli.natsserver import NatsServer, free_port
-from podium.common import streams
-from podium.common.agents import AgentCall
-from podium.common.agents.claude import ClaudeRuntime
 from podium.common.config import load
-from podium.common.ids import conversation_id
 from podium.common.kv import Store
-from podium.common.state import Conversation, TaskRecord
-from podium.common.subjects import partition_of
 from podium.conductor.partitions import Lease
+from podium.contracts import streams
+from podium.contracts.ids import conversation_id
+from podium.contracts.state import Conversation, TaskRecord
+from podium.contracts.subjects import partition_of
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply, ToolResult
 from podium.testing.platform import Platform
 from podium.testing.services import Process

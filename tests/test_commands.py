@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from podium.common.protocol import reply_subject
 from podium.conductor.commands import (
     Escalate,
     KillWorker,
@@ -18,6 +17,7 @@ from podium.conductor.commands import (
     from_structured,
     parse,
 )
+from podium.contracts.ids import reply_subject
 
 CASES: list[tuple[str, str, list[object], list[str]]] = [
     ("bare spawn", "SPAWN_WORKER: Summarise the report", [SpawnWorker("Summarise the report")], []),

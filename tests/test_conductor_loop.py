@@ -16,9 +16,9 @@ import pytest
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import streams
 from podium.common.kv import Store
-from podium.common.state import Conversation
+from podium.contracts import streams
+from podium.contracts.state import Conversation
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply
 from tests.test_claude_e2e import claude_platform, is_worker, task_id_in
 

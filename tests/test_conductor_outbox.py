@@ -13,14 +13,14 @@ from pathlib import Path
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import streams, subjects
 from podium.common.bus import publish
-from podium.common.events import ApiReply, InboundMessage, TaskRequested, TaskResult, decode
-from podium.common.ids import conversation_id
 from podium.common.kv import Store
-from podium.common.state import Conversation, Pending, TaskInfo
 from podium.conductor.config import ConductorSettings
 from podium.conductor.service import ConductorService
+from podium.contracts import streams, subjects
+from podium.contracts.events import ApiReply, InboundMessage, TaskRequested, TaskResult, decode
+from podium.contracts.ids import conversation_id
+from podium.contracts.state import Conversation, Pending, TaskInfo
 from podium.testing.services import in_process
 
 

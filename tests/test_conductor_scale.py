@@ -19,10 +19,10 @@ import pytest
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import streams
 from podium.common.kv import Store
-from podium.common.state import Conversation
 from podium.conductor.partitions import Lease
+from podium.contracts import streams
+from podium.contracts.state import Conversation
 from podium.testing.bus import quiescent
 from podium.testing.platform import Platform
 

@@ -14,13 +14,14 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
-from podium.common import streams, subjects
+from podium.common import provision
 from podium.common.backoff import JITTER, backoff
 from podium.common.bus import publish
 from podium.common.consumer import Delivery, PullConsumer
 from podium.common.errors import Reject, Retry
-from podium.common.events import AnyEvent, DeadLetter, InboundMessage, decode
 from podium.common.metrics import Metrics
+from podium.contracts import streams, subjects
+from podium.contracts.events import AnyEvent, DeadLetter, InboundMessage, decode
 from podium.testing.bus import settled
 
 SPEC = dataclasses.replace(
@@ -68,7 +69,7 @@ def consumer(
 
 @pytest.fixture
 async def jsc(js: JetStreamContext) -> JetStreamContext:
-    await js.add_consumer(SPEC.stream, streams.consumer_config(SPEC))
+    await js.add_consumer(SPEC.stream, provision.consumer_config(SPEC))
     return js
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import streams, subjects
 from podium.common.bus import publish
-from podium.common.events import DeliveryFailed, InboundMessage
 from podium.common.kv import Store
-from podium.common.state import Conversation
 from podium.conductor.config import ConductorSettings
 from podium.conductor.service import ConductorService
+from podium.contracts import streams, subjects
+from podium.contracts.events import DeliveryFailed, InboundMessage
+from podium.contracts.state import Conversation
 from podium.testing.bus import settled
 from podium.testing.services import in_process
 

@@ -35,10 +35,10 @@ from compose_spec.compose_spec import PyOptions
 from prometheus_client.parser import text_string_to_metric_families
 
 from podium.cli.natsserver import NatsServer, free_port
-from podium.common import access, streams
 from podium.common.config import variables
 from podium.common.runtime import CLOSE_GRACE_S
 from podium.conductor.config import ConductorSettings
+from podium.contracts import access, streams
 from podium.docgen import monitoring
 from podium.ingress.config import IngressSettings
 from podium.notifier.config import NotifierSettings

@@ -15,7 +15,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common.events import DeadLetter, decode
+from podium.contracts.events import DeadLetter, decode
 from podium.testing.bus import quiescent
 from podium.testing.platform import TOKEN, Platform
 from podium.testing.services import Process

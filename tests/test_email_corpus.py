@@ -22,8 +22,8 @@ import pytest
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import streams
-from podium.common.events import InboundMessage
+from podium.contracts import streams
+from podium.contracts.events import InboundMessage
 from podium.ingress import mail
 from podium.ingress.service import IngressService
 from podium.testing.sendgrid import Part, multipart_body

@@ -7,7 +7,7 @@ import json
 import msgspec
 import pytest
 
-from podium.common.events import (
+from podium.contracts.events import (
     ApiReply,
     DeadLetter,
     DeliveryFailed,
@@ -23,8 +23,8 @@ from podium.common.events import (
     encode,
     event_type,
 )
-from podium.common.ids import conversation_id, short_id, stable_id
-from podium.common.state import OutboxRecord
+from podium.contracts.ids import conversation_id, short_id, stable_id
+from podium.contracts.state import OutboxRecord
 
 IDS = EventIds(event_id="e1", correlation_id="c1", conversation_id="api-1")
 

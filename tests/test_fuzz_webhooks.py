@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from twilio.request_validator import RequestValidator
 
 from podium.cli.natsserver import NatsServer
-from podium.common import streams
+from podium.contracts import streams
 from podium.ingress.service import IngressService
 from podium.testing.sendgrid import Part, multipart_body
 from podium.testing.services import in_process

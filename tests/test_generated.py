@@ -18,7 +18,7 @@ import promql_parser
 import pytest
 import yaml
 
-from podium.common import events, subjects
+from podium.contracts import events, subjects
 from podium.docgen import asyncapi, metricsdoc, monitoring
 from podium.docgen.generate import artifacts, generate
 from tests.conftest import ROOT

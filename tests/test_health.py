@@ -9,9 +9,9 @@ import aiohttp
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import subjects
 from podium.common.bus import publish
-from podium.common.events import SendSms
+from podium.contracts import subjects
+from podium.contracts.events import SendSms
 from podium.notifier.config import NotifierSettings
 from podium.notifier.service import NotifierService
 from podium.testing.services import in_process

@@ -16,10 +16,10 @@ from nats.js import JetStreamContext
 from twilio.request_validator import RequestValidator
 
 from podium.cli.natsserver import NatsServer
-from podium.common import streams
 from podium.common.config import Secret
-from podium.common.events import InboundMessage, decode
-from podium.common.streams import ensure_stream
+from podium.common.provision import ensure_stream
+from podium.contracts import streams
+from podium.contracts.events import InboundMessage, decode
 from podium.ingress.auth import TwilioSignatures
 from podium.ingress.config import IngressSettings
 from podium.ingress.service import IngressService

@@ -14,12 +14,12 @@ import pytest
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import streams, subjects
 from podium.common.bus import publish
 from podium.common.config import Secret
-from podium.common.events import ApiReply, DeadLetter, SendEmail, SendSms, decode
 from podium.common.kv import Store
-from podium.common.state import OutboxRecord
+from podium.contracts import streams, subjects
+from podium.contracts.events import ApiReply, DeadLetter, SendEmail, SendSms, decode
+from podium.contracts.state import OutboxRecord
 from podium.notifier.config import NotifierSettings
 from podium.notifier.service import NotifierService
 from podium.notifier.transports import Transport

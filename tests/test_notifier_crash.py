@@ -13,11 +13,12 @@ import pytest
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import streams, subjects
+from podium.common import provision
 from podium.common.bus import publish
-from podium.common.events import DeliveryFailed, SendSms, decode
 from podium.common.kv import Store
-from podium.common.state import OutboxRecord
+from podium.contracts import streams, subjects
+from podium.contracts.events import DeliveryFailed, SendSms, decode
+from podium.contracts.state import OutboxRecord
 from podium.testing.services import Process, base_env
 from podium.testing.twilio import FakeTwilio
 
@@ -44,7 +45,7 @@ async def provision_fast_redelivery(js: JetStreamContext) -> None:
             fast if c.durable == fast.durable else c for c in streams.TOPOLOGY.consumers
         ),
     )
-    await streams.provision(js, topology)
+    await provision.provision(js, topology)
 
 
 def notifier(nats: NatsServer, root: Path, twilio: FakeTwilio, run: int) -> Process:

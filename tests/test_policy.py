@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from podium.common.events import utcnow
-from podium.common.state import Conversation, Outbound, TaskInfo
 from podium.conductor.config import ConductorSettings
 from podium.conductor.policy import Policy
+from podium.contracts.events import utcnow
+from podium.contracts.state import Conversation, Outbound, TaskInfo
 
 
 def conv(*, spend_usd: float = 0.0, outbound: list[Outbound] | None = None) -> Conversation:

@@ -12,13 +12,13 @@ import pytest
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import streams, subjects
 from podium.common.bus import publish
 from podium.common.config import Secret
-from podium.common.events import DeliveryFailed, SendEmail, SendSms, decode
-from podium.common.ids import conversation_id
 from podium.common.kv import Store
-from podium.common.state import OutboxRecord, Suppression, suppression_key
+from podium.contracts import streams, subjects
+from podium.contracts.events import DeliveryFailed, SendEmail, SendSms, decode
+from podium.contracts.ids import conversation_id
+from podium.contracts.state import OutboxRecord, Suppression, suppression_key
 from podium.notifier.config import NotifierSettings
 from podium.notifier.service import NotifierService
 from podium.notifier.transports import split_sms, utf16_len

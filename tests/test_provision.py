@@ -10,9 +10,11 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy
 
-from podium.common import streams
+from podium.common import provision as provisioning
 from podium.common.errors import ProvisionError
-from podium.common.streams import TOPOLOGY, missing_streams, provision, store_shares
+from podium.common.provision import missing_streams, provision
+from podium.contracts import streams
+from podium.contracts.streams import TOPOLOGY, store_shares
 from podium.testing.cluster import NatsCluster
 from tests.conftest import ROOT
 
@@ -37,7 +39,7 @@ async def test_provision_twice_is_harmless_and_complete(js: JetStreamContext) ->
 
 
 async def test_drifted_stream_is_updated(js: JetStreamContext) -> None:
-    await js.update_stream(streams.stream_config(streams.INBOUND).evolve(max_age=7200.0))
+    await js.update_stream(provisioning.stream_config(streams.INBOUND).evolve(max_age=7200.0))
     await provision(js)
     info = await js.stream_info("INBOUND")
     assert info.config.max_age == streams.INBOUND.max_age_s

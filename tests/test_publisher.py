@@ -10,9 +10,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
-from podium.common import subjects
 from podium.common.bus import publish
-from podium.common.events import SCHEMA_VERSION, InboundMessage, decode
+from podium.contracts import subjects
+from podium.contracts.events import SCHEMA_VERSION, InboundMessage, decode
 
 
 def message(n: int) -> InboundMessage:

@@ -23,8 +23,8 @@ from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
 from podium.cli.replay import original_subject
-from podium.common import access, events, streams, subjects
 from podium.common.bus import publish
+from podium.contracts import access, events, streams, subjects
 from podium.testing.bus import quiescent
 from podium.testing.platform import SERVICES, Platform
 from podium.testing.services import base_env

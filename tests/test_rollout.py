@@ -16,9 +16,9 @@ import pytest
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import streams
 from podium.common.kv import Store
-from podium.common.state import TaskRecord
+from podium.contracts import streams
+from podium.contracts.state import TaskRecord
 from podium.testing.platform import Platform
 
 pytestmark = pytest.mark.e2e

@@ -13,15 +13,15 @@ import pytest
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
+from podium.agents import AgentCall
+from podium.agents.offline import OfflineRuntime
+from podium.agents.sessions import Agents
 from podium.cli.natsserver import NatsServer
-from podium.common import streams
-from podium.common.agents import AgentCall
-from podium.common.agents.offline import OfflineRuntime
-from podium.common.agents.sessions import Agents
 from podium.common.config import AgentSettings
 from podium.common.kv import Store
 from podium.common.metrics import Metrics
-from podium.common.state import SessionRecord
+from podium.contracts import streams
+from podium.contracts.state import SessionRecord
 
 
 def agents(tmp_path: Path, js: JetStreamContext, name: str, *, lease_wait_s: float) -> Agents:

@@ -22,15 +22,16 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from podium.cli.natsserver import NatsServer, free_port
-from podium.common import streams, subjects
+from podium.common import provision
 from podium.common.bus import publish
 from podium.common.errors import EXIT_STARTUP
-from podium.common.events import DeadLetter, TaskResult, decode
-from podium.common.ids import new_id
 from podium.common.kv import Store
+from podium.common.provision import ensure_stream
 from podium.common.runtime import CLOSE_GRACE_S, HealthServer, run
-from podium.common.streams import ensure_stream
 from podium.conductor.partitions import Lease, PartitionManager
+from podium.contracts import streams, subjects
+from podium.contracts.events import DeadLetter, TaskResult, decode
+from podium.contracts.ids import new_id
 from podium.notifier.config import NotifierSettings
 from podium.notifier.service import NotifierService
 from podium.testing.platform import Platform
@@ -208,7 +209,7 @@ async def test_a_service_whose_consumer_cannot_fetch_is_not_ready_and_says_why(
     # The stream exists, its consumer does not (provisioning was skipped).
     await ensure_stream(js, streams.COMMANDS)
     await ensure_stream(js, streams.DELIVERY)
-    await js.add_consumer("DELIVERY", streams.consumer_config(streams.NOTIFIER_DELIVERY))
+    await js.add_consumer("DELIVERY", provision.consumer_config(streams.NOTIFIER_DELIVERY))
     await provision_buckets(js)
     settings = NotifierSettings(
         nats_url=nats_server.url,
@@ -224,7 +225,7 @@ async def test_a_service_whose_consumer_cannot_fetch_is_not_ready_and_says_why(
         ready, reason = await until(health.readiness, lambda r: "cannot fetch" in r[1])
         assert not ready
         assert reason.startswith("consumer COMMANDS/notifier-commands cannot fetch: ")
-        await js.add_consumer("COMMANDS", streams.consumer_config(streams.NOTIFIER_COMMANDS))
+        await js.add_consumer("COMMANDS", provision.consumer_config(streams.NOTIFIER_COMMANDS))
         ready, reason = await until(health.readiness, lambda r: r[0])
         assert reason == "email via outbox, SMS via outbox"
     finally:
@@ -237,7 +238,7 @@ async def provision_buckets(js: JetStreamContext) -> None:
     topology = streams.Topology(
         streams=(), consumers=(), buckets=(streams.OUTBOX, streams.SUPPRESSIONS, streams.REPLIES)
     )
-    await streams.provision(js, topology)
+    await provision.provision(js, topology)
 
 
 async def until(

@@ -24,12 +24,12 @@ from nats.js import JetStreamContext
 from sendgrid.helpers.eventwebhook import EventWebhook
 
 from podium.cli.natsserver import NatsServer
-from podium.common import streams
 from podium.common.config import Secret
-from podium.common.events import DeliveryFailed, decode
-from podium.common.ids import conversation_id, message_id_for, reply_address
 from podium.common.kv import Store
-from podium.common.state import OutboxRecord, Suppression, suppression_key
+from podium.contracts import streams
+from podium.contracts.events import DeliveryFailed, decode
+from podium.contracts.ids import conversation_id, message_id_for, reply_address
+from podium.contracts.state import OutboxRecord, Suppression, suppression_key
 from podium.ingress.service import IngressService
 from podium.notifier.config import NotifierSettings
 from podium.notifier.service import NotifierService

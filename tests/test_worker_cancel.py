@@ -15,11 +15,11 @@ import pytest
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.common import streams, subjects
 from podium.common.bus import publish
-from podium.common.events import EventIds, KillTask, TaskRequested, TaskResult, decode
 from podium.common.kv import Store
-from podium.common.state import TaskRecord
+from podium.contracts import streams, subjects
+from podium.contracts.events import EventIds, KillTask, TaskRequested, TaskResult, decode
+from podium.contracts.state import TaskRecord
 from podium.testing.bus import settled
 from podium.testing.services import Running, in_process
 from podium.worker.config import WorkerSettings

@@ -24,14 +24,14 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from podium.cli.up import running_platform
-from podium.common import streams, subjects
 from podium.common.bus import connect, shown_url
 from podium.common.config import CommonSettings, load
 from podium.common.errors import ConfigError, NatsUnreachable
-from podium.common.events import AnyEvent, ApiReply, SendEmail, decode, event_type
-from podium.common.ids import new_id
 from podium.common.kv import Store
-from podium.common.state import OutboxRecord
+from podium.contracts import streams, subjects
+from podium.contracts.events import AnyEvent, ApiReply, SendEmail, decode, event_type
+from podium.contracts.ids import new_id
+from podium.contracts.state import OutboxRecord
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -344,7 +344,7 @@ async def provision_cmd(wait_s: float = 0.0) -> int:
     With ``wait_s``, keep trying to reach NATS that long first: a Kubernetes Job or a
     compose one-shot may start before the server answers.
     """
-    from podium.common.streams import provision  # noqa: PLC0415
+    from podium.common.provision import provision  # noqa: PLC0415
 
     config = settings()
     deadline = time.monotonic() + wait_s

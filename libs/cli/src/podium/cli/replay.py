@@ -31,9 +31,9 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from podium.common import streams, subjects
-from podium.common.events import DeadLetter, decode
-from podium.common.ids import new_id
+from podium.contracts import streams, subjects
+from podium.contracts.events import DeadLetter, decode
+from podium.contracts.ids import new_id
 
 #: Header naming the stored message a replay came from (``STREAM:SEQ``).
 HDR_REPLAY_OF = "Podium-Replay-Of"

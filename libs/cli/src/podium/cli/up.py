@@ -38,9 +38,9 @@ from urllib.parse import urlparse
 import aiohttp
 
 from podium.cli.natsserver import NatsServer, free_port
-from podium.common.agents import claude_credentials_present
 from podium.common.backoff import backoff
 from podium.common.bus import MIN_SERVER_VERSION, shown_url, version_text
+from podium.common.config import claude_credentials_present
 from podium.common.errors import EXIT_STARTUP, PodiumError
 from podium.common.runtime import wait_set
 
@@ -580,7 +580,7 @@ async def up(layout: Layout) -> int:
 async def _up(layout: Layout) -> int:
     from podium.common.bus import connect  # noqa: PLC0415
     from podium.common.config import CommonSettings, load  # noqa: PLC0415
-    from podium.common.streams import provision  # noqa: PLC0415
+    from podium.common.provision import provision  # noqa: PLC0415
 
     layout.home.mkdir(parents=True, exist_ok=True)
     nats = choose_nats(layout, os.environ.get("NATS_URL", DEFAULT_NATS_URL))

@@ -1,1 +1,1 @@
-"""Podium's shared contracts and runtime: events, subjects, streams, settings, services."""
+"""The service runtime: settings, the NATS connection, the consumer, health, metrics."""

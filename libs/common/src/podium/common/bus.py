@@ -11,10 +11,10 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from podium.common import subjects
 from podium.common.config import CommonSettings
 from podium.common.errors import IncompatibleServer, NatsUnreachable
-from podium.common.events import SCHEMA_VERSION, Event, encode, event_type
+from podium.contracts import subjects
+from podium.contracts.events import SCHEMA_VERSION, Event, encode, event_type
 
 log = logging.getLogger(__name__)
 

@@ -383,3 +383,9 @@ def _type_name(tp: Any) -> str:
     if isinstance(base, types.GenericAlias):
         return str(base).replace("typing.", "")
     return getattr(base, "__name__", str(base))
+
+
+def claude_credentials_present(environ: dict[str, str] | None = None) -> bool:
+    """Whether the environment carries credentials the Claude Code CLI can use."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("ANTHROPIC_API_KEY") or env.get("CLAUDE_CODE_OAUTH_TOKEN"))

@@ -49,15 +49,16 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import FetchTimeoutError
 
-from podium.common import logs, subjects
+from podium.common import logs
 from podium.common.backoff import backoff
 from podium.common.bus import publish
 from podium.common.errors import Reject, Retry
-from podium.common.events import AnyEvent, DeadLetter, decode, event_type
-from podium.common.ids import stable_id
 from podium.common.metrics import Metrics
-from podium.common.runtime import wait_set
-from podium.common.streams import ConsumerSpec
+from podium.common.runtime import Spawn, detached, wait_set
+from podium.contracts import subjects
+from podium.contracts.events import AnyEvent, DeadLetter, decode, event_type
+from podium.contracts.ids import stable_id
+from podium.contracts.streams import ConsumerSpec
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class PullConsumer:
         lag_interval_s: float = 15.0,
         on_dead_letter: DeadLetterHook | None = None,
         hold: Callable[[], bool] | None = None,
+        spawn: Spawn = detached,
     ) -> None:
         self.js = js
         self.spec = spec
@@ -150,6 +152,8 @@ class PullConsumer:
         self._loop_task: asyncio.Task[None] | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
+        #: Who owns the fetch and lag loops: the service's (``Context.spawn``).
+        self._spawn = spawn
 
     @property
     def name(self) -> str:
@@ -158,8 +162,8 @@ class PullConsumer:
 
     def start(self) -> None:
         """Start fetching in the background."""
-        self._loop_task = asyncio.create_task(self._run(), name=f"consume:{self.name}")
-        self._lag_task = asyncio.create_task(self._watch_lag(), name=f"lag:{self.name}")
+        self._loop_task = self._spawn(self._run(), f"consume:{self.name}")
+        self._lag_task = self._spawn(self._watch_lag(), f"lag:{self.name}")
 
     @property
     def in_flight(self) -> int:

@@ -24,7 +24,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,13 +33,15 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from podium.common import logs, subjects
+from podium.common import logs
 from podium.common.backoff import backoff
 from podium.common.bus import connect, server_problem, shown_url
 from podium.common.config import CommonSettings
 from podium.common.errors import EXIT_STARTUP, NatsUnreachable, StartupError
 from podium.common.metrics import Metrics
-from podium.common.streams import TOPOLOGY, missing_streams, provision
+from podium.common.provision import missing_streams, provision
+from podium.contracts import subjects
+from podium.contracts.streams import TOPOLOGY
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,67 @@ class Context:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     #: The NATS URL(s) as they may be shown (no password).
     nats_url: str = ""
+    #: The owner of the service's long-lived loops (fetching, lag, leases, watchdogs).
+    loops: Loops | None = None
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Start a long-lived loop owned by the service (see :class:`Loops`)."""
+        return self.loops.spawn(work, name) if self.loops else detached(work, name)
+
+
+#: How a component starts a long-lived loop: ``Context.spawn``, or ``detached`` where no
+#: service owns it (a component used on its own, in a tool or a test).
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+
+def detached(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """A loop nobody owns (no service): a plain task."""
+    return asyncio.create_task(work, name=name)
+
+
+class Loops:
+    """A service's long-lived loops, owned together by one :class:`asyncio.TaskGroup`.
+
+    Components stop their own loops in order as the service stops (the consumer
+    first stops fetching, then lets handlers finish); what is left when the
+    service has stopped is cancelled here. A loop that *fails* (raises) is a bug
+    no retry inside it caught: it is logged and takes the service down with it
+    (the task group cancels the rest), so the process exits and is restarted,
+    instead of staying ready with a loop that no longer runs.
+    """
+
+    def __init__(self, group: asyncio.TaskGroup) -> None:
+        self._group = group
+        self._running: set[asyncio.Task[None]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Start ``work`` as one of the service's loops."""
+        task = self._group.create_task(_loud(work, name), name=name)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return task
+
+    async def cancel_rest(self, timeout_s: float = 5.0) -> None:
+        """Cancel the loops still running (the service has stopped); wait for them."""
+        for task in self._running:
+            task.cancel()
+        if self._running:
+            _, pending = await asyncio.wait(set(self._running), timeout=timeout_s)
+            if pending:
+                log.error(
+                    "loops did not stop when cancelled",
+                    extra={"loops": sorted(t.get_name() for t in pending)},
+                )
+
+
+async def _loud(work: Coroutine[Any, Any, None], name: str) -> None:
+    try:
+        await work
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("a long-lived loop failed; the service stops", extra={"loop": name})
+        raise
 
 
 class Service(Protocol):
@@ -167,7 +230,7 @@ async def connect_until_ready(
     None once ``stop`` is set (a SIGTERM is obeyed even if NATS never answered).
     An incompatible server raises :class:`~podium.common.errors.IncompatibleServer`:
     no retry makes it usable. Replies come to the service's own inbox prefix, the
-    only one its NATS user may subscribe to (see :mod:`podium.common.access`).
+    only one its NATS user may subscribe to (see :mod:`podium.contracts.access`).
     """
     tries = 0
     while not stop.is_set():
@@ -264,14 +327,27 @@ async def run(
                     replicas=settings.stream_replicas,
                     budget=settings.store_budget_bytes,
                 )
-            ctx = Context(service.name, nc, js, metrics, registry, nats_url=shown_url(settings))
-            await service.start(ctx)
-            health.ctx = ctx
-            log.info("started", extra={"nats_url": ctx.nats_url})
-            await stop.wait()
-            log.info("stopping", extra={"drain_timeout_s": settings.drain_timeout_s})
-            ctx.stopping.set()
-            await _stop_within(service, nc, settings.drain_timeout_s)
+            async with asyncio.TaskGroup() as group:
+                loops = Loops(group)
+                ctx = Context(
+                    service.name,
+                    nc,
+                    js,
+                    metrics,
+                    registry,
+                    nats_url=shown_url(settings),
+                    loops=loops,
+                )
+                await service.start(ctx)
+                health.ctx = ctx
+                log.info("started", extra={"nats_url": ctx.nats_url})
+                # A failing loop cancels this wait (the task group's doing) and the
+                # service goes down with it, its error raised from here.
+                await stop.wait()
+                log.info("stopping", extra={"drain_timeout_s": settings.drain_timeout_s})
+                ctx.stopping.set()
+                await _stop_within(service, nc, settings.drain_timeout_s)
+                await loops.cancel_rest()
         finally:
             if not nc.is_closed:
                 with contextlib.suppress(Exception):

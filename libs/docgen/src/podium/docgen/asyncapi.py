@@ -1,8 +1,8 @@
 """The AsyncAPI 3.0 document of Podium's bus, generated from the contracts.
 
 Message payloads are the JSON Schemas msgspec derives from the event Structs
-(:mod:`podium.common.events`); channels, and who sends and receives each, are
-the registry's (:mod:`podium.common.registry`). ``podium generate`` writes it to
+(:mod:`podium.contracts.events`); channels, and who sends and receives each, are
+the registry's (:mod:`podium.contracts.registry`). ``podium generate`` writes it to
 ``docs/asyncapi.yaml``; tests check the file is current, that every event
 type has a channel, that each channel's address is what the subject
 functions produce, and that real encoded events validate against it.
@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from podium.common import access, events, registry, subjects
+from podium.contracts import access, events, registry, subjects
 
 CHANNELS = registry.CHANNELS
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from podium.common import access
+from podium.contracts import access
 
 
 def artifacts() -> dict[str, Callable[[], str]]:

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from podium.common.streams import PARTITIONS
+from podium.contracts.streams import PARTITIONS
 
 SERVICES = ("ingress", "conductor", "worker", "notifier")
 

@@ -12,7 +12,7 @@ import time
 
 from nats.js import JetStreamContext
 
-from podium.common.streams import TOPOLOGY, ConsumerSpec
+from podium.contracts.streams import TOPOLOGY, ConsumerSpec
 
 
 async def settled(js: JetStreamContext, spec: ConsumerSpec, timeout_s: float = 30.0) -> None:

@@ -11,8 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from podium.common import subjects
-from podium.common.events import (
+from podium.common.metrics import Metrics
+from podium.conductor import commands as cmds
+from podium.conductor.config import ConductorSettings
+from podium.conductor.metrics import ConductorMetrics
+from podium.conductor.policy import Policy, Refusal
+from podium.contracts import subjects
+from podium.contracts.events import (
     AnyEvent,
     ApiReply,
     EventIds,
@@ -25,14 +30,8 @@ from podium.common.events import (
     TaskResult,
     utcnow,
 )
-from podium.common.ids import short_id, stable_id
-from podium.common.metrics import Metrics
-from podium.common.protocol import reply_subject
-from podium.common.state import MAX_OUTBOUND, Conversation, Outbound, TaskInfo
-from podium.conductor import commands as cmds
-from podium.conductor.config import ConductorSettings
-from podium.conductor.metrics import ConductorMetrics
-from podium.conductor.policy import Policy, Refusal
+from podium.contracts.ids import reply_subject, short_id, stable_id
+from podium.contracts.state import MAX_OUTBOUND, Conversation, Outbound, TaskInfo
 
 log = logging.getLogger(__name__)
 

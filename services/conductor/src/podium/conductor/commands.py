@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from typing import Any, ClassVar
 
-from podium.common.protocol import COMMAND_NAMES
+from podium.agents.protocol import COMMAND_NAMES
 
 
 @dataclass(frozen=True)

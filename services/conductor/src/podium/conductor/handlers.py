@@ -18,13 +18,28 @@ from dataclasses import replace
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from podium.common import subjects
-from podium.common.agents import AgentAnswer, AgentCall
-from podium.common.agents.sessions import Agents
+from podium.agents import AgentAnswer, AgentCall
+from podium.agents.protocol import worker_block
+from podium.agents.sessions import Agents
 from podium.common.bus import publish
 from podium.common.consumer import Delivery
 from podium.common.errors import Conflict, Reject, Retry
-from podium.common.events import (
+from podium.common.kv import Store
+from podium.common.metrics import Metrics
+from podium.conductor import commands as cmds
+from podium.conductor.actions import Actions, Effects, Trigger
+from podium.conductor.config import ConductorSettings
+from podium.conductor.metrics import ConductorMetrics
+from podium.conductor.policy import REFUSAL
+from podium.conductor.prompts import (
+    COMMANDS_SCHEMA,
+    ROLE,
+    inbound_block,
+    lost_session_summary,
+    system_block,
+)
+from podium.contracts import subjects
+from podium.contracts.events import (
     AnyEvent,
     DeliveryFailed,
     EventIds,
@@ -37,28 +52,13 @@ from podium.common.events import (
     event_type,
     utcnow,
 )
-from podium.common.ids import stable_id
-from podium.common.kv import Store
-from podium.common.metrics import Metrics
-from podium.common.protocol import worker_block
-from podium.common.state import (
+from podium.contracts.ids import stable_id
+from podium.contracts.state import (
     MAX_HANDLED,
     MAX_REFERENCES,
     STATE_AFTER,
     Conversation,
     Pending,
-)
-from podium.conductor import commands as cmds
-from podium.conductor.actions import Actions, Effects, Trigger
-from podium.conductor.config import ConductorSettings
-from podium.conductor.metrics import ConductorMetrics
-from podium.conductor.policy import REFUSAL
-from podium.conductor.prompts import (
-    COMMANDS_SCHEMA,
-    ROLE,
-    inbound_block,
-    lost_session_summary,
-    system_block,
 )
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from nats.js.errors import NoKeysError
 
 from podium.common.errors import Conflict
 from podium.common.kv import Store
-from podium.common.runtime import wait_set
+from podium.common.runtime import Spawn, detached, wait_set
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,10 @@ class PartitionManager:
         start: Starter,
         stop: Stopper,
         problem: Callable[[], str] = lambda: "",
+        spawn: Spawn = detached,
     ) -> None:
         self.store = store
+        self._spawn = spawn
         self.replica = replica
         self.partitions = partitions
         self.ttl_s = ttl_s
@@ -100,7 +102,7 @@ class PartitionManager:
 
     def start(self) -> None:
         """Start balancing in the background."""
-        self._task = asyncio.create_task(self._loop(), name="partitions")
+        self._task = self._spawn(self._loop(), "partitions")
 
     def wake(self) -> None:
         """Balance now, not at the next round (the replica's health changed)."""

@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 
-from podium.common.events import utcnow
-from podium.common.state import FINISHED, Conversation, TaskInfo
 from podium.conductor.config import ConductorSettings
+from podium.contracts.events import utcnow
+from podium.contracts.state import FINISHED, Conversation, TaskInfo
 
 REFUSAL = (
     "Thank you for your message. This address only takes requests from registered "

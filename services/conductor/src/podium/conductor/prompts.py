@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from podium.common import protocol
-from podium.common.events import InboundMessage
-from podium.common.state import FINISHED, Conversation
+from podium.agents import protocol
+from podium.contracts.events import InboundMessage
+from podium.contracts.state import FINISHED, Conversation
 
 ROLE = """\
 You are the conductor of Podium, an autonomous agent platform. People write to you by

@@ -8,21 +8,21 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from podium.common import streams
-from podium.common.agents import AgentRuntime, build_runtime, role_prompt
-from podium.common.agents.sessions import Agents
+from podium.agents import AgentRuntime, build_runtime, role_prompt
+from podium.agents.sessions import Agents
 from podium.common.config import ignored_variables
 from podium.common.consumer import Handler, Lanes, PullConsumer
-from podium.common.events import AnyEvent
 from podium.common.kv import Store
 from podium.common.runtime import Context
-from podium.common.state import Conversation
-from podium.common.subjects import partition_of
 from podium.conductor.config import ConductorSettings
 from podium.conductor.handlers import Conductor
 from podium.conductor.metrics import ConductorMetrics
 from podium.conductor.partitions import Lease, PartitionManager
 from podium.conductor.prompts import ROLE
+from podium.contracts import streams
+from podium.contracts.events import AnyEvent
+from podium.contracts.state import Conversation
+from podium.contracts.subjects import partition_of
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class ConductorService:
             exclusive=True,
         )
         own = ConductorMetrics(ctx.registry)
-        await self.agents.start()
+        await self.agents.start(ctx.spawn)
         conductor = Conductor(
             settings=self.settings,
             nc=ctx.nc,
@@ -110,6 +110,7 @@ class ConductorService:
             start=self._start_partition,
             stop=self._stop_partition,
             problem=self.agents.problem,
+            spawn=ctx.spawn,
         )
         # An agent that cannot start makes it step aside now, not at the next round.
         self.agents.problem_listeners.append(self.partitions.wake)
@@ -132,6 +133,7 @@ class ConductorService:
                 max_held=self.settings.concurrency,
                 retry_in_place=True,
                 on_dead_letter=self._conductor.on_dead_letter if self._conductor else None,
+                spawn=self._ctx.spawn,
             )
             for spec in (streams.conductor_inbound(partition), streams.conductor_results(partition))
         ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from podium.common import streams, subjects
-from podium.common.events import InboundMessage, decode
-from podium.common.ids import conversation_id, new_id, stable_id
+from podium.contracts import streams, subjects
+from podium.contracts.events import InboundMessage, decode
+from podium.contracts.ids import conversation_id, new_id, stable_id
 from podium.ingress import auth
 from podium.ingress.base import MAX_TEXT, Deps, HttpError, Route, RouteTable
 

@@ -24,9 +24,9 @@ from nats.js.object_store import ObjectStore
 
 from podium.common.backoff import backoff
 from podium.common.bus import publish
-from podium.common.events import Event, InboundMessage
 from podium.common.kv import Store
-from podium.common.state import Conversation, ConversationReplies
+from podium.contracts.events import Event, InboundMessage
+from podium.contracts.state import Conversation, ConversationReplies
 from podium.ingress.config import IngressSettings
 from podium.ingress.metrics import IngressMetrics
 

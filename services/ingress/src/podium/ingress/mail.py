@@ -17,7 +17,7 @@ from email.parser import BytesParser, HeaderParser
 from email.utils import getaddresses, parseaddr
 from html.parser import HTMLParser
 
-from podium.common.ids import conversation_of_message_id
+from podium.contracts.ids import conversation_of_message_id
 
 
 @dataclass

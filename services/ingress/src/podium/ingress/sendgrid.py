@@ -17,9 +17,9 @@ from aiohttp.base_protocol import BaseProtocol
 from nats.js.api import ObjectMeta
 from nats.js.errors import ServiceUnavailableError
 
-from podium.common import subjects
-from podium.common.events import InboundMessage, Media
-from podium.common.ids import (
+from podium.contracts import subjects
+from podium.contracts.events import InboundMessage, Media
+from podium.contracts.ids import (
     conversation_id,
     conversation_of_address,
     conversation_of_message_id,

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from aiohttp import web
 from nats.aio.client import Client
 
-from podium.common import streams
 from podium.common.errors import StartupError
 from podium.common.kv import Store
 from podium.common.runtime import Context, listen
-from podium.common.state import Conversation, ConversationReplies
+from podium.contracts import streams
+from podium.contracts.state import Conversation, ConversationReplies
 from podium.ingress.config import IngressSettings
 from podium.ingress.handlers import Deps, Handlers
 from podium.ingress.metrics import IngressMetrics

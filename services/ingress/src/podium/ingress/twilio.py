@@ -12,10 +12,10 @@ import logging
 from aiohttp import web
 from yarl import query_to_pairs
 
-from podium.common import subjects
-from podium.common.events import DeliveryStatus, InboundMessage, Media, RecipientPreference
-from podium.common.ids import conversation_id, stable_id
-from podium.common.state import DELIVERY_RANK
+from podium.contracts import subjects
+from podium.contracts.events import DeliveryStatus, InboundMessage, Media, RecipientPreference
+from podium.contracts.ids import conversation_id, stable_id
+from podium.contracts.state import DELIVERY_RANK
 from podium.ingress import auth
 from podium.ingress.base import MAX_TEXT, Deps, HttpError, Route, RouteTable
 

@@ -36,12 +36,13 @@ from typing import Literal
 import msgspec
 from nats.js import JetStreamContext
 
-from podium.common import subjects
 from podium.common.backoff import backoff
 from podium.common.bus import publish
 from podium.common.consumer import Delivery
 from podium.common.errors import Conflict, Reject, Retry
-from podium.common.events import (
+from podium.common.kv import Store
+from podium.contracts import subjects
+from podium.contracts.events import (
     AnyEvent,
     ApiReply,
     DeliveryFailed,
@@ -53,9 +54,8 @@ from podium.common.events import (
     event_type,
     utcnow,
 )
-from podium.common.ids import stable_id
-from podium.common.kv import Store
-from podium.common.state import (
+from podium.contracts.ids import stable_id
+from podium.contracts.state import (
     DELIVERY_FAILED,
     DELIVERY_RANK,
     MAX_OUTBOUND,

@@ -7,11 +7,11 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from podium.common import streams
 from podium.common.consumer import PullConsumer
 from podium.common.kv import Store
 from podium.common.runtime import Context
-from podium.common.state import ConversationReplies, OutboxRecord, Suppression
+from podium.contracts import streams
+from podium.contracts.state import ConversationReplies, OutboxRecord, Suppression
 from podium.notifier.config import NotifierSettings
 from podium.notifier.handlers import Notifier
 from podium.notifier.metrics import NotifierMetrics
@@ -83,6 +83,7 @@ class NotifierService:
             service=self.name,
             metrics=ctx.metrics,
             concurrency=self.settings.concurrency,
+            spawn=ctx.spawn,
         )
         self.facts = PullConsumer(
             ctx.js,
@@ -91,6 +92,7 @@ class NotifierService:
             service=self.name,
             metrics=ctx.metrics,
             concurrency=self.settings.concurrency,
+            spawn=ctx.spawn,
         )
         self.consumer.start()
         self.facts.start()

@@ -41,9 +41,8 @@ from twilio.http import AsyncHttpClient
 from twilio.http.response import Response as TwilioResponse
 from twilio.rest import Client as TwilioClient
 
-from podium.common.events import ApiReply, SendEmail, SendSms, utcnow
-from podium.common.ids import message_id_for, reply_address
-from podium.common.protocol import reply_subject
+from podium.contracts.events import ApiReply, SendEmail, SendSms, utcnow
+from podium.contracts.ids import message_id_for, reply_address, reply_subject
 from podium.notifier.config import NotifierSettings
 
 log = logging.getLogger(__name__)

@@ -25,13 +25,15 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from podium.common import subjects
-from podium.common.agents import AgentAnswer, AgentCall
-from podium.common.agents.sessions import Agents
+from podium.agents import AgentAnswer, AgentCall
+from podium.agents.sessions import Agents
 from podium.common.bus import publish
 from podium.common.consumer import Delivery
 from podium.common.errors import Reject, Retry
-from podium.common.events import (
+from podium.common.kv import Store
+from podium.common.metrics import Metrics
+from podium.contracts import subjects
+from podium.contracts.events import (
     AnyEvent,
     KillTask,
     TaskFollowup,
@@ -44,10 +46,8 @@ from podium.common.events import (
     event_type,
     utcnow,
 )
-from podium.common.ids import stable_id
-from podium.common.kv import Store
-from podium.common.metrics import Metrics
-from podium.common.state import FINISHED, STATE_AFTER, TaskRecord
+from podium.contracts.ids import stable_id
+from podium.contracts.state import FINISHED, STATE_AFTER, TaskRecord
 from podium.worker.config import WorkerSettings
 from podium.worker.metrics import WorkerMetrics
 from podium.worker.prompts import ROLE, followup_prompt, task_prompt

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from podium.common.events import TaskStatus
+from podium.contracts.events import TaskStatus
 
 _STATUS = re.compile(r"^\s*[*_`]*status[*_`]*\s*:[*_`]*\s*([A-Za-z_ ]+?)[*_`]*\s*$", re.I)
 _SUMMARY = re.compile(r"^\s*[*_`]*summary[*_`]*\s*:[*_`]*\s*(.*)$", re.I)

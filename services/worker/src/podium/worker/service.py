@@ -9,15 +9,15 @@ from pathlib import Path
 
 from nats.aio.subscription import Subscription
 
-from podium.common import streams, subjects
-from podium.common.agents import AgentRuntime, build_runtime, role_prompt
-from podium.common.agents.sessions import Agents
+from podium.agents import AgentRuntime, build_runtime, role_prompt
+from podium.agents.sessions import Agents
 from podium.common.config import ignored_variables
 from podium.common.consumer import PullConsumer
-from podium.common.events import AnyEvent
 from podium.common.kv import Store
 from podium.common.runtime import Context
-from podium.common.state import TaskRecord
+from podium.contracts import streams, subjects
+from podium.contracts.events import AnyEvent
+from podium.contracts.state import TaskRecord
 from podium.worker.config import WorkerSettings
 from podium.worker.handlers import Worker
 from podium.worker.metrics import WorkerMetrics
@@ -67,7 +67,7 @@ class WorkerService:
         self.agents = Agents(
             runtime, role="worker", settings=self.settings, metrics=ctx.metrics, js=ctx.js
         )
-        await self.agents.start()
+        await self.agents.start(ctx.spawn)
         worker = Worker(
             settings=self.settings,
             nc=ctx.nc,
@@ -93,6 +93,7 @@ class WorkerService:
             on_dead_letter=worker.on_dead_letter,
             # Its agent could not start moments ago: let healthy workers take tasks first.
             hold=self.agents.backing_off,
+            spawn=ctx.spawn,
         )
         self.consumer.start()
 

@@ -49,14 +49,15 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
-from podium.common import streams
-from podium.common.agents import AgentAnswer, AgentCall, AgentRuntime, Role
+from podium.agents import AgentAnswer, AgentCall, AgentRuntime, Role
 from podium.common.backoff import backoff
 from podium.common.config import AgentSettings
 from podium.common.errors import AgentUnavailable, Conflict
 from podium.common.kv import Store
 from podium.common.metrics import Metrics
-from podium.common.state import SessionRecord
+from podium.common.runtime import Spawn, detached
+from podium.contracts import streams
+from podium.contracts.state import SessionRecord
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,13 @@ class Agents:
         """The runtime's kind (claude, offline)."""
         return self.runtime.kind
 
-    async def start(self) -> None:
-        """Bind the sessions bucket and the transcripts object store; watch the agent."""
-        self._watch = asyncio.create_task(self._recheck(), name=f"agent-check:{self.role}")
+    async def start(self, spawn: Spawn = detached) -> None:
+        """Bind the sessions bucket and the transcripts object store; watch the agent.
+
+        ``spawn``: who owns the long-lived loops (the service's ``Context.spawn``).
+        """
+        self.runtime.spawn = spawn
+        self._watch = spawn(self._recheck(), f"agent-check:{self.role}")
         if self.js is None:
             return
         self.records = await Store.open(self.js, streams.SESSIONS.name, SessionRecord)

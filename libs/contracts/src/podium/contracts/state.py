@@ -12,8 +12,8 @@ from typing import Literal
 
 import msgspec
 
-from podium.common.events import AnyEvent, Channel, TaskResult, TaskStatus, utcnow
-from podium.common.ids import stable_id
+from podium.contracts.events import AnyEvent, Channel, TaskResult, TaskStatus, utcnow
+from podium.contracts.ids import stable_id
 
 TaskState = Literal["queued", "running", "needs_input", "complete", "failed", "cancelled"]
 

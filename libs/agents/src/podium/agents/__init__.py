@@ -14,13 +14,13 @@ kill) terminates the agent's whole process group.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from podium.common.config import AgentSettings
+from podium.common.config import AgentSettings, claude_credentials_present
 from podium.common.errors import ConfigError
+from podium.common.runtime import Spawn
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class AgentRuntime(Protocol):
     """Runs agent turns."""
 
     kind: str
+    #: Who owns the runtime's long-lived loops (set by ``Agents.start``).
+    spawn: Spawn
 
     async def check(self) -> str:
         """Check that agents can run; what runs them (for the log). At start, and again
@@ -120,12 +122,6 @@ class AgentRuntime(Protocol):
         """Stop every live agent process."""
 
 
-def claude_credentials_present(environ: dict[str, str] | None = None) -> bool:
-    """Whether the environment carries credentials the Claude Code CLI can use."""
-    env = os.environ if environ is None else environ
-    return bool(env.get("ANTHROPIC_API_KEY") or env.get("CLAUDE_CODE_OAUTH_TOKEN"))
-
-
 def role_prompt(path: str, default: str) -> str:
     """The role prompt: the file ``PODIUM_CLAUDE_ROLE_PROMPT_FILE`` names, or ``default``."""
     if not path:
@@ -149,10 +145,10 @@ def build_runtime(settings: AgentSettings, state_dir: Path, service: str) -> Age
     """The runtime ``PODIUM_AGENT`` selects; ``auto`` picks claude only with credentials."""
     kind = agent_kind(settings)
     if kind == "claude":
-        from podium.common.agents.claude import ClaudeRuntime  # noqa: PLC0415
+        from podium.agents.claude import ClaudeRuntime  # noqa: PLC0415
 
         return ClaudeRuntime(settings, state_dir.resolve() / "claude")
-    from podium.common.agents.offline import OfflineRuntime  # noqa: PLC0415
+    from podium.agents.offline import OfflineRuntime  # noqa: PLC0415
 
     banner = "=" * 72
     log.warning(

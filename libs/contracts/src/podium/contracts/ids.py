@@ -96,3 +96,12 @@ def conversation_of_address(address: str, own: set[str]) -> str | None:
     if found and f"{found.group(1)}@{found.group(3)}" in own:
         return f"email-{found.group(2)}"
     return None
+
+
+_RE = re.compile(r"(?i)^re\s*:")
+
+
+def reply_subject(subject: str) -> str:
+    """The subject of a reply: ``Re: <subject>``, with ``Re:`` once (the one rule for it)."""
+    subject = " ".join(subject.split())
+    return subject if _RE.match(subject) else f"Re: {subject}"

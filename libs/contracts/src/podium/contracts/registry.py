@@ -6,10 +6,10 @@ produce and consume it. Each :class:`BucketSpec` entry of :data:`BUCKETS` says w
 service owns a KV bucket or object store (the only one that writes it) and which
 others may read it. Everything else derives from here:
 
-- the subject functions of :mod:`podium.common.subjects` fill these templates;
+- the subject functions of :mod:`podium.contracts.subjects` fill these templates;
 - each stream's subjects are the namespaces of its channels
-  (:func:`stream_subjects`, used by :mod:`podium.common.streams`);
-- the NATS permissions of :mod:`podium.common.access` (a service may publish
+  (:func:`stream_subjects`, used by :mod:`podium.contracts.streams`);
+- the NATS permissions of :mod:`podium.contracts.access` (a service may publish
   only what it produces and write only what it owns, and the server enforces it);
 - the AsyncAPI document (``podium generate``).
 
@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from podium.common import events
+from podium.contracts import events
 
 Role = Literal["ingress", "conductor", "worker", "notifier"]
 #: Where operators' tools (``podium replay``, the NATS CLI) stand: the admin user.

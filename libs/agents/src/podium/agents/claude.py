@@ -11,7 +11,7 @@ process is busy, each turn spawns ``claude -p --output-format json`` and exits.
 
 Never two live processes on one session: turns of one key are serialised,
 and a key has at most one process, here; across replicas the session lease
-(``podium.common.agents.sessions``) does the same.
+(``podium.agents.sessions``) does the same.
 
 Facts this relies on are in ``docs/agents.md``; among them: check
 ``is_error`` as well as ``subtype``; a resume from another working directory
@@ -37,10 +37,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from podium.common.agents import AgentAnswer, AgentCall, Mode, Outcome
+from podium.agents import AgentAnswer, AgentCall, Mode, Outcome
 from podium.common.config import AgentSettings
 from podium.common.errors import AgentUnavailable
 from podium.common.procs import die_with_parent, kill_group
+from podium.common.runtime import Spawn, detached
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ class ClaudeRuntime:
     kind = "claude"
 
     def __init__(self, settings: AgentSettings, config_root: Path) -> None:
+        self.spawn: Spawn = detached
         self.settings = settings
         self.config_root = config_root
         #: The executable run for every turn (see :func:`resolve_claude_bin`).
@@ -486,7 +488,7 @@ class ClaudeRuntime:
 
     def _start_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.create_task(self._reap(), name="claude-idle-reaper")
+            self._reaper = self.spawn(self._reap(), "claude-idle-reaper")
 
     async def _reap(self) -> None:
         """Close warm sessions idle longer than ``PODIUM_AGENT_IDLE_TIMEOUT_S``."""

@@ -174,12 +174,3 @@ def _parse_at(lines: list[str], start: int) -> tuple[Block, int]:
             fields[name] = value
     body = unfence("\n".join(body_lines)).strip()
     return Block(kind=kind, task_id=task_id, fields=fields, body=body), end
-
-
-_RE = re.compile(r"(?i)^re\s*:")
-
-
-def reply_subject(subject: str) -> str:
-    """The subject of a reply: ``Re: <subject>``, with ``Re:`` once (the one rule for it)."""
-    subject = " ".join(subject.split())
-    return subject if _RE.match(subject) else f"Re: {subject}"

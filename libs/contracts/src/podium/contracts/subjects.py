@@ -1,12 +1,12 @@
 """Every NATS subject Podium uses. No service spells a subject string of its own.
 
 The templates, and who produces and consumes each, are declared once in
-:mod:`podium.common.registry`; the functions here fill them with checked tokens.
+:mod:`podium.contracts.registry`; the functions here fill them with checked tokens.
 
 INBOUND and RESULTS append a partition token when they store a message:
 ``inbound.<channel>.<conversation>.<p>``, ``results.<conversation>.<task>.<p>``,
 with ``p = partition(conversation)`` computed by the server (a stream subject
-transform, see :mod:`podium.common.streams`). Publishers never spell it; each
+transform, see :mod:`podium.contracts.streams`). Publishers never spell it; each
 conductor replica consumes the partitions it owns, so one conversation is only
 ever handled by one replica at a time.
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from podium.common import registry as reg
-from podium.common.events import Channel
+from podium.contracts import registry as reg
+from podium.contracts.events import Channel
 
 CommandKind = Literal["email", "sms", "api"]
 

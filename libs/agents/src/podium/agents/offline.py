@@ -24,8 +24,10 @@ import time
 import uuid
 from pathlib import Path
 
-from podium.common.agents import AgentAnswer, AgentCall
-from podium.common.protocol import Block, parse_blocks, reply_subject
+from podium.agents import AgentAnswer, AgentCall
+from podium.agents.protocol import Block, parse_blocks
+from podium.common.runtime import Spawn, detached
+from podium.contracts.ids import reply_subject
 
 
 class OfflineRuntime:
@@ -34,6 +36,8 @@ class OfflineRuntime:
     kind = "offline"
 
     def __init__(self, sessions_dir: Path, *, delay_s: float = 0.0) -> None:
+        #: Unused: the offline agent has no loops of its own.
+        self.spawn: Spawn = detached
         self.sessions_dir = sessions_dir
         self.delay_s = delay_s
 

@@ -1,0 +1,1 @@
+"""Podium's contracts: events, subjects, the registry, state records, streams, permissions."""
