@@ -225,6 +225,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         tracker = Tracker()
         await nc.subscribe("commands.api.>", cb=tracker.on_command)
         await nc.subscribe("$KV.outbox.>", cb=tracker.on_outbox)
+        # The server must have both subscriptions before the first POST: a command it
+        # relayed earlier would leave its conversation unfinished in the tracker.
+        await nc.flush()
         await drive(url, tracker, 20, None)  # warm-up: its figures are discarded
         tracker.posted.clear()
         tracker.finished.clear()
@@ -237,6 +240,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         nc = await nats.connect(server.url)
         await nc.subscribe("commands.api.>", cb=burst_tracker.on_command)
         await nc.subscribe("$KV.outbox.>", cb=burst_tracker.on_outbox)
+        await nc.flush()
         api_before, stored_before, in_before = await bus_counts(monitor)
         elapsed = await drive(url, burst_tracker, args.burst, None)
         api_after, stored_after, in_after = await bus_counts(monitor)

@@ -25,9 +25,11 @@ from podium.agents import AgentAnswer, AgentCall
 from podium.agents.claude import ClaudeRuntime
 from podium.agents.sessions import Agents
 from podium.common.config import AgentSettings
+from podium.common.kv import Store
 from podium.common.metrics import Metrics
 from podium.contracts import streams, subjects
 from podium.contracts.ids import conversation_id
+from podium.contracts.state import SessionRecord
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply, Usage
 from podium.testing.services import Process, base_env
 
@@ -235,10 +237,14 @@ async def test_two_replicas_never_run_one_session_at_once(
     )
 
 
+@pytest.mark.parametrize("kept", ["in its record", "in the object store"])
 async def test_a_session_moves_to_another_replica_with_its_workspace(
-    claude_bin: str, tmp_path: Path, js: JetStreamContext, api: FakeAnthropic
+    claude_bin: str, tmp_path: Path, js: JetStreamContext, api: FakeAnthropic, kept: str
 ) -> None:
-    a = replica(claude_bin, tmp_path, js, "a")
+    # Small sessions travel in their record (one write a turn); larger ones, here all of
+    # them, through the object store.
+    inline = {"agent_inline_session_bytes": 0} if kept == "in the object store" else {}
+    a = replica(claude_bin, tmp_path, js, "a", **inline)
     await a.start()
     first = await a.run(call(tmp_path, "t9", "remember the word TULIP", None))
     (tmp_path / "workspaces" / "tasks" / "t9" / "notes.txt").write_text("made on a")
@@ -248,7 +254,17 @@ async def test_a_session_moves_to_another_replica_with_its_workspace(
     # Replica b has never seen this session: no transcript in its config dir, and
     # the workspace is gone from its disk.
     shutil.rmtree(tmp_path / "workspaces" / "tasks" / "t9")
-    b = replica(claude_bin, tmp_path, js, "b")
+    records = await Store.open(js, streams.SESSIONS.name, SessionRecord)
+    found = await records.get("worker.t9")
+    assert found is not None
+    record = found[0]
+    if inline:
+        assert record.transcript and record.workspace
+        assert not (record.transcript_inline or record.workspace_inline)
+    else:
+        assert record.transcript_inline and record.workspace_inline
+        assert not (record.transcript or record.workspace)
+    b = replica(claude_bin, tmp_path, js, "b", **inline)
     await b.start()
     try:
         third = await b.run(call(tmp_path, "t9", "which word?", first.session_id))

@@ -40,8 +40,9 @@ import socket
 import tarfile
 import time
 import uuid
+import zlib
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from msgspec.structs import replace as evolve
@@ -249,8 +250,8 @@ class Agents:
             await self.runtime.settle(call, answer.session_id)
             if not answer.session_id:
                 return
-            transcript, workspace = await self._store_files(call, answer)
-            new = _next(record, call, answer, transcript, workspace)
+            files = await self._store_files(call, answer)
+            new = _next(record, call, answer, files)
             try:
                 if revision:
                     new_revision = await records.update(name, new, revision)
@@ -363,46 +364,62 @@ class Agents:
         if self.records is None or not answer.session_id:
             return
         name = f"{self.role}.{call.key}"
-        transcript, workspace = await self._store_files(call, answer)
+        files = await self._store_files(call, answer)
         updated = await self.records.mutate(
-            name, lambda current: _next(current or record, call, answer, transcript, workspace)
+            name, lambda current: _next(current or record, call, answer, files)
         )
         if updated is not None:
             self.seen[name] = updated.generation
 
-    async def _store_files(self, call: AgentCall, answer: AgentAnswer) -> tuple[str, str]:
-        """The transcript (and a worker's workspace) into the object store: their names."""
-        transcript = ""
-        workspace = ""
-        if self.objects is not None:
-            path = self.runtime.transcript_path(call, answer.session_id)
-            if path.exists():
-                transcript = f"{self.role}/{call.key}/transcript"
-                await self.objects.put(transcript, await asyncio.to_thread(path.read_bytes))
-            if self.role == "worker":
-                workspace = await self._store_workspace(call)
-        return transcript, workspace
+    async def _store_files(self, call: AgentCall, answer: AgentAnswer) -> Stored:
+        """The transcript (and a worker's workspace): small ones to go in the record, the
+        others into the object store (their names)."""
+        stored = Stored()
+        if self.objects is None:
+            return stored
+        inline = self.settings.agent_inline_session_bytes
+        path = self.runtime.transcript_path(call, answer.session_id)
+        if path.exists():
+            data = await asyncio.to_thread(path.read_bytes)
+            packed = await asyncio.to_thread(zlib.compress, data, 1)
+            if len(packed) <= inline:
+                stored.transcript_inline = packed
+            else:
+                stored.transcript = f"{self.role}/{call.key}/transcript"
+                await self.objects.put(stored.transcript, data)
+        if self.role == "worker":
+            archive = await self._pack_workspace(call)
+            if archive is not None and len(archive) <= inline:
+                stored.workspace_inline = archive
+            elif archive is not None:
+                stored.workspace = f"{self.role}/{call.key}/workspace.tar.gz"
+                await self.objects.put(stored.workspace, archive)
+        return stored
 
     async def _restore(self, call: AgentCall, record: SessionRecord, session_id: str) -> bool:
         """Bring the stored transcript (and workspace) into this replica; False if none."""
-        if self.objects is None or not record.transcript:
-            return False
-        try:
-            data = (await self.objects.get(record.transcript)).data or b""
-        except NotFoundError:
+        if record.transcript_inline:
+            data = await asyncio.to_thread(zlib.decompress, record.transcript_inline)
+        elif self.objects is not None and record.transcript:
+            try:
+                data = (await self.objects.get(record.transcript)).data or b""
+            except NotFoundError:
+                return False
+        else:
             return False
         path = self.runtime.transcript_path(call, session_id)
         await asyncio.to_thread(_write_file, path, data)
-        if record.workspace:
+        archive = record.workspace_inline
+        if not archive and record.workspace and self.objects is not None:
             with contextlib.suppress(NotFoundError):
-                archive = (await self.objects.get(record.workspace)).data
-                if archive:
-                    await asyncio.to_thread(_unpack, archive, call.workdir)
+                archive = (await self.objects.get(record.workspace)).data or b""
+        if archive:
+            await asyncio.to_thread(_unpack, archive, call.workdir)
         return True
 
-    async def _store_workspace(self, call: AgentCall) -> str:
-        if self.objects is None or not call.workdir.exists():
-            return ""
+    async def _pack_workspace(self, call: AgentCall) -> bytes | None:
+        if not call.workdir.exists():
+            return None
         limit = self.settings.agent_workspace_max_bytes
         archive = await asyncio.to_thread(_pack, call.workdir, limit)
         if archive is None:
@@ -410,10 +427,7 @@ class Agents:
                 "workspace too large to store; it will not follow the task to another replica",
                 extra={"workdir": str(call.workdir), "limit_bytes": limit},
             )
-            return ""
-        name = f"{self.role}/{call.key}/workspace.tar.gz"
-        await self.objects.put(name, archive)
-        return name
+        return archive
 
     # --- the lease ---------------------------------------------------------
 
@@ -503,17 +517,34 @@ class Agents:
         m.agent_live.labels(role).set(self.runtime.live())
 
 
+@dataclass
+class Stored:
+    """Where a turn's transcript and workspace went: in the record, or named objects."""
+
+    transcript: str = ""
+    transcript_inline: bytes = b""
+    workspace: str = ""
+    workspace_inline: bytes = b""
+
+
 def _next(
-    base: SessionRecord, call: AgentCall, answer: AgentAnswer, transcript: str, workspace: str
+    base: SessionRecord, call: AgentCall, answer: AgentAnswer, files: Stored
 ) -> SessionRecord:
-    """The session's record after a turn: its latest id, one generation on."""
+    """The session's record after a turn: its latest id, one generation on, and where its
+    files are now (an inline copy, when there is one, is the current one)."""
+    transcript_inline = files.transcript_inline or (
+        b"" if files.transcript else base.transcript_inline
+    )
+    workspace_inline = files.workspace_inline or (b"" if files.workspace else base.workspace_inline)
     return evolve(
         base,
         session_id=answer.session_id,
         generation=base.generation + 1,
         workdir=str(call.workdir),
-        transcript=transcript or base.transcript,
-        workspace=workspace or base.workspace,
+        transcript=files.transcript or base.transcript,
+        workspace=files.workspace or base.workspace,
+        transcript_inline=transcript_inline,
+        workspace_inline=workspace_inline,
     )
 
 

@@ -217,6 +217,16 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
     agent_workspace_max_bytes: Annotated[
         int, setting("Largest worker workspace archived for another replica (bytes).", ge=0)
     ] = 50 * 1024 * 1024
+    agent_inline_session_bytes: Annotated[
+        int,
+        setting(
+            "A session's transcript (compressed) and workspace archive up to this size are "
+            "kept in its record (one write per turn) instead of the object store (four "
+            "round trips each). Keep it well below the server's max_payload (1 MiB).",
+            ge=0,
+            le=512 * 1024,
+        ),
+    ] = 64 * 1024
     agent_lease_ttl_s: Annotated[
         float, setting("A session's lease lapses this long after its holder stops renewing.", gt=1)
     ] = 20.0

@@ -152,6 +152,10 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     transcript: str = ""
     workspace: str = ""
     updated_at: datetime = msgspec.field(default_factory=utcnow)
+    #: A small transcript (zlib-compressed) and workspace archive kept in the record
+    #: itself; when set, they are the current ones (the named objects are older).
+    transcript_inline: bytes = b""
+    workspace_inline: bytes = b""
 
 
 OutboxState = Literal["pending", "sending", "sent", "retry", "failed", "ambiguous"]
