@@ -15,7 +15,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from podium.cli.natsserver import NatsServer
-from podium.contracts.events import DeadLetter, decode
+from podium.contracts.events import DeadLetter, TaskProgress, TaskResult, decode
 from podium.testing.bus import quiescent
 from podium.testing.platform import TOKEN, Platform
 from podium.testing.services import Process
@@ -35,11 +35,32 @@ async def platform(
         platform.stop()
 
 
-async def wait_logged(process: Process, text: str, timeout_s: float = 20.0) -> None:
+async def reported(js: JetStreamContext) -> list[TaskProgress | TaskResult]:
+    """What workers told the conductor so far (RESULTS), in order."""
+    info = await js.stream_info("RESULTS")
+    found: list[TaskProgress | TaskResult] = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        if info.state.messages == 0:
+            break
+        event = decode((await js.get_msg("RESULTS", seq)).data or b"")
+        if isinstance(event, TaskProgress | TaskResult):
+            found.append(event)
+    return found
+
+
+async def task_started(js: JetStreamContext, process: Process, timeout_s: float = 20.0) -> None:
+    """Wait until a worker reported that it started the task (its progress event)."""
     deadline = time.monotonic() + timeout_s
-    while text not in process.log():
+    while not any(isinstance(e, TaskProgress) for e in await reported(js)):
         assert time.monotonic() < deadline, process.log()[-3000:]
         await asyncio.sleep(0.05)
+
+
+async def turns_finished(platform: Platform, worker: str) -> float:
+    """Task turns ``worker`` finished, from its /metrics."""
+    text = await platform.metrics(worker)
+    name = "podium_worker_task_turns_total{"
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 async def test_api_message_travels_the_whole_loop(platform: Platform, tmp_path: Path) -> None:
@@ -109,18 +130,19 @@ async def test_sigterm_mid_task_loses_nothing(
         await platform.ready()
         await platform.send("A long job")
         worker = platform.processes["worker"]
-        await wait_logged(worker, "task started")
+        await task_started(js, worker)
         stopped_at = time.monotonic()
         assert worker.stop(timeout_s=15) == 0
         assert time.monotonic() - stopped_at < 8  # drain (1 s) + kill + NATS drain
-        assert "task result published" not in worker.log()
+        # The worker has exited: whatever it reported is stored, and it is no result.
+        assert not any(isinstance(e, TaskResult) for e in await reported(js))
         assert platform.outbox() == []
 
         # A fresh worker picks the task up again and the loop completes.
-        replacement = platform.add("worker", name="worker-2", PODIUM_OFFLINE_DELAY_S="0")
+        platform.add("worker", name="worker-2", PODIUM_OFFLINE_DELAY_S="0")
         (reply,) = await platform.wait_outbox(1, timeout_s=30)
         assert reply["channel"] == "api"
-        assert "task started" in replacement.log()
+        assert await turns_finished(platform, "worker-2") == 1
     finally:
         platform.stop()
 
@@ -137,10 +159,10 @@ async def test_sigterm_lets_a_short_task_finish(
         await platform.ready()
         await platform.send("A short job")
         worker = platform.processes["worker"]
-        await wait_logged(worker, "task started")
+        await task_started(js, worker)
         assert worker.stop(timeout_s=25) == 0
-        # The worker finished the task before it exited.
-        assert "task result published" in worker.log()
+        # The worker finished the task before it exited: its result is stored.
+        assert any(isinstance(e, TaskResult) and e.status == "COMPLETE" for e in await reported(js))
         (reply,) = await platform.wait_outbox(1)
         assert reply["channel"] == "api"
     finally:

@@ -350,7 +350,7 @@ class Agents:
                 self.role, "restored" if restored else "not_stored"
             ).inc()
             if restored:
-                log.info("session restored from the object store", extra={"session": name})
+                log.info("session restored from its stored copy", extra={"session": name})
         call = replace(call, session_id=session_id)
         if not self.runtime.transcript_path(call, session_id).exists():
             self.metrics.agent_sessions.labels(self.role, "lost").inc()
