@@ -239,6 +239,9 @@ async def test_ingress_stores_events_and_reads_state_but_cannot_write_it(
         js = s.nc.jetstream(timeout=2)
         ack = await js.publish("inbound.api.c1", b"{}", headers={"Nats-Msg-Id": "m1"})
         assert ack.stream == "INBOUND"
+        # It reads back what it stored (a reused Idempotency-Key is compared with it).
+        stored = await js.get_msg("INBOUND", ack.seq)
+        assert stored.data == b"{}"
         kv = await js.key_value(streams.CONVERSATIONS.name)
         with pytest.raises(Exception):  # noqa: B017, PT011 - a timeout or a KeyNotFound
             await kv.get("nothing-here")

@@ -256,3 +256,46 @@ def test_broken_encoded_words_never_fail_the_message() -> None:
     assert facts.subject and "\x00" not in facts.subject
     (attachment,) = facts.attachments
     assert attachment.data == b"hello\n" and "\x00" not in attachment.filename
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        # Seen in review: policy.default's address parser raised AttributeError on these.
+        b"Cc: .:f@Q)?=<\n",
+        b"Cc: a:;-\n b;c\n",
+    ],
+)
+def test_malformed_address_headers_are_read_as_absent(header: bytes) -> None:
+    raw = (
+        b"From: Grace <grace@example.org>\nTo: podium@example.com\n" + header + b"Subject: Hi\n"
+        b"Message-ID: <m-1@example.org>\n\nPlease count these words.\n"
+    )
+    facts = mail.raw_email_facts(raw, OWN)
+    assert (facts.sender, facts.text) == ("grace@example.org", "Please count these words.")
+    parsed = mail.email_facts(
+        sender_field="Grace <grace@example.org>",
+        to_field="podium@example.com",
+        subject="Hi",
+        text="Please count these words.",
+        html="",
+        raw_headers=(b"From: grace@example.org\n" + header).decode(),
+        own_addresses=OWN,
+    )
+    assert parsed.sender == "grace@example.org"
+
+
+def test_a_body_outside_the_rfc_candidates_is_still_found() -> None:
+    # multipart/related without a start parameter, an image first: get_body finds no
+    # text; the first text part is what a mail client shows.
+    raw = (
+        b"From: grace@example.org\nTo: podium@example.com\nSubject: Chart\n"
+        b"Message-ID: <m-2@example.org>\nMIME-Version: 1.0\n"
+        b'Content-Type: multipart/related; boundary="b"\n\n'
+        b"--b\nContent-Type: image/png\nContent-Transfer-Encoding: base64\n\niVBORw0KGgo=\n"
+        b"--b\nContent-Type: text/plain\n\nSee the chart.\n--b--\n"
+    )
+    facts = mail.raw_email_facts(raw, OWN)
+    assert facts.text == "See the chart."
+    (image,) = facts.attachments
+    assert image.content_type == "image/png"

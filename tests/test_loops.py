@@ -1,7 +1,8 @@
 """A service's long-lived loops have one owner (a task group in the runtime).
 
-A loop that fails takes the service down, loudly, instead of leaving it ready
-with nothing running; loops still running when the service stops are cancelled.
+A loop that fails stops the service (gracefully) and its error is raised, instead
+of leaving it ready with nothing running; loops still running when the service
+stops are cancelled; a StartupError from start is raised as itself.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 
 from podium.cli.natsserver import NatsServer
 from podium.common.config import CommonSettings
+from podium.common.errors import StartupError
 from podium.common.runtime import Context, run
 
 
@@ -26,11 +28,15 @@ class Looping:
         self.fail_after_s = fail_after_s
         self.forever: asyncio.Task[None] | None = None
         self.started = asyncio.Event()
+        self.stopped = False
+        self.refuse_start = False
 
     async def check(self) -> None:
         """Nothing to check."""
 
     async def start(self, ctx: Context) -> None:
+        if self.refuse_start:
+            raise StartupError("PODIUM_PORT=1: cannot listen")
         self.forever = ctx.spawn(self._forever(), "forever")
         if self.fail_after_s is not None:
             ctx.spawn(self._fails(self.fail_after_s), "fails")
@@ -46,6 +52,7 @@ class Looping:
 
     async def stop(self, timeout_s: float) -> None:
         """Leaves its forever loop running: the runtime must cancel it."""
+        self.stopped = True
 
     def readiness(self) -> tuple[bool, str]:
         return True, "ok"
@@ -57,11 +64,20 @@ def settings(nats_server: NatsServer) -> CommonSettings:
 
 async def test_a_failing_loop_stops_the_service_and_says_why(nats_server: NatsServer) -> None:
     service = Looping(fail_after_s=0.2)
-    with pytest.raises(ExceptionGroup) as raised:
+    with pytest.raises(RuntimeError, match="the loop broke"):
         await asyncio.wait_for(run(service, settings(nats_server), signals=False), 15)
-    assert raised.group_contains(RuntimeError, match="the loop broke")
-    # Its sibling was cancelled with it: nothing is left running.
+    # The service was stopped as on SIGTERM, and its other loop cancelled.
+    assert service.stopped
     assert service.forever is not None and service.forever.cancelled()
+
+
+async def test_a_startup_error_in_start_is_raised_as_itself(nats_server: NatsServer) -> None:
+    # serve_forever turns a StartupError into exit status 2 (not restarted): it must not
+    # arrive wrapped in the task group's ExceptionGroup.
+    service = Looping(fail_after_s=None)
+    service.refuse_start = True
+    with pytest.raises(StartupError, match="cannot listen"):
+        await asyncio.wait_for(run(service, settings(nats_server), signals=False), 15)
 
 
 async def test_loops_left_running_are_cancelled_when_the_service_stops(

@@ -13,6 +13,7 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,11 @@ from nats.js import JetStreamContext
 from sendgrid.helpers.eventwebhook import EventWebhook
 
 from podium.cli.natsserver import NatsServer
+from podium.common.bus import publish
 from podium.common.config import Secret
 from podium.common.kv import Store
-from podium.contracts import streams
-from podium.contracts.events import DeliveryFailed, decode
+from podium.contracts import streams, subjects
+from podium.contracts.events import DeliveryFailed, RecipientPreference, decode
 from podium.contracts.ids import conversation_id, message_id_for, reply_address
 from podium.contracts.state import OutboxRecord, Suppression, suppression_key
 from podium.ingress.service import IngressService
@@ -113,6 +115,36 @@ async def test_stop_and_start_are_recorded_not_forwarded(
     ).status == 200
     (event,) = await stored(js, expect=1)
     assert event.text == "stop by at 5"
+
+
+async def test_an_older_keyword_applied_late_cannot_undo_a_newer_one(
+    ingress: Ingress, js: JetStreamContext
+) -> None:
+    # STOP said first but applied after START (a retry, another notifier replica).
+    said = datetime.now(UTC)
+
+    def keyword(sid: str, opted_out: bool, seconds: float) -> RecipientPreference:
+        return RecipientPreference(
+            event_id=sid,
+            correlation_id=sid,
+            conversation_id=conversation_id("sms", PERSON, OURS),
+            channel="sms",
+            address=PERSON,
+            opted_out=opted_out,
+            keyword="STOP" if opted_out else "START",
+            our_address=OURS,
+            source_id=sid,
+            at=said + timedelta(seconds=seconds),
+        )
+
+    subject = subjects.preference(conversation_id("sms", PERSON, OURS))
+    await publish(js, subject, keyword("SM-start", False, 2))
+    await publish(js, subject, keyword("SM-stop-old", True, 1))
+    record = await suppression(js)
+    assert record is not None and not record.suppressed
+    await publish(js, subject, keyword("SM-stop-new", True, 3))
+    record = await suppression(js)
+    assert record is not None and record.suppressed and record.source_id == "SM-stop-new"
 
 
 async def test_a_keyword_with_a_bad_signature_changes_nothing(

@@ -38,6 +38,20 @@ async def worker(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Runni
         yield running
 
 
+@pytest.fixture
+async def slow_worker(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Running]:
+    settings = WorkerSettings(
+        nats_url=nats_server.url,
+        health_port=0,
+        agent="offline",
+        offline_delay_s=60.0,
+        worker_slots=2,
+        workspace_root=str(tmp_path / "workspaces"),
+    )
+    async with in_process(WorkerService(settings), settings) as running:
+        yield running
+
+
 async def results(js: JetStreamContext) -> list[TaskResult]:
     info = await js.stream_info("RESULTS")
     found = []
@@ -85,3 +99,27 @@ async def test_a_task_cancelled_before_it_starts_never_runs(
     workdirs = tmp_path / "workspaces" / "tasks"
     assert (workdirs / "t2").is_dir()
     assert not (workdirs / "t1").exists()
+
+
+async def test_a_stored_cancel_stops_a_running_task_at_once(
+    slow_worker: Running, js: JetStreamContext
+) -> None:
+    # Only the stored cancel, no core kill: the worker that takes it (here the one
+    # running the task) must not queue it behind the turn it stops.
+    ids = EventIds(event_id="", correlation_id="corr", conversation_id="api-c2")
+    task = TaskRequested(**(ids | {"event_id": "e3"}), task_id="t3", instructions="Take a minute")
+    await publish(js, subjects.task("t3"), task)
+    for _ in range(300):
+        progress = await js.stream_info("RESULTS")
+        if progress.state.messages:
+            break  # its progress event: the agent runs
+        await asyncio.sleep(0.02)
+    kill = KillTask(**(ids | {"event_id": "k3"}), task_id="t3", reason="KILL_WORKER")
+    await publish(js, subjects.task_cancel("t3"), kill)
+    for _ in range(500):
+        done = await results(js)
+        if done:
+            break
+        await asyncio.sleep(0.02)
+    (result,) = done
+    assert (result.task_id, result.status) == ("t3", "CANCELLED")

@@ -389,7 +389,10 @@ class Agents:
                 await self.objects.put(stored.transcript, data)
         if self.role == "worker":
             archive = await self._pack_workspace(call)
-            if archive is not None and len(archive) <= inline:
+            # One limit for both: the record, base64 in JSON, must stay well inside
+            # the server's max_payload.
+            room = inline - len(stored.transcript_inline)
+            if archive is not None and len(archive) <= room:
                 stored.workspace_inline = archive
             elif archive is not None:
                 stored.workspace = f"{self.role}/{call.key}/workspace.tar.gz"

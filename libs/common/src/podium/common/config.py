@@ -220,11 +220,12 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
     agent_inline_session_bytes: Annotated[
         int,
         setting(
-            "A session's transcript (compressed) and workspace archive up to this size are "
-            "kept in its record (one write per turn) instead of the object store (four "
-            "round trips each). Keep it well below the server's max_payload (1 MiB).",
+            "A session's transcript (compressed) and workspace archive, together up to this "
+            "size, are kept in its record (one write per turn) instead of the object store "
+            "(four round trips each). At most 256 KiB: the record, base64 in JSON, must fit "
+            "the server's max_payload (1 MiB).",
             ge=0,
-            le=512 * 1024,
+            le=256 * 1024,
         ),
     ] = 64 * 1024
     agent_lease_ttl_s: Annotated[

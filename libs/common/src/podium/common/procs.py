@@ -47,14 +47,16 @@ async def kill_group(proc: asyncio.subprocess.Process, grace_s: float = 2.0) -> 
     The process must have been started with ``start_new_session=True`` (it leads
     its own group), so tools it started die with it.
     """
-    if proc.returncode is None:
-        killpg(proc.pid, signal.SIGTERM)
-        try:
+    try:
+        if proc.returncode is None:
+            killpg(proc.pid, signal.SIGTERM)
             async with asyncio.timeout(grace_s):
                 await proc.wait()
-        except TimeoutError:
-            pass
-    # Children may outlive the leader: the whole group gets SIGKILL regardless.
-    killpg(proc.pid, signal.SIGKILL)
+    except TimeoutError:
+        pass
+    finally:
+        # Children may outlive the leader: the whole group gets SIGKILL regardless, even
+        # when this clean-up is itself cancelled (a second kill, a shutdown) mid-wait.
+        killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         await proc.wait()

@@ -81,44 +81,62 @@ class Loops:
 
     Components stop their own loops in order as the service stops (the consumer
     first stops fetching, then lets handlers finish); what is left when the
-    service has stopped is cancelled here. A loop that *fails* (raises) is a bug
-    no retry inside it caught: it is logged and takes the service down with it
-    (the task group cancels the rest), so the process exits and is restarted,
-    instead of staying ready with a loop that no longer runs.
+    service has stopped is cancelled here, so :func:`run` never returns with a
+    loop still running. A loop that *fails* (raises) is a bug no retry inside it
+    caught: it is logged, and the service stops (gracefully, as on SIGTERM) and
+    :func:`run` raises that error, so the process exits and is restarted instead
+    of staying ready with a loop that no longer runs.
     """
 
     def __init__(self, group: asyncio.TaskGroup) -> None:
         self._group = group
         self._running: set[asyncio.Task[None]] = set()
+        self._failed = asyncio.Event()
+        #: The first loop failure, raised by ``run`` once the service has stopped.
+        self.failure: BaseException | None = None
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Start ``work`` as one of the service's loops."""
-        task = self._group.create_task(_loud(work, name), name=name)
+        task = self._group.create_task(self._loud(work, name), name=name)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         return task
 
+    async def _loud(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            log.exception("a long-lived loop failed; the service stops", extra={"loop": name})
+            if self.failure is None:
+                self.failure = err
+            self._failed.set()
+
+    async def until(self, stop: asyncio.Event) -> None:
+        """Wait until ``stop`` is set or a loop has failed."""
+        waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._failed.wait())}
+        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+
     async def cancel_rest(self, timeout_s: float = 5.0) -> None:
-        """Cancel the loops still running (the service has stopped); wait for them."""
-        for task in self._running:
-            task.cancel()
-        if self._running:
-            _, pending = await asyncio.wait(set(self._running), timeout=timeout_s)
-            if pending:
+        """Cancel the loops still running (the service has stopped); wait for them.
+
+        Cancelled again every half second: a loop may swallow one cancellation (a
+        library call that catches it), and the task group waits for every loop.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self._running:
+            for task in self._running:
+                task.cancel()
+            await asyncio.wait(set(self._running), timeout=0.5)
+            if self._running and time.monotonic() > deadline:
                 log.error(
-                    "loops did not stop when cancelled",
-                    extra={"loops": sorted(t.get_name() for t in pending)},
+                    "loops do not stop when cancelled",
+                    extra={"loops": sorted(t.get_name() for t in self._running)},
                 )
-
-
-async def _loud(work: Coroutine[Any, Any, None], name: str) -> None:
-    try:
-        await work
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("a long-lived loop failed; the service stops", extra={"loop": name})
-        raise
+                deadline = time.monotonic() + timeout_s
 
 
 class Service(Protocol):
@@ -327,27 +345,34 @@ async def run(
                     replicas=settings.stream_replicas,
                     budget=settings.store_budget_bytes,
                 )
-            async with asyncio.TaskGroup() as group:
-                loops = Loops(group)
-                ctx = Context(
-                    service.name,
-                    nc,
-                    js,
-                    metrics,
-                    registry,
-                    nats_url=shown_url(settings),
-                    loops=loops,
-                )
-                await service.start(ctx)
-                health.ctx = ctx
-                log.info("started", extra={"nats_url": ctx.nats_url})
-                # A failing loop cancels this wait (the task group's doing) and the
-                # service goes down with it, its error raised from here.
-                await stop.wait()
-                log.info("stopping", extra={"drain_timeout_s": settings.drain_timeout_s})
-                ctx.stopping.set()
-                await _stop_within(service, nc, settings.drain_timeout_s)
-                await loops.cancel_rest()
+            try:
+                async with asyncio.TaskGroup() as group:
+                    loops = Loops(group)
+                    ctx = Context(
+                        service.name,
+                        nc,
+                        js,
+                        metrics,
+                        registry,
+                        nats_url=shown_url(settings),
+                        loops=loops,
+                    )
+                    await service.start(ctx)
+                    health.ctx = ctx
+                    log.info("started", extra={"nats_url": ctx.nats_url})
+                    await loops.until(stop)
+                    log.info("stopping", extra={"drain_timeout_s": settings.drain_timeout_s})
+                    ctx.stopping.set()
+                    await _stop_within(service, nc, settings.drain_timeout_s)
+                    await loops.cancel_rest()
+                    if loops.failure is not None:
+                        raise loops.failure
+            except BaseExceptionGroup as group:
+                # The task group wraps what its body raised: raise it as it was (a
+                # StartupError must reach serve_forever as one, for its exit status).
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
         finally:
             if not nc.is_closed:
                 with contextlib.suppress(Exception):

@@ -162,8 +162,10 @@ def derive(user: str, description: str) -> Role:
     consumes = [c for c in registry.CHANNELS if user in c.consumers]
     own_consumers = [spec for spec in streams.TOPOLOGY.consumers if spec.role == user]
     used_streams = [c.stream for c in (*produces, *consumes) if c.stream]
+    readback = dict.fromkeys(c.stream for c in produces if c.readback and c.stream)
     publish = [
         *(c.wildcard(user) for c in produces),
+        *(s for stream in readback for s in _direct_get(stream)),
         *stream_info(*dict.fromkeys(used_streams)),
         *(s for spec in own_consumers for s in consume(spec)),
         # The conductor: on taking a partition, what a dead predecessor held comes back first.

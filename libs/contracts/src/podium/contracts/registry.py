@@ -51,6 +51,9 @@ class ChannelSpec:
     stream: str = ""
     #: A parameter each producer fills with its own name (``deadletter.{service}…``).
     producer_param: str = ""
+    #: Its producers read back what they stored (the API compares a reused
+    #: Idempotency-Key's message with the stored one).
+    readback: bool = False
 
     def wildcard(self, producer: str = "") -> str:
         """The subject filter of every subject of this channel (one producer's, if asked)."""
@@ -96,6 +99,7 @@ INBOUND = ChannelSpec(
     "`inbound.{channel}.{conversation}.{partition}` (its conductor partition).",
     parameters={"channel": "email, sms or api", "conversation": "conversation id"},
     stream="INBOUND",
+    readback=True,
 )
 TASK = ChannelSpec(
     "task",

@@ -243,6 +243,9 @@ class Suppression(msgspec.Struct, kw_only=True):
     source_id: str = ""
     seen: list[str] = []
     updated_at: datetime = msgspec.field(default_factory=utcnow)
+    #: When the keyword last applied was received (the fact's time): an older STOP or
+    #: START applied late (retried, or by another replica) cannot undo a newer one.
+    said_at: datetime | None = None
 
 
 def suppression_key(channel: str, address: str) -> str:

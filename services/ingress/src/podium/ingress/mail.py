@@ -76,8 +76,8 @@ def classify(headers: Message, sender: str, own: Iterable[str], envelope_from: s
     content_type = _header(headers, "Content-Type").lower()
     if "multipart/report" in content_type or "message/delivery-status" in content_type:
         return "bounce"
-    return_path = headers.get("Return-Path")
-    if (return_path is not None and str(return_path).strip() in ("<>", "")) or envelope_from == "":
+    return_path = _header(headers, "Return-Path") if "Return-Path" in headers else None
+    if (return_path is not None and return_path.strip() in ("<>", "")) or envelope_from == "":
         return "bounce"
     local = sender.split("@", 1)[0].lower()
     if local in ("mailer-daemon", "postmaster", "noreply", "no-reply", "donotreply"):
@@ -97,10 +97,12 @@ def classify(headers: Message, sender: str, own: Iterable[str], envelope_from: s
 def _header(headers: Message, name: str) -> str:
     try:
         value = headers.get(name)
-    except (ValueError, TypeError, IndexError):
-        # policy.default parses structured headers; a malformed one is treated as absent.
+        return _header_text(str(value)) if value is not None else ""
+    except Exception:  # noqa: BLE001
+        # policy.default parses structured headers as they are read, and a malformed
+        # address list can raise almost anything (AttributeError, IndexError…): a
+        # header that cannot be read is treated as absent, never as a failed request.
         return ""
-    return _header_text(str(value)) if value is not None else ""
 
 
 def own_domains(own: Iterable[str]) -> set[str]:
@@ -325,14 +327,18 @@ def _part_text(part: Message | None) -> str:
     if isinstance(part, EmailMessage):
         try:
             content = part.get_content()
-        except (LookupError, ValueError, UnicodeError, KeyError):
+        except Exception:  # noqa: BLE001 - an unknown charset or a broken encoding: below
             content = None
         if isinstance(content, str):
             return content
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         return ""
-    return decode_text(payload, part.get_content_charset())
+    try:
+        charset = part.get_content_charset()
+    except Exception:  # noqa: BLE001 - malformed parameters: the default charset
+        charset = None
+    return decode_text(payload, charset)
 
 
 def raw_email_facts(
@@ -348,8 +354,8 @@ def raw_email_facts(
     html = _body(msg, "html")
     attachments = [
         Attachment(
-            filename=_header_text(part.get_filename() or ""),
-            content_type=part.get_content_type(),
+            filename=_header_text(_filename(part)),
+            content_type=_type(part),
             data=_payload(part),
         )
         for part in _attachments(msg)
@@ -368,15 +374,25 @@ def raw_email_facts(
     )
 
 
-def _body(msg: EmailMessage, kind: str) -> EmailMessage | None:
-    """The part a reader would read as ``kind`` (plain or html), unless it is a file."""
+def _body(msg: EmailMessage, kind: str) -> Message | None:
+    """The part a reader would read as ``kind`` (plain or html), unless it is a file.
+
+    ``get_body`` first (RFC 2046's candidates: multipart/alternative, the start of
+    multipart/related); where those hold none (a named part first, a related part
+    without a start, a forwarded message/rfc822 alone), the first such part
+    anywhere, as mail clients show it.
+    """
+    wanted = f"text/{kind}"
     try:
-        part = msg.get_body(preferencelist=(kind,))
-    except (LookupError, ValueError, KeyError):  # a malformed Content-Type: no body
-        return None
-    if part is None or part.get_content_type() != f"text/{kind}" or part.get_filename():
-        return None
-    return part  # type: ignore[return-value]  # typeshed: get_body returns Message
+        part: Message | None = msg.get_body(preferencelist=(kind,))
+    except Exception:  # noqa: BLE001 - a malformed structure: look for it below
+        part = None
+    if part is not None and _type(part) == wanted and not _is_file(part):
+        return part
+    for part in msg.walk():
+        if not part.is_multipart() and _type(part) == wanted and not _is_file(part):
+            return part
+    return None
 
 
 def _attachments(msg: EmailMessage) -> list[Message]:
@@ -387,11 +403,31 @@ def _attachments(msg: EmailMessage) -> list[Message]:
     for part in msg.walk():
         if part.is_multipart() or id(part) in bodies:
             continue
-        if part.get_content_disposition() == "attachment" or part.get_filename():
-            found.append(part)
-        elif not part.get_content_type().startswith(("text/", "message/")):
-            found.append(part)  # an inline image or document without a name
+        if _is_file(part) or not _type(part).startswith(("text/", "message/")):
+            found.append(part)  # a file, or an inline image or document without a name
     return found
+
+
+def _type(part: Message) -> str:
+    try:
+        return part.get_content_type()
+    except Exception:  # noqa: BLE001 - a malformed Content-Type: treated as bytes
+        return "application/octet-stream"
+
+
+def _filename(part: Message) -> str:
+    try:
+        return part.get_filename() or ""
+    except Exception:  # noqa: BLE001 - malformed parameters: no name
+        return ""
+
+
+def _is_file(part: Message) -> bool:
+    try:
+        disposition = part.get_content_disposition()
+    except Exception:  # noqa: BLE001 - a malformed Content-Disposition: treated as a file
+        return True
+    return disposition == "attachment" or bool(_filename(part))
 
 
 def _payload(part: Message) -> bytes:

@@ -97,25 +97,33 @@ class SendGridRoutes(Route):
             envelope_to = []
         if envelope_from is not None and not isinstance(envelope_from, str):
             envelope_from = None
-        if "email" in fields:
-            facts = mail.raw_email_facts(
-                fields["email"], self.own, envelope_from=envelope_from, envelope_to=envelope_to
-            )
-        elif "from" in fields:
-            facts = mail.email_facts(
-                sender_field=text_field("from"),
-                to_field=text_field("to"),
-                subject=text_field("subject"),
-                text=text_field("text"),
-                html=text_field("html"),
-                raw_headers=text_field("headers"),
-                own_addresses=self.own,
-                envelope_from=envelope_from,
-                envelope_to=envelope_to,
-                attachments=_parsed_attachments(fields, files),
-            )
-        else:
-            raise HttpError(400, "missing_fields", "neither 'from' (parsed) nor 'email' (raw)")
+        try:
+            if "email" in fields:
+                facts = mail.raw_email_facts(
+                    fields["email"], self.own, envelope_from=envelope_from, envelope_to=envelope_to
+                )
+            elif "from" in fields:
+                facts = mail.email_facts(
+                    sender_field=text_field("from"),
+                    to_field=text_field("to"),
+                    subject=text_field("subject"),
+                    text=text_field("text"),
+                    html=text_field("html"),
+                    raw_headers=text_field("headers"),
+                    own_addresses=self.own,
+                    envelope_from=envelope_from,
+                    envelope_to=envelope_to,
+                    attachments=_parsed_attachments(fields, files),
+                )
+            else:
+                raise HttpError(400, "missing_fields", "neither 'from' (parsed) nor 'email' (raw)")
+        except HttpError:
+            raise
+        except Exception as err:
+            # The parsers are meant to read any mail; one they cannot is refused with
+            # a 4xx that names it (and counted), never a 500 the provider retries.
+            log.warning("email could not be parsed", extra={"error": repr(err)[:300]})
+            raise HttpError(400, "malformed_email", "the email could not be parsed") from err
         if not facts.sender or "@" not in facts.sender:
             raise HttpError(400, "invalid", "no sender address")
         if facts.ignore_reason:

@@ -197,7 +197,7 @@ class Notifier:
         if known[0].state != "sent":
             # Every part had been recorded before (a resumed send): only the state is left.
             await self._until_stored(key, functools.partial(self._set, key, "sent", error=""))
-        await self._show(command, "sent")
+        await self._show(command, "sent", provider_status=known[0].delivery)
         log.info(
             "sent",
             extra={
@@ -272,6 +272,7 @@ class Notifier:
         if record.state == "sending" and len(record.provider_ids) >= parts:
             # Every part was accepted and recorded; only the final state was not stored.
             await self._until_stored(key, functools.partial(self._set, key, "sent", error=""))
+            await self._show(command, "sent", provider_status=record.delivery)
             self.metrics.skipped.labels(channel).inc()
             log.info("sent before; its record now says so", extra={"command_id": key})
             return None
@@ -285,6 +286,8 @@ class Notifier:
                     record.error or "interrupted mid-send",
                     transport=transport.name,
                 )
+            else:
+                await self._show(command, "ambiguous")
             raise Reject(
                 f"command {key} may already have been sent (interrupted mid-send); "
                 "not sending again"
@@ -294,6 +297,8 @@ class Notifier:
                 # The report of an earlier delivery did not get out: send it now.
                 outcome: DeliveryOutcome = _OUTCOMES.get(record.outcome, "rejected")
                 await self._report(command, outcome, record.error, transport=transport.name)
+            else:
+                await self._show(command, "failed", provider_status=record.delivery)
             raise Reject(f"command {key} failed for good earlier: {record.error}")
         # pending or retry: parts already sent stay sent, the loop resumes after them.
         return found
@@ -505,8 +510,9 @@ class Notifier:
         """Keep the conversation's ``replies`` read model in step with the outbox.
 
         A read model: the outbox stays the record that decides what is sent. A
-        failure to update it is logged and counted (``read_model_errors``), never
-        taken for a failed send; the next change of the same reply writes it again.
+        failure to update it is logged and counted (``read_model_errors``) and the
+        message is retried (``Retry``): the redelivered command finds the outbox
+        record final, sends nothing, and shows it again.
         """
         if (isinstance(command, SendEmail) and command.operator) or not command.conversation_id:
             return
@@ -555,12 +561,13 @@ class Notifier:
 
         try:
             await self.replies.mutate(conversation, change)
-        except Exception as err:  # noqa: BLE001 - a read model: logged and counted, see _show
+        except Exception as err:
             self.metrics.read_model_errors.inc()
             log.warning(
                 "could not update the replies read model",
                 extra={"conversation_id": conversation, "error": repr(err)},
             )
+            raise Retry("the replies read model could not be updated", delay_s=1.0) from err
 
     # --- facts from providers -------------------------------------------------
 
@@ -645,8 +652,10 @@ class Notifier:
         def change(current: Suppression | None) -> Suppression | None:
             if current is not None and sid in current.seen:
                 return None
-            if current is None and not event.opted_out:
-                return None
+            if current is not None and current.said_at is not None and event.at <= current.said_at:
+                return None  # a newer STOP or START was applied already
+            # A START with no record yet is kept too: its time must outrank a STOP that
+            # was said before it but arrives after it.
             return Suppression(
                 channel=event.channel,
                 address=event.address,
@@ -656,6 +665,7 @@ class Notifier:
                 our_address=event.our_address,
                 source_id=sid,
                 seen=[*(current.seen if current else []), sid][-20:],
+                said_at=event.at,
             )
 
         await self.suppressions.mutate(suppression_key(event.channel, event.address), change)

@@ -11,7 +11,13 @@ from podium.common.consumer import PullConsumer
 from podium.common.kv import Store
 from podium.common.runtime import Context
 from podium.contracts import streams
-from podium.contracts.state import ConversationReplies, OutboxRecord, Suppression
+from podium.contracts.events import AnyEvent, DeliveryStatus, RecipientPreference
+from podium.contracts.state import (
+    ConversationReplies,
+    OutboxRecord,
+    Suppression,
+    suppression_key,
+)
 from podium.notifier.config import NotifierSettings
 from podium.notifier.handlers import Notifier
 from podium.notifier.metrics import NotifierMetrics
@@ -24,6 +30,15 @@ from podium.notifier.transports import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def fact_key(event: AnyEvent) -> str | None:
+    """Order key of a provider fact: the recipient it is about, or the command."""
+    if isinstance(event, RecipientPreference):
+        return suppression_key(event.channel, event.address)
+    if isinstance(event, DeliveryStatus):
+        return event.command_id
+    return None
 
 
 class NotifierService:
@@ -92,6 +107,10 @@ class NotifierService:
             service=self.name,
             metrics=ctx.metrics,
             concurrency=self.settings.concurrency,
+            # One recipient's STOP and START, one command's statuses: in the order they
+            # came, a retry holding its place (the facts' times settle the rest).
+            order_key=fact_key,
+            retry_in_place=True,
             spawn=ctx.spawn,
         )
         self.consumer.start()

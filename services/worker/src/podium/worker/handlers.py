@@ -55,6 +55,9 @@ from podium.worker.report import parse_report
 
 log = logging.getLogger(__name__)
 
+#: How many kills of tasks not running here are remembered (see ``Worker.early_kills``).
+EARLY_KILLS = 1000
+
 
 class Worker:
     """Handles TASKS events and kill requests."""
@@ -82,6 +85,9 @@ class Worker:
         # Agent calls running here, by task id, and why one was killed.
         self.running: dict[str, asyncio.Task[AgentAnswer]] = {}
         self.killed: dict[str, str] = {}
+        #: Kills heard for tasks not running here (yet): a task about to start (its
+        #: record read before the cancel was recorded) is stopped as soon as it runs.
+        self.early_kills: dict[str, str] = {}
 
     async def handle(self, event: AnyEvent, delivery: Delivery) -> None:
         """Entry point for the TASKS consumer."""
@@ -170,7 +176,14 @@ class Worker:
         """Cancel the agent call of ``task_id`` if it runs here; True if it did."""
         call = self.running.get(task_id)
         if call is None or call.done():
+            self.early_kills[task_id] = reason
+            while len(self.early_kills) > EARLY_KILLS:
+                self.early_kills.pop(next(iter(self.early_kills)))
             return False
+        if task_id in self.killed:
+            # Being stopped already (the conductor's kill, then the stored cancel's): a
+            # second cancel would cut short the clean-up that kills its process group.
+            return True
         self.killed[task_id] = reason
         call.cancel()
         self.own.kills.labels("kill").inc()
@@ -288,6 +301,10 @@ class Worker:
         """The agent's answer, or None if the task was killed meanwhile."""
         inner = asyncio.create_task(self.agents.run(call), name=f"agent:{task_id}")
         self.running[task_id] = inner
+        early = self.early_kills.pop(task_id, None)
+        if early is not None:
+            # Killed while it was starting: the kill found nothing running then.
+            self.kill(task_id, early)
         self.own.busy.inc()
         try:
             answer = await inner

@@ -16,7 +16,7 @@ from podium.common.consumer import PullConsumer
 from podium.common.kv import Store
 from podium.common.runtime import Context
 from podium.contracts import streams, subjects
-from podium.contracts.events import AnyEvent
+from podium.contracts.events import AnyEvent, KillTask
 from podium.contracts.state import TaskRecord
 from podium.worker.config import WorkerSettings
 from podium.worker.handlers import Worker
@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def by_task(event: AnyEvent) -> str | None:
-    """Order key: turns of one task never overlap on a worker."""
+    """Order key: turns of one task never overlap on a worker. A cancel has no lane: it
+    must not wait behind the very turn it stops."""
+    if isinstance(event, KillTask):
+        return None
     return getattr(event, "task_id", None)
 
 
