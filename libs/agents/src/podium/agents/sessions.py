@@ -327,13 +327,15 @@ class Agents:
         record: SessionRecord,
         answer: AgentAnswer,
     ) -> None:
+        released = False
         try:
             await self.runtime.settle(call, answer.session_id)
-            await self._store(call, record, answer)
+            released = await self._store(call, record, answer)
         except Exception:
             log.exception("could not store the session", extra={"session": name})
         finally:
-            await self._release(records, name)
+            if not released:
+                await self._release(records, name)
 
     async def _prepare(self, call: AgentCall, record: SessionRecord) -> AgentCall:
         """Make this replica's copy of the session current; pick the session id to resume."""
@@ -359,17 +361,24 @@ class Agents:
             )
         return call
 
-    async def _store(self, call: AgentCall, record: SessionRecord, answer: AgentAnswer) -> None:
-        """After a turn: keep the transcript (and workspace) and bump the generation."""
+    async def _store(self, call: AgentCall, record: SessionRecord, answer: AgentAnswer) -> bool:
+        """After a turn: keep the transcript (and workspace), bump the generation and give
+        up the lease, in one write; whether it was written (else the lease is still held)."""
         if self.records is None or not answer.session_id:
-            return
+            return False
         name = f"{self.role}.{call.key}"
         files = await self._store_files(call, answer)
-        updated = await self.records.mutate(
-            name, lambda current: _next(current or record, call, answer, files)
-        )
+
+        def stored(current: SessionRecord | None) -> SessionRecord:
+            new = _next(current or record, call, answer, files)
+            if new.holder == self.replica:
+                new = evolve(new, holder="", lease_until=0.0)
+            return new
+
+        updated = await self.records.mutate(name, stored)
         if updated is not None:
             self.seen[name] = updated.generation
+        return updated is not None
 
     async def _store_files(self, call: AgentCall, answer: AgentAnswer) -> Stored:
         """The transcript (and a worker's workspace): small ones to go in the record, the
