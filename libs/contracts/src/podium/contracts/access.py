@@ -113,12 +113,6 @@ def kv_read(bucket: str) -> list[str]:
     return [*stream_info(stream), *_direct_get(stream)]
 
 
-def kv_write(bucket: str, *, list_keys: bool = False) -> list[str]:
-    """Getting and writing keys of a KV bucket (and listing them, if asked)."""
-    extra = _ordered_consumers(f"KV_{bucket}") if list_keys else []
-    return [*kv_read(bucket), f"$KV.{bucket}.>", *extra]
-
-
 def object_store(bucket: str) -> list[str]:
     """Reading and writing objects of an object store."""
     stream = f"OBJ_{bucket}"

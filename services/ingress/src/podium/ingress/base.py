@@ -59,19 +59,6 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
-async def _not_found(request: web.Request) -> web.Response:
-    return error_response(404, "not_found", "Not Found")
-
-
-def _method_not_allowed(allowed: str) -> Handler:
-    async def refuse(request: web.Request) -> web.Response:
-        response = error_response(405, "method_not_allowed", "Method Not Allowed")
-        response.headers["Allow"] = allowed
-        return response
-
-    return refuse
-
-
 @dataclass
 class Deps:
     """What the handlers need, passed in (no globals)."""
