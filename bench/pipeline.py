@@ -16,9 +16,10 @@ Prints a table, then as its last line one JSON object with
 ``conversations_per_s``, ``p50_ms``, ``p99_ms``, ``raw_publish_per_s``, the raw
 relay's figures, and what one conversation costs the bus in the burst, read from
 the server's monitoring endpoint: JetStream API requests as ``/jsz`` counts them
-(stream and consumer info, object-store lookups and purges; not fetches nor KV reads,
-which are direct gets) and stored messages (each a publish awaiting its ack), their
-sum, ``js_round_trips_per_conversation`` (so a lower bound), and every message the
+(stream and consumer info, object-store lookups and purges; not fetches), KV reads
+(direct gets, which ``/jsz`` does not count, so the benchmark counts their requests
+itself) and stored messages (each a publish awaiting its ack), their sum,
+``js_round_trips_per_conversation`` (fetches aside), and every message the
 services sent the server (``/varz`` ``in_msgs``: KV reads, fetches and acks too),
 ``bus_messages_per_conversation``.
 """
@@ -38,6 +39,7 @@ from typing import Any
 import aiohttp
 import msgspec
 import nats
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
@@ -128,21 +130,35 @@ class Tracker:
         self.posted: dict[str, float] = {}
         self.command_of: dict[str, str] = {}
         self.finished: dict[str, float] = {}
+        # Each subscription has its own queue and callback task in nats-py, so under a
+        # burst a reply's "sent" record can be seen before the command that names its
+        # conversation: its time waits here for the command.
+        self.sent_early: dict[str, float] = {}
+        self.reads = 0
         self.decoder = msgspec.json.Decoder(OutboxRecord)
 
     async def on_command(self, msg: Msg) -> None:
         event = decode(msg.data)
         if isinstance(event, ApiReply):
             self.command_of[event.command_id] = event.conversation_id
+            sent = self.sent_early.pop(event.command_id, None)
+            if sent is not None:
+                self.finished.setdefault(event.conversation_id, sent)
 
     async def on_outbox(self, msg: Msg) -> None:
         if not msg.data:
             return
         record = self.decoder.decode(msg.data)
         if record.state == "sent":
+            now = time.perf_counter()
             conversation = self.command_of.get(record.command_id)
-            if conversation and conversation not in self.finished:
-                self.finished[conversation] = time.perf_counter()
+            if conversation is None:
+                self.sent_early.setdefault(record.command_id, now)
+            elif conversation not in self.finished:
+                self.finished[conversation] = now
+
+    async def on_read(self, msg: Msg) -> None:
+        self.reads += 1
 
     def latencies(self) -> list[float]:
         return [(self.finished[c] - t) * 1000 for c, t in self.posted.items() if c in self.finished]
@@ -197,6 +213,20 @@ async def bus_counts(monitor: int) -> tuple[int, int, int]:
     return int(jsz["api"]["total"]), int(stored), int(varz["in_msgs"])
 
 
+async def watch(nats_url: str) -> tuple[Client, Tracker]:
+    """A connection whose tracker sees replies, outbox records and KV reads."""
+    nc = await nats.connect(nats_url)
+    tracker = Tracker()
+    await nc.subscribe("commands.api.>", cb=tracker.on_command)
+    await nc.subscribe("$KV.outbox.>", cb=tracker.on_outbox)
+    # KV reads are direct gets, which /jsz does not count: count the requests here.
+    await nc.subscribe("$JS.API.DIRECT.GET.>", cb=tracker.on_read)
+    # The server must have the subscriptions before the first POST: a command it
+    # relayed earlier would leave its conversation unfinished in the tracker.
+    await nc.flush()
+    return nc, tracker
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="podium-bench-"))
     monitor = free_port()
@@ -221,29 +251,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await p.wait_ready(60)
         url = f"http://127.0.0.1:{port}"
 
-        nc = await nats.connect(server.url)
-        tracker = Tracker()
-        await nc.subscribe("commands.api.>", cb=tracker.on_command)
-        await nc.subscribe("$KV.outbox.>", cb=tracker.on_outbox)
-        # The server must have both subscriptions before the first POST: a command it
-        # relayed earlier would leave its conversation unfinished in the tracker.
-        await nc.flush()
+        nc, tracker = await watch(server.url)
         await drive(url, tracker, 20, None)  # warm-up: its figures are discarded
         tracker.posted.clear()
         tracker.finished.clear()
         paced_total = int(args.rate * args.seconds)
         await drive(url, tracker, paced_total, args.rate)
         paced = tracker.latencies()
-
-        burst_tracker = Tracker()
         await nc.close()
-        nc = await nats.connect(server.url)
-        await nc.subscribe("commands.api.>", cb=burst_tracker.on_command)
-        await nc.subscribe("$KV.outbox.>", cb=burst_tracker.on_outbox)
-        await nc.flush()
+
+        nc, burst_tracker = await watch(server.url)
         api_before, stored_before, in_before = await bus_counts(monitor)
         elapsed = await drive(url, burst_tracker, args.burst, None)
         api_after, stored_after, in_after = await bus_counts(monitor)
+        await nc.flush()
         await nc.close()
     finally:
         for p in procs:
@@ -265,7 +286,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     stored = (stored_after - stored_before) / args.burst
     result["js_api_requests_per_conversation"] = round(api, 1)
     result["stored_messages_per_conversation"] = round(stored, 1)
-    result["js_round_trips_per_conversation"] = round(api + stored, 1)
+    reads = burst_tracker.reads / args.burst
+    result["kv_reads_per_conversation"] = round(reads, 1)
+    result["js_round_trips_per_conversation"] = round(api + stored + reads, 1)
     # Everything the services sent the server: publishes, KV reads (direct gets, which
     # /jsz does not count as API requests), fetches, acks, heartbeats.
     result["bus_messages_per_conversation"] = round((in_after - in_before) / args.burst, 1)

@@ -34,6 +34,9 @@ async def test_provision_twice_is_harmless_and_complete(js: JetStreamContext) ->
         assert ci.config.max_deliver == consumer.max_deliver
         assert ci.config.ack_wait == consumer.ack_wait_s
     for bucket in TOPOLOGY.buckets:
+        # Reads are direct gets (nats-py's handle picks them from the stream's config).
+        kv_stream = (await js.stream_info(f"KV_{bucket.name}")).config
+        assert kv_stream.allow_direct, bucket.name
         await js.key_value(bucket.name)
     assert await missing_streams(js, tuple(s.name for s in TOPOLOGY.streams)) == []
 
@@ -80,10 +83,11 @@ async def test_provisioning_again_updates_streams_buckets_and_object_stores(
                 assert config.max_bytes == -1, bucket.name
             # A bucket's own settings come back too, if someone changed them.
             kv = (await js.stream_info("KV_suppressions")).config
-            await js.update_stream(kv.evolve(max_msgs_per_subject=1))
+            await js.update_stream(kv.evolve(max_msgs_per_subject=1, allow_direct=False))
             await provision(js, replicas=3, budget=8 * GIB)
             kv = (await js.stream_info("KV_suppressions")).config
             assert kv.max_msgs_per_subject == streams.SUPPRESSIONS.history
+            assert kv.allow_direct  # buckets made before reads were direct gets
         finally:
             await nc.close()
 

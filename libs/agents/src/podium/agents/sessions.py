@@ -388,22 +388,30 @@ class Agents:
             return stored
         inline = self.settings.agent_inline_session_bytes
         path = self.runtime.transcript_path(call, answer.session_id)
-        if path.exists():
-            data = await asyncio.to_thread(path.read_bytes)
-            packed = await asyncio.to_thread(zlib.compress, data, 1)
-            if len(packed) <= inline:
-                stored.transcript_inline = packed
+        workdir = call.workdir if self.role == "worker" else None
+        limit = self.settings.agent_workspace_max_bytes
+        # One hop to a thread for all the file work of a turn: on two cores each hop
+        # (a wake-up there and back) cost more than reading and packing small files.
+        files = await asyncio.to_thread(_read_session_files, path, workdir, limit)
+        if files.transcript is not None:
+            if len(files.transcript_packed) <= inline:
+                stored.transcript_inline = files.transcript_packed
             else:
                 stored.transcript = f"{self.role}/{call.key}/transcript"
-                await self.objects.put(stored.transcript, data)
-        if self.role == "worker":
-            archive = await self._pack_workspace(call)
+                await self.objects.put(stored.transcript, files.transcript)
+        if files.workspace_too_large:
+            log.warning(
+                "workspace too large to store; it will not follow the task to another replica",
+                extra={"workdir": str(call.workdir), "limit_bytes": limit},
+            )
+        archive = files.workspace
+        if archive is not None:
             # One limit for both: the record, base64 in JSON, must stay well inside
             # the server's max_payload.
             room = inline - len(stored.transcript_inline)
-            if archive is not None and len(archive) <= room:
+            if len(archive) <= room:
                 stored.workspace_inline = archive
-            elif archive is not None:
+            else:
                 stored.workspace = f"{self.role}/{call.key}/workspace.tar.gz"
                 await self.objects.put(stored.workspace, archive)
         return stored
@@ -428,18 +436,6 @@ class Agents:
         if archive:
             await asyncio.to_thread(_unpack, archive, call.workdir)
         return True
-
-    async def _pack_workspace(self, call: AgentCall) -> bytes | None:
-        if not call.workdir.exists():
-            return None
-        limit = self.settings.agent_workspace_max_bytes
-        archive = await asyncio.to_thread(_pack, call.workdir, limit)
-        if archive is None:
-            log.warning(
-                "workspace too large to store; it will not follow the task to another replica",
-                extra={"workdir": str(call.workdir), "limit_bytes": limit},
-            )
-        return archive
 
     # --- the lease ---------------------------------------------------------
 
@@ -565,6 +561,28 @@ def _write_file(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".restore")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+@dataclass
+class SessionFiles:
+    """What a turn left on disk, read in one go: the transcript, raw and compressed, and
+    the workspace as an archive (None if there is none, or it is over the limit)."""
+
+    transcript: bytes | None = None
+    transcript_packed: bytes = b""
+    workspace: bytes | None = None
+    workspace_too_large: bool = False
+
+
+def _read_session_files(transcript: Path, workdir: Path | None, limit: int) -> SessionFiles:
+    files = SessionFiles()
+    with contextlib.suppress(FileNotFoundError):
+        files.transcript = transcript.read_bytes()
+        files.transcript_packed = zlib.compress(files.transcript, 1)
+    if workdir is not None and workdir.exists():
+        files.workspace = _pack(workdir, limit)
+        files.workspace_too_large = files.workspace is None
+    return files
 
 
 def _pack(directory: Path, limit: int) -> bytes | None:
