@@ -150,7 +150,13 @@ def _judge(report: Block, request: Block | None) -> str:
         answer = f"{summary}\n\n{report.body.strip()}"
     else:
         answer = f"Sorry, I could not complete your request: {summary}"
-    return _answer(request, answer)
+    # Every file the worker made goes back with the answer ("Artifact: <ref> (…)").
+    attach = [
+        f"ATTACH: {line.split(' (', 1)[0].strip()}"
+        for line in report.repeated.get("Artifact", [])
+        if status == "COMPLETE"
+    ]
+    return "\n".join([_answer(request, answer), *attach])
 
 
 def _answer(request: Block | None, text: str) -> str:
@@ -178,6 +184,13 @@ def work(prompt: str, workdir: Path, *, turn: int) -> str:
     else:
         content = result.read_text() + f"\n## Revision {turn}\n\n{request}\n"
     result.write_text(content)
+    inputs = _describe_inputs(workdir)
+    if inputs:
+        # A real deliverable from real inputs: one row per file it was given.
+        outputs = workdir / "outputs"
+        outputs.mkdir(exist_ok=True)
+        (outputs / "inputs.csv").write_text(inputs)
+        content += "\nWrote outputs/inputs.csv: name, bytes and sha256 of each input file.\n"
     summary = f"Wrote result.md for: {_shorten(request, 80)}"
     if turn:
         summary = f"Revised result.md (revision {turn})"
@@ -185,6 +198,19 @@ def work(prompt: str, workdir: Path, *, turn: int) -> str:
         f"I wrote {result.name} in my workspace.\n\n"
         f"Status: COMPLETE\nSummary: {summary}\nDetails:\n{content}"
     )
+
+
+def _describe_inputs(workdir: Path) -> str:
+    """A CSV of the files under ``inputs/`` ("" when there are none)."""
+    directory = workdir / "inputs"
+    if not directory.is_dir():
+        return ""
+    rows = [
+        f"{p.name},{p.stat().st_size},{hashlib.sha256(p.read_bytes()).hexdigest()}"
+        for p in sorted(directory.iterdir())
+        if p.is_file() and not p.is_symlink()
+    ]
+    return "name,bytes,sha256\n" + "".join(f"{row}\n" for row in rows) if rows else ""
 
 
 def _task_text(prompt: str) -> str:

@@ -13,9 +13,14 @@ What the conductor agent receives, one block per turn (the seed's formats)::
     [WORKER:<task id>]
     Status: COMPLETE|FAILED|NEEDS_INPUT|CANCELLED
     Summary: …
+    Artifact: <task id>/<name> (<size> bytes, <type>)     (one per file, if any)
     Details:
     …
     ---
+
+An inbound message with files lists each as ``Attachment: <name> (<type>, <size>
+bytes)`` before its body (``…: not stored: <why>`` for one left out); the tasks
+it starts find them under ``inputs/``.
 
 What it answers: commands at the start of a line, each running to the next
 command or the end (parsed by ``podium.conductor.commands``). What a worker
@@ -26,7 +31,7 @@ agent ends its answer with: ``Status:`` / ``Summary:`` / ``Details:`` lines
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 COMMAND_NAMES = (
     "SPAWN_WORKER",
@@ -37,6 +42,7 @@ COMMAND_NAMES = (
     "REPLY",
     "NO_ACTION",
     "ESCALATE",
+    "ATTACH",
 )
 
 END = "---"
@@ -47,17 +53,26 @@ def _clean(value: str) -> str:
     return " ".join(value.split())
 
 
-def email_block(sender: str, to: str, subject: str, body: str) -> str:
-    """An inbound email as the conductor sees it."""
+def _lines(name: str, values: list[str] | None) -> str:
+    return "".join(f"{name}: {_clean(v)}\n" for v in values or [])
+
+
+def email_block(
+    sender: str, to: str, subject: str, body: str, attachments: list[str] | None = None
+) -> str:
+    """An inbound email as the conductor sees it; ``attachments``: one line per file."""
     return (
         f"[EMAIL]\nFrom: {_clean(sender)}\nTo: {_clean(to)}\nSubject: {_clean(subject)}\n"
-        f"Body:\n{fence(body, 'email')}\n{END}"
+        f"{_lines('Attachment', attachments)}Body:\n{fence(body, 'email')}\n{END}"
     )
 
 
-def sms_block(sender: str, text: str) -> str:
-    """An inbound SMS as the conductor sees it."""
-    return f"[SMS]\nFrom: {_clean(sender)}\nMessage:\n{fence(text, 'sms')}\n{END}"
+def sms_block(sender: str, text: str, attachments: list[str] | None = None) -> str:
+    """An inbound SMS as the conductor sees it; ``attachments``: one line per media item."""
+    return (
+        f"[SMS]\nFrom: {_clean(sender)}\n{_lines('Attachment', attachments)}"
+        f"Message:\n{fence(text, 'sms')}\n{END}"
+    )
 
 
 def api_block(sender: str, thread: str, text: str) -> str:
@@ -68,13 +83,24 @@ def api_block(sender: str, thread: str, text: str) -> str:
     )
 
 
-def worker_block(task_id: str, status: str, summary: str, details: str, extra: str = "") -> str:
+def worker_block(
+    task_id: str,
+    status: str,
+    summary: str,
+    details: str,
+    extra: str = "",
+    *,
+    facts: list[str] | None = None,
+) -> str:
     """A worker's report as the conductor sees it, with any context the conductor adds.
 
     The worker has read untrusted material, so what it reports is fenced too.
+    ``facts``: ``Name: value`` lines the platform vouches for (``Artifact: …``), each
+    kept to one line.
     """
+    checked = "".join(f"{_clean(fact)}\n" for fact in facts or [])
     block = (
-        f"[WORKER:{task_id}]\nStatus: {status}\nSummary: {_clean(summary)}\n"
+        f"[WORKER:{task_id}]\nStatus: {status}\nSummary: {_clean(summary)}\n{checked}"
         f"Details:\n{fence(details, 'worker')}\n"
     )
     block += END
@@ -128,6 +154,8 @@ class Block:
     task_id: str
     fields: dict[str, str]
     body: str
+    #: Fields that may come more than once (``Artifact``, ``Attachment``), in order.
+    repeated: dict[str, list[str]] = field(default_factory=dict)
 
 
 _FIELD = re.compile(r"^([A-Za-z][A-Za-z -]*):\s?(.*)$")
@@ -151,6 +179,7 @@ def _parse_at(lines: list[str], start: int) -> tuple[Block, int]:
     tag = lines[start].strip()[1:-1]
     kind, _, task_id = tag.partition(":")
     fields: dict[str, str] = {}
+    repeated: dict[str, list[str]] = {}
     body_lines: list[str] = []
     in_body = False
     end = start + 1
@@ -172,5 +201,6 @@ def _parse_at(lines: list[str], start: int) -> tuple[Block, int]:
                 body_lines.append(value)
         else:
             fields[name] = value
+            repeated.setdefault(name, []).append(value)
     body = unfence("\n".join(body_lines)).strip()
-    return Block(kind=kind, task_id=task_id, fields=fields, body=body), end
+    return Block(kind=kind, task_id=task_id, fields=fields, body=body, repeated=repeated), end

@@ -63,6 +63,25 @@ class Media(msgspec.Struct, frozen=True, kw_only=True):
     note: str = ""
 
 
+class Artifact(msgspec.Struct, frozen=True, kw_only=True):
+    """A file a worker left under ``outputs/``, stored by the platform (not the agent) in
+    the ``artifacts`` object store; the conductor attaches it with ``ATTACH: <ref>``."""
+
+    task_id: str
+    #: Its path under ``outputs/`` (``report.csv``, ``charts/q3.png``).
+    name: str
+    size: int
+    content_type: str
+    sha256: str
+    #: Name in the ``artifacts`` object store.
+    object: str
+
+    @property
+    def ref(self) -> str:
+        """``<task id>/<name>``: how prompts and ``ATTACH`` name it."""
+        return f"{self.task_id}/{self.name}"
+
+
 class InboundMessage(Event, frozen=True, kw_only=True, tag="inbound.message"):
     """A message from the outside world (email, SMS or API), as ingress received it."""
 
@@ -88,6 +107,9 @@ class TaskRequested(Event, frozen=True, kw_only=True, tag="task.requested"):
     instructions: str
     original_request: str = ""
     timeout_s: float = 0.0
+    #: The conversation's files (email attachments, MMS media), placed under ``inputs/``
+    #: in the task's directory when it starts; those not stored carry a ``note``.
+    inputs: list[Media] = []
 
 
 class TaskFollowup(Event, frozen=True, kw_only=True, tag="task.followup"):
@@ -112,6 +134,10 @@ class TaskResult(Event, frozen=True, kw_only=True, tag="task.result"):
     duration_ms: int = 0
     # The task or follow-up event this result answers.
     answers: str = ""
+    #: Every file under the task's ``outputs/`` after this turn, as stored.
+    artifacts: list[Artifact] = []
+    #: Files under ``outputs/`` not kept, each with why ("big.iso: over the … limit").
+    left_out: list[str] = []
 
 
 class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
@@ -135,6 +161,8 @@ class SendEmail(Event, frozen=True, kw_only=True, tag="command.email"):
     #: An escalation to the operator, not a reply to the conversation's people: the
     #: API's read model of a conversation's replies leaves it out.
     operator: bool = False
+    #: Artifacts to send with it: MIME parts, or download links past the size limit.
+    attachments: list[Artifact] = []
 
 
 class SendSms(Event, frozen=True, kw_only=True, tag="command.sms"):
@@ -144,6 +172,8 @@ class SendSms(Event, frozen=True, kw_only=True, tag="command.sms"):
     to: str
     body: str
     sender: str = ""
+    #: Artifacts to send with it, as download links in the text.
+    attachments: list[Artifact] = []
 
 
 class ApiReply(Event, frozen=True, kw_only=True, tag="command.api"):
@@ -153,6 +183,8 @@ class ApiReply(Event, frozen=True, kw_only=True, tag="command.api"):
     client: str
     thread_id: str
     body: str
+    #: Artifacts to send with it, listed with download links in the replies read model.
+    attachments: list[Artifact] = []
 
 
 DeliveryOutcome = Literal["rejected", "suppressed", "ambiguous", "exhausted", "undelivered"]

@@ -256,7 +256,9 @@ BUCKETS: tuple[BucketSpec, ...] = (
     # Object names start with the owner's role (``conductor/…``, ``worker/…``); NATS
     # cannot tell an object's name from its subject, so this split is by convention.
     BucketSpec("transcripts", "object", owners=("conductor", "worker")),
-    BucketSpec("attachments", "object", owners=("ingress",)),
+    BucketSpec("attachments", "object", owners=("ingress",), readers=("worker",)),
+    # The ingress serves download links to them; the notifier attaches them to mail.
+    BucketSpec("artifacts", "object", owners=("worker",), readers=("notifier", "ingress")),
 )
 
 

@@ -12,7 +12,15 @@ from typing import Literal
 
 import msgspec
 
-from podium.contracts.events import AnyEvent, Channel, TaskResult, TaskStatus, utcnow
+from podium.contracts.events import (
+    AnyEvent,
+    Artifact,
+    Channel,
+    Media,
+    TaskResult,
+    TaskStatus,
+    utcnow,
+)
 from podium.contracts.ids import stable_id
 
 TaskState = Literal["queued", "running", "needs_input", "complete", "failed", "cancelled"]
@@ -30,6 +38,9 @@ FINISHED: frozenset[str] = frozenset({"complete", "failed", "cancelled"})
 MAX_HANDLED = 200
 MAX_REFERENCES = 20
 MAX_OUTBOUND = 100
+#: Files kept for a conversation's tasks, and artifacts it may attach (the newest).
+MAX_MEDIA = 50
+MAX_ARTIFACTS = 200
 
 
 class TaskInfo(msgspec.Struct, kw_only=True):
@@ -110,6 +121,10 @@ class Conversation(msgspec.Struct, kw_only=True):
     refused: bool = False
     #: Decisions of the last turn not yet confirmed published (see ``Pending``).
     pending: list[Pending] = []
+    #: The files people sent in this conversation (bounded), given to each new task.
+    media: list[Media] = []
+    #: What its workers produced, by ``<task id>/<name>``: what ``ATTACH`` may name.
+    artifacts: dict[str, Artifact] = {}
     created_at: datetime = msgspec.field(default_factory=utcnow)
     updated_at: datetime = msgspec.field(default_factory=utcnow)
 
@@ -257,6 +272,16 @@ def suppression_key(channel: str, address: str) -> str:
     return f"email.{stable_id(address.strip().lower())}"
 
 
+class FileLink(msgspec.Struct, kw_only=True):
+    """An artifact as a reply shows it: a download link that expires."""
+
+    name: str
+    size: int
+    content_type: str
+    url: str
+    expires_at: datetime
+
+
 class ReplyView(msgspec.Struct, kw_only=True):
     """One reply as the API shows it: what went out and how far it got."""
 
@@ -269,6 +294,8 @@ class ReplyView(msgspec.Struct, kw_only=True):
     delivery: str = "pending"
     #: What the provider reported afterwards (status callbacks), if anything.
     provider_status: str = ""
+    #: The artifacts that went with it, with their download links.
+    files: list[FileLink] = []
     at: datetime = msgspec.field(default_factory=utcnow)
 
 

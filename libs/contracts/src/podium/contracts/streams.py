@@ -202,20 +202,23 @@ REPLIES = BucketSpec(
 TRANSCRIPTS = "transcripts"
 #: Object store of inbound email attachments (``Media.object`` names them).
 ATTACHMENTS = "attachments"
+#: Object store of the files workers leave under ``outputs/`` (``Artifact.object``).
+ARTIFACTS = "artifacts"
 OBJECT_STORE_DESCRIPTIONS = {
     TRANSCRIPTS: "Agent transcripts and workspaces",
-    ATTACHMENTS: "Inbound email attachments",
+    ATTACHMENTS: "Inbound email attachments and MMS media",
+    ARTIFACTS: "Files workers made (task outputs), sent as attachments or links",
 }
 #: Object stores' shares of PODIUM_STORE_BUDGET_BYTES. Attachments (up to 20 x 10 MiB
 #: per email, kept 30 days) get their own, so a flood of them fills their store, not
 #: the file store INBOUND needs to take new messages.
-OBJECT_STORE_SHARES = {TRANSCRIPTS: 0.18, ATTACHMENTS: 0.25}
+OBJECT_STORE_SHARES = {TRANSCRIPTS: 0.18, ATTACHMENTS: 0.25, ARTIFACTS: 0.12}
 
 TOPOLOGY = Topology(
     streams=(INBOUND, TASKS, RESULTS, COMMANDS, DELIVERY, DEADLETTER),
     consumers=(*CONDUCTOR_CONSUMERS, WORKER_TASKS, NOTIFIER_COMMANDS, NOTIFIER_DELIVERY),
     buckets=(CONVERSATIONS, TASK_STATE, OUTBOX, SESSIONS, CONDUCTORS, SUPPRESSIONS, REPLIES),
-    object_stores=(TRANSCRIPTS, ATTACHMENTS),
+    object_stores=(TRANSCRIPTS, ATTACHMENTS, ARTIFACTS),
 )
 
 

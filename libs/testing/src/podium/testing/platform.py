@@ -105,9 +105,17 @@ class Platform:
             return body
 
     async def email(
-        self, sender: str, subject: str, text: str, *, message_id: str, headers: str = ""
+        self,
+        sender: str,
+        subject: str,
+        text: str,
+        *,
+        message_id: str,
+        headers: str = "",
+        files: list[tuple[str, str, bytes]] | None = None,
     ) -> dict[str, Any]:
-        """An inbound email through the SendGrid Inbound Parse webhook (parsed mode)."""
+        """An inbound email through the SendGrid Inbound Parse webhook (parsed mode);
+        ``files``: (file name, media type, bytes) sent as its attachments."""
         form = aiohttp.FormData(default_to_multipart=True)
         fields = {
             "from": sender,
@@ -116,8 +124,19 @@ class Platform:
             "text": text,
             "headers": f"Message-ID: {message_id}\nSubject: {subject}\n{headers}",
         }
+        if files:
+            # SendGrid's parsed mode: attachmentN parts, described by attachment-info.
+            fields["attachments"] = str(len(files))
+            fields["attachment-info"] = json.dumps(
+                {
+                    f"attachment{n}": {"filename": name, "name": name, "type": kind}
+                    for n, (name, kind, _) in enumerate(files, 1)
+                }
+            )
         for key, value in fields.items():
             form.add_field(key, value)
+        for n, (name, kind, data) in enumerate(files or [], 1):
+            form.add_field(f"attachment{n}", data, filename=name, content_type=kind)
         async with (
             aiohttp.ClientSession() as http,
             http.post(f"{self.url}/webhooks/sendgrid/inbound", data=form) as resp,

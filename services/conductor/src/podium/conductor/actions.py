@@ -20,6 +20,7 @@ from podium.contracts import subjects
 from podium.contracts.events import (
     AnyEvent,
     ApiReply,
+    Artifact,
     EventIds,
     InboundMessage,
     KillTask,
@@ -45,6 +46,10 @@ class Effects:
     stored: list[tuple[str, AnyEvent]] = field(default_factory=list)
     kills: list[KillTask] = field(default_factory=list)
     escalations: list[str] = field(default_factory=list)
+    #: The turn's ATTACH files: they go with every message the turn sends.
+    attachments: list[Artifact] = field(default_factory=list)
+    #: Whether a message of this turn carried them.
+    attached: bool = False
 
 
 class Actions:
@@ -57,6 +62,30 @@ class Actions:
         self.policy = Policy(settings)
         self.metrics = metrics
         self.own = own_metrics
+
+    def gather_attachments(
+        self, conv: Conversation, commands: list[cmds.Command], effects: Effects
+    ) -> None:
+        """The turn's ATTACH commands, resolved against the conversation's artifacts before
+        any message is built (an ATTACH may come after its REPLY)."""
+        for command in commands:
+            if not isinstance(command, cmds.Attach):
+                continue
+            artifact = conv.artifacts.get(command.ref)
+            if artifact is None:
+                known = ", ".join(list(conv.artifacts)[-10:]) or "none yet"
+                detail = f"there is no file {command.ref} (files the workers made: {known})"
+                self.refuse(conv, command.name, Refusal("unknown artifact", detail), effects)
+            elif artifact not in effects.attachments:
+                effects.attachments.append(artifact)
+                self.own.commands.labels(command.name).inc()
+
+    def check_attached(self, conv: Conversation, effects: Effects) -> None:
+        """ATTACH without a message to go with is refused, not dropped."""
+        if effects.attachments and not effects.attached:
+            refs = ", ".join(a.ref for a in effects.attachments)
+            detail = f"{refs}: ATTACH goes with a REPLY, SEND_EMAIL or SEND_SMS in the same answer"
+            self.refuse(conv, "ATTACH", Refusal("nothing to attach to", detail), effects)
 
     def apply(
         self,
@@ -108,6 +137,8 @@ class Actions:
                 log.info("no action", extra={"reason": reason[:300]})
             case cmds.Escalate(reason=reason):
                 effects.escalations.append(f"the conductor agent escalated: {reason}")
+            case cmds.Attach():
+                return  # resolved before the turn's messages (gather_attachments)
         if refusal is not None:
             self.refuse(conv, name, refusal, effects)
         else:
@@ -141,6 +172,7 @@ class Actions:
             instructions=task,
             original_request=conv.original_request,
             timeout_s=self.settings.task_timeout_s,
+            inputs=conv.media,
         )
         effects.stored.append((subjects.task(task_id), requested))
 
@@ -169,7 +201,9 @@ class Actions:
                 client=conv.client,
                 thread_id=conv.thread_id,
                 body=text,
+                attachments=effects.attachments,
             )
+            effects.attached = effects.attached or bool(effects.attachments)
             effects.stored.append((subjects.command("api", conv.conversation_id), reply))
             record(conv, Outbound(command_id=command_id, kind="api", to=[conv.client], body=text))
 
@@ -194,7 +228,9 @@ class Actions:
             body=body,
             in_reply_to=conv.last_message_id if threaded else "",
             references=conv.references if threaded else [],
+            attachments=effects.attachments,
         )
+        effects.attached = effects.attached or bool(effects.attachments)
         effects.stored.append((subjects.command("email", conv.conversation_id), message))
         record(
             conv, Outbound(command_id=command_id, kind="email", to=to, subject=subject, body=body)
@@ -206,7 +242,15 @@ class Actions:
         """An SMS; from the number they wrote to when the conversation is an SMS one."""
         command_id = base["event_id"]
         sender = conv.our_address if conv.channel == "sms" else ""
-        message = SendSms(**base, command_id=command_id, to=to, body=text, sender=sender)
+        message = SendSms(
+            **base,
+            command_id=command_id,
+            to=to,
+            body=text,
+            sender=sender,
+            attachments=effects.attachments,
+        )
+        effects.attached = effects.attached or bool(effects.attachments)
         effects.stored.append((subjects.command("sms", conv.conversation_id), message))
         record(conv, Outbound(command_id=command_id, kind="sms", to=[to], body=text))
 

@@ -96,7 +96,26 @@ class Escalate:
     reason: str
 
 
-Command = SpawnWorker | SendEmail | SendSms | KillWorker | TellWorker | Reply | NoAction | Escalate
+@dataclass(frozen=True)
+class Attach:
+    """ATTACH: <task id>/<name> — goes with this turn's outgoing message."""
+
+    name: ClassVar[str] = "ATTACH"
+
+    ref: str
+
+
+Command = (
+    SpawnWorker
+    | SendEmail
+    | SendSms
+    | KillWorker
+    | TellWorker
+    | Reply
+    | NoAction
+    | Escalate
+    | Attach
+)
 
 
 @dataclass(frozen=True)
@@ -168,6 +187,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "REPLY": ("text",),
     "NO_ACTION": ("reason",),
     "ESCALATE": ("reason",),
+    "ATTACH": ("ref",),
 }
 
 
@@ -243,4 +263,10 @@ def _build(name: str, text: str, line: str, out: Parsed) -> None:
         out.commands.append(NoAction(text))
     elif name == "ESCALATE":
         out.commands.append(Escalate(text or "no reason given"))
+    elif name == "ATTACH":
+        ref = text.split("\n", 1)[0].strip().strip("`'\"")
+        task_id, _, file = ref.partition("/")
+        if not _TASK_ID.match(task_id) or not file:
+            return reject("ATTACH needs: <task id>/<file name>, as the worker's report lists it")
+        out.commands.append(Attach(ref))
     return None

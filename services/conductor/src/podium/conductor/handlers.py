@@ -34,6 +34,7 @@ from podium.conductor.policy import REFUSAL
 from podium.conductor.prompts import (
     COMMANDS_SCHEMA,
     ROLE,
+    artifact_facts,
     inbound_block,
     lost_session_summary,
     system_block,
@@ -54,7 +55,9 @@ from podium.contracts.events import (
 )
 from podium.contracts.ids import stable_id
 from podium.contracts.state import (
+    MAX_ARTIFACTS,
     MAX_HANDLED,
+    MAX_MEDIA,
     MAX_REFERENCES,
     STATE_AFTER,
     Conversation,
@@ -231,7 +234,14 @@ class Conductor:
             )
         if not event.structured:
             context += "\nNote: the worker did not end with the Status/Summary/Details report."
-        block = worker_block(event.task_id, event.status, event.summary, event.details, context)
+        block = worker_block(
+            event.task_id,
+            event.status,
+            event.summary,
+            event.details,
+            context,
+            facts=artifact_facts(event),
+        )
         await self._turn(
             conv,
             revision,
@@ -295,8 +305,10 @@ class Conductor:
             self.own.rejected.inc()
             conv.notes.append(f"rejected {rejection.line[:120]!r}: {rejection.reason}")
             log.warning("command rejected", extra={"reason": rejection.reason})
+        self.actions.gather_attachments(conv, parsed.commands, effects)
         for index, command in enumerate(parsed.commands):
             self.actions.apply(conv, event, index, command, effects)
+        self.actions.check_attached(conv, effects)
         limit = self.settings.max_failed_tasks
         if failures_before < limit <= conv.failed_tasks:
             effects.escalations.append(f"{conv.failed_tasks} tasks failed (limit {limit})")
@@ -476,6 +488,8 @@ def _absorb(conv: Conversation, event: InboundMessage, block: str) -> None:
         conv.last_message_id = event.message_id
     if not conv.original_request:
         conv.original_request = block
+    if event.media:
+        conv.media = [*conv.media, *event.media][-MAX_MEDIA:]
 
 
 def _account(conv: Conversation, event: TaskResult) -> None:
@@ -486,6 +500,10 @@ def _account(conv: Conversation, event: TaskResult) -> None:
     task.state = STATE_AFTER[event.status]
     task.summary = event.summary[:500]
     task.updated_at = utcnow()
+    if event.artifacts:
+        # The newest version of each file is the one ATTACH sends.
+        artifacts = {**conv.artifacts, **{a.ref: a for a in event.artifacts}}
+        conv.artifacts = dict(list(artifacts.items())[-MAX_ARTIFACTS:])
     if event.event_id in conv.accounted:
         return
     conv.spend_usd += event.cost_usd

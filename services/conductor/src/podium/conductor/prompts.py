@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from podium.agents import protocol
-from podium.contracts.events import InboundMessage
+from podium.contracts.events import InboundMessage, Media, TaskResult
 from podium.contracts.state import FINISHED, Conversation
 
 ROLE = """\
@@ -29,8 +29,15 @@ KILL_WORKER: <task id>
 REPLY: <text> (answers the requester on the channel they used)
 SEND_EMAIL: <to> | <subject> | <body>
 SEND_SMS: <+E.164 number> | <text>
+ATTACH: <task id>/<name> (sends a worker's file with this turn's REPLY, SEND_EMAIL or
+  SEND_SMS; SMS and large files go as a download link)
 NO_ACTION: <why>
 ESCALATE: <why> (hands the conversation to a human operator)
+
+Files: a message's files are listed as "Attachment:" lines; every task you spawn finds
+them in its inputs/ directory, so tell the worker what they are. Files a worker made are
+listed in its report as "Artifact: <task id>/<name> (…)"; to send one, add an ATTACH line
+naming it to the same answer as your REPLY.
 
 Rules:
 - Delegate real work with SPAWN_WORKER; answer simple questions yourself with REPLY.
@@ -62,6 +69,7 @@ COMMANDS_SCHEMA = json.dumps(
                         "subject": {"type": "string"},
                         "body": {"type": "string"},
                         "reason": {"type": "string"},
+                        "ref": {"type": "string"},
                     },
                     "required": ["command"],
                 },
@@ -75,16 +83,30 @@ COMMANDS_SCHEMA = json.dumps(
 
 def inbound_block(event: InboundMessage) -> str:
     """The block for an inbound message, in the seed's format for its channel."""
+    files = [media_line(m) for m in event.media]
     if event.channel == "email":
         return protocol.email_block(
-            event.sender, ", ".join(event.recipients), event.subject, event.text
+            event.sender, ", ".join(event.recipients), event.subject, event.text, files
         )
     if event.channel == "sms":
-        text = event.text
-        if event.media:
-            text += "\n(media: " + ", ".join(m.url for m in event.media) + ")"
-        return protocol.sms_block(event.sender, text)
+        return protocol.sms_block(event.sender, event.text, files)
     return protocol.api_block(event.sender, event.thread_id, event.text)
+
+
+def media_line(media: Media) -> str:
+    """One file of an inbound message, as the conductor is told of it."""
+    name = media.filename or media.url.rsplit("/", 1)[-1] or "file"
+    kind = media.content_type or "unknown type"
+    if not media.object:
+        return f"{name} ({kind}): {media.note or 'not stored'}; the workers will not have it"
+    return f"{name} ({kind}, {media.size} bytes)"
+
+
+def artifact_facts(event: TaskResult) -> list[str]:
+    """The platform's lines for a worker's files in its [WORKER] block."""
+    lines = [f"Artifact: {a.ref} ({a.size} bytes, {a.content_type})" for a in event.artifacts]
+    lines += [f"Left out: {reason}" for reason in event.left_out]
+    return lines
 
 
 def system_block(conv: Conversation) -> str:

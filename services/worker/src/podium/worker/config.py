@@ -19,3 +19,22 @@ class WorkerSettings(AgentSettings, frozen=True, kw_only=True):
     default_task_timeout_s: Annotated[
         float, setting("Deadline of a task that does not carry its own.", gt=0)
     ] = 1800.0
+    task_inputs_max_bytes: Annotated[
+        int,
+        setting(
+            "Most bytes of the conversation's files (email attachments, MMS media) placed "
+            "under inputs/ for one task; the agent is told of any left out.",
+            ge=0,
+        ),
+    ] = 100 * 1024 * 1024
+    artifact_max_bytes: Annotated[
+        int,
+        setting(
+            "Largest file under a task's outputs/ kept as an artifact; larger ones are "
+            "reported to the conductor as left out.",
+            ge=1,
+        ),
+    ] = 25 * 1024 * 1024
+    artifacts_max_count: Annotated[
+        int, setting("Most files under a task's outputs/ kept as artifacts.", ge=0)
+    ] = 20

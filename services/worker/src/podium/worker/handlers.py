@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.object_store import ObjectStore
 
 from podium.agents import AgentAnswer, AgentCall
 from podium.agents.sessions import Agents
@@ -49,6 +51,7 @@ from podium.contracts.events import (
 from podium.contracts.ids import stable_id
 from podium.contracts.state import FINISHED, STATE_AFTER, TaskRecord
 from podium.worker.config import WorkerSettings
+from podium.worker.files import collect_artifacts, stage_inputs
 from podium.worker.metrics import WorkerMetrics
 from podium.worker.prompts import ROLE, followup_prompt, task_prompt
 from podium.worker.report import parse_report
@@ -73,8 +76,12 @@ class Worker:
         metrics: Metrics,
         own_metrics: WorkerMetrics,
         role_prompt: str = ROLE,
+        attachments: ObjectStore | None = None,
+        artifacts: ObjectStore | None = None,
     ) -> None:
         self.settings = settings
+        self.attachments = attachments
+        self.artifacts = artifacts
         self.nc = nc
         self.js = js
         self.agents = agents
@@ -218,7 +225,7 @@ class Worker:
             prompt = followup_prompt(event.message)
         else:
             session_id = None
-            prompt = task_prompt(event.instructions, event.original_request)
+            prompt = await self._first_prompt(event, workdir)
             record = TaskRecord(
                 task_id=task_id,
                 conversation_id=event.conversation_id,
@@ -297,6 +304,18 @@ class Worker:
             known=(record, revision),
         )
 
+    async def _first_prompt(self, event: TaskRequested, workdir: Path) -> str:
+        """A new task's prompt, once its input files are in place under ``inputs/``."""
+        staged = await stage_inputs(
+            self.attachments, event.inputs, workdir, self.settings.task_inputs_max_bytes
+        )
+        if staged.left_out:
+            log.warning(
+                "input files left out", extra={"task_id": event.task_id, "files": staged.left_out}
+            )
+        files = staged.prompt_lines()
+        return task_prompt(event.instructions, event.original_request, files)
+
     async def _run_agent(self, task_id: str, call: AgentCall) -> AgentAnswer | None:
         """The agent's answer, or None if the task was killed meanwhile."""
         inner = asyncio.create_task(self.agents.run(call), name=f"agent:{task_id}")
@@ -329,6 +348,17 @@ class Worker:
         structured: bool = True,
         known: tuple[TaskRecord, int] | None = None,
     ) -> None:
+        # After every turn the agent ran, whatever it left under outputs/ is stored by the
+        # platform (the agent holds no credentials for the store) and named in the result.
+        collected = None
+        if answer is not None:
+            collected = await collect_artifacts(
+                self.artifacts,
+                event.task_id,
+                self.agents.workdir(event.task_id),
+                max_count=self.settings.artifacts_max_count,
+                max_bytes=self.settings.artifact_max_bytes,
+            )
         result = TaskResult(
             event_id=stable_id("result", event.event_id),
             correlation_id=event.correlation_id,
@@ -342,6 +372,8 @@ class Worker:
             cost_usd=answer.cost_usd if answer else 0.0,
             duration_ms=answer.duration_ms if answer else 0,
             answers=event.event_id,
+            artifacts=collected.artifacts if collected else [],
+            left_out=collected.left_out if collected else [],
         )
         record.state = STATE_AFTER[status]
         if answer is not None and answer.session_id:

@@ -78,6 +78,8 @@ class WorkerService:
             agents=self.agents,
             role_prompt=self._role_prompt,
             tasks=await Store.open(ctx.js, streams.TASK_STATE.name, TaskRecord),
+            attachments=await ctx.js.object_store(streams.ATTACHMENTS),
+            artifacts=await ctx.js.object_store(streams.ARTIFACTS),
             metrics=ctx.metrics,
             own_metrics=WorkerMetrics(ctx.registry, self.settings.worker_slots),
         )
