@@ -262,3 +262,30 @@ async def test_no_service_can_manage_streams(provisioned: NatsServer) -> None:
     async with session(provisioned.url, access.ADMIN) as s:
         info = await s.nc.jetstream().stream_info("INBOUND")
         assert info.config.name == "INBOUND"
+
+
+async def test_services_read_the_files_they_are_given(
+    provisioned: NatsServer, admin_js: JetStreamContext
+) -> None:
+    # nats-py's ObjectStore.get looks the chunks' stream up by subject first: each reader
+    # of an object store needs that lookup as well as the chunks.
+    await (await admin_js.object_store("attachments")).put("in-1/0", b"a,b\n1,2\n")
+    await (await admin_js.object_store("artifacts")).put("t1/report.csv", b"x,y\n")
+    reads = {
+        "worker": ("attachments", "in-1/0", b"a,b\n1,2\n"),
+        "notifier": ("artifacts", "t1/report.csv", b"x,y\n"),
+        "ingress": ("artifacts", "t1/report.csv", b"x,y\n"),
+    }
+    for user, (store, name, data) in reads.items():
+        nc = await nats.connect(
+            provisioned.url,
+            user=user,
+            password=NATS_PASSWORDS[user],
+            inbox_prefix=subjects.inbox_prefix(user),
+            allow_reconnect=False,
+        )
+        try:
+            js = nc.jetstream(timeout=3)
+            assert (await (await js.object_store(store)).get(name)).data == data, user
+        finally:
+            await nc.close()

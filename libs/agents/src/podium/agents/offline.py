@@ -146,8 +146,14 @@ def _judge(report: Block, request: Block | None) -> str:
         return f"NO_ACTION: task {report.task_id} was cancelled"
     if status == "COMPLETE" and not report.body.strip():
         return f"TELL_WORKER: {report.task_id} | Please include the full result under Details."
+    # What the platform checked (a repository task's branch, check and pull request).
+    evidence = "".join(
+        f"{name}: {report.fields[name]}\n"
+        for name in ("Branch", "Diff", "Check", "Pull request")
+        if name in report.fields
+    )
     if status == "COMPLETE":
-        answer = f"{summary}\n\n{report.body.strip()}"
+        answer = f"{summary}\n\n{evidence}{report.body.strip()}"
     else:
         answer = f"Sorry, I could not complete your request: {summary}"
     # Every file the worker made goes back with the answer ("Artifact: <ref> (…)").

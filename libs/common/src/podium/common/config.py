@@ -144,6 +144,14 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
             "auto (claude when ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN is set, else offline)."
         ),
     ] = "auto"
+    repositories_file: Annotated[
+        str,
+        setting(
+            "YAML or JSON file of the repositories workers may change (name, description, "
+            "git URL, default branch, optional GitHub provider, token setting and check "
+            "command; docs/operations.md). Empty = none."
+        ),
+    ] = ""
     workspace_root: Annotated[
         str,
         setting(

@@ -113,6 +113,11 @@ def kv_read(bucket: str) -> list[str]:
     return [*stream_info(stream), *_direct_get(stream)]
 
 
+#: nats-py's ``ObjectStore.get`` finds the stream of an object's chunks by subject
+#: (``STREAM.NAMES``) before it subscribes to them: names only, no contents.
+_STREAM_NAMES = f"{JS_API}.STREAM.NAMES"
+
+
 def object_store(bucket: str) -> list[str]:
     """Reading and writing objects of an object store."""
     stream = f"OBJ_{bucket}"
@@ -120,6 +125,7 @@ def object_store(bucket: str) -> list[str]:
         *stream_info(stream),
         *_direct_get(stream),
         *_ordered_consumers(stream),
+        _STREAM_NAMES,
         f"{JS_API}.STREAM.PURGE.{stream}",
         f"$O.{bucket}.>",
     ]
@@ -145,7 +151,12 @@ def _writes(spec: registry.BucketSpec, role: str) -> list[str]:
 def _reads(spec: registry.BucketSpec) -> list[str]:
     if spec.kind == "object":
         stream = f"OBJ_{spec.name}"
-        return [*stream_info(stream), *_direct_get(stream), *_ordered_consumers(stream)]
+        return [
+            *stream_info(stream),
+            *_direct_get(stream),
+            *_ordered_consumers(stream),
+            _STREAM_NAMES,
+        ]
     return kv_read(spec.name)
 
 

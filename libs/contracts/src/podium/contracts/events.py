@@ -110,6 +110,8 @@ class TaskRequested(Event, frozen=True, kw_only=True, tag="task.requested"):
     #: The conversation's files (email attachments, MMS media), placed under ``inputs/``
     #: in the task's directory when it starts; those not stored carry a ``note``.
     inputs: list[Media] = []
+    #: The repository (``PODIUM_REPOSITORIES_FILE``) the task runs in, on its own branch.
+    repository: str = ""
 
 
 class TaskFollowup(Event, frozen=True, kw_only=True, tag="task.followup"):
@@ -138,6 +140,9 @@ class TaskResult(Event, frozen=True, kw_only=True, tag="task.result"):
     artifacts: list[Artifact] = []
     #: Files under ``outputs/`` not kept, each with why ("big.iso: over the … limit").
     left_out: list[str] = []
+    #: What the platform checked itself, as ``Name: value`` lines (``Branch: …``,
+    #: ``Diff: …``, ``Check: passed``, ``Pull request: <url>``), not the agent's claim.
+    facts: list[str] = []
 
 
 class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):

@@ -144,6 +144,11 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     cancel_requested: bool = False
     #: What the task asks, to restart it afresh should its session be lost.
     instructions: str = ""
+    #: A repository task's branch and pull request (kept across its fix rounds).
+    repository: str = ""
+    branch: str = ""
+    pull_request: int = 0
+    pull_request_url: str = ""
     updated_at: datetime = msgspec.field(default_factory=utcnow)
 
 

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from podium.common.metrics import Metrics
+from podium.common.repositories import Repository, named_in
 from podium.conductor import commands as cmds
 from podium.conductor.config import ConductorSettings
 from podium.conductor.metrics import ConductorMetrics
@@ -56,9 +57,14 @@ class Actions:
     """Applies commands to a conversation, producing effects or refusals."""
 
     def __init__(
-        self, settings: ConductorSettings, metrics: Metrics, own_metrics: ConductorMetrics
+        self,
+        settings: ConductorSettings,
+        metrics: Metrics,
+        own_metrics: ConductorMetrics,
+        repositories: dict[str, Repository] | None = None,
     ) -> None:
         self.settings = settings
+        self.repositories = repositories or {}
         self.policy = Policy(settings)
         self.metrics = metrics
         self.own = own_metrics
@@ -105,7 +111,7 @@ class Actions:
         refusal: Refusal | None = None
         match command:
             case cmds.SpawnWorker(task=task):
-                refusal = self.policy.may_spawn(conv)
+                refusal = self.policy.may_spawn(conv) or self._known_repository(task)
                 if refusal is None:
                     self._spawn(conv, event, index=index, base=base, task=task, effects=effects)
             case cmds.TellWorker(task_id=task_id, message=message):
@@ -144,6 +150,14 @@ class Actions:
         else:
             self.own.commands.labels(name).inc()
 
+    def _known_repository(self, task: str) -> Refusal | None:
+        """A task naming a repository (``Repository: <name>``) must name a known one."""
+        name = named_in(task)
+        if not name or name in self.repositories:
+            return None
+        known = ", ".join(self.repositories) or "none are configured"
+        return Refusal("unknown repository", f"there is no repository {name!r} ({known})")
+
     def refuse(self, conv: Conversation, action: str, refusal: Refusal, effects: Effects) -> None:
         """A blocked action: logged, counted, told to the agent, escalated."""
         self.metrics.blocked.labels(action, refusal.reason).inc()
@@ -173,6 +187,7 @@ class Actions:
             original_request=conv.original_request,
             timeout_s=self.settings.task_timeout_s,
             inputs=conv.media,
+            repository=named_in(task),
         )
         effects.stored.append((subjects.task(task_id), requested))
 

@@ -26,6 +26,7 @@ from podium.common.consumer import Delivery
 from podium.common.errors import Conflict, Reject, Retry
 from podium.common.kv import Store
 from podium.common.metrics import Metrics
+from podium.common.repositories import Repository
 from podium.conductor import commands as cmds
 from podium.conductor.actions import Actions, Effects, Trigger
 from podium.conductor.config import ConductorSettings
@@ -81,6 +82,7 @@ class Conductor:
         metrics: Metrics,
         own_metrics: ConductorMetrics,
         role_prompt: str = ROLE,
+        repositories: dict[str, Repository] | None = None,
     ) -> None:
         self.settings = settings
         self.nc = nc
@@ -90,7 +92,7 @@ class Conductor:
         self.metrics = metrics
         self.own = own_metrics
         self.role_prompt = role_prompt
-        self.actions = Actions(settings, metrics, own_metrics)
+        self.actions = Actions(settings, metrics, own_metrics, repositories or {})
         self.schema = COMMANDS_SCHEMA if settings.command_format == "structured" else None
 
     async def handle(self, event: AnyEvent, delivery: Delivery) -> None:

@@ -103,8 +103,10 @@ def media_line(media: Media) -> str:
 
 
 def artifact_facts(event: TaskResult) -> list[str]:
-    """The platform's lines for a worker's files in its [WORKER] block."""
-    lines = [f"Artifact: {a.ref} ({a.size} bytes, {a.content_type})" for a in event.artifacts]
+    """The platform's lines in a worker's [WORKER] block: what it checked itself (a
+    repository task's branch, diff, check and pull request) and the files it keeps."""
+    lines = [*event.facts]
+    lines += [f"Artifact: {a.ref} ({a.size} bytes, {a.content_type})" for a in event.artifacts]
     lines += [f"Left out: {reason}" for reason in event.left_out]
     return lines
 

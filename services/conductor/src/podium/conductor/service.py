@@ -10,6 +10,7 @@ from pathlib import Path
 
 from podium.agents import AgentRuntime, build_runtime, role_prompt
 from podium.agents.sessions import Agents
+from podium.common import repositories
 from podium.common.config import ignored_variables
 from podium.common.consumer import Handler, Lanes, PullConsumer
 from podium.common.kv import Store
@@ -51,6 +52,7 @@ class ConductorService:
         # across the replica, and a conversation's events share one lane.
         self._lanes = Lanes(settings.concurrency)
         self._role_prompt = ROLE
+        self.repositories: dict[str, repositories.Repository] = {}
         #: What runs its agents, as the start-up check found it.
         self._agent = ""
         self._conductor: Conductor | None = None
@@ -59,7 +61,9 @@ class ConductorService:
         """Build the agent runtime and check that it can run (before connecting)."""
         for ignored in ignored_variables(type(self.settings), os.environ):
             log.warning("setting ignored by this role", extra={"variable": ignored})
-        self._role_prompt = role_prompt(self.settings.claude_role_prompt_file, ROLE)
+        self.repositories = repositories.load(self.settings.repositories_file)
+        base = role_prompt(self.settings.claude_role_prompt_file, ROLE)
+        self._role_prompt = base + repositories.prompt_lines(self.repositories)
         if self.runtime is None:
             self.runtime = build_runtime(self.settings, Path(self.settings.state_dir), self.name)
         if not self.settings.operator_email:
@@ -95,6 +99,7 @@ class ConductorService:
             js=ctx.js,
             agents=self.agents,
             role_prompt=self._role_prompt,
+            repositories=self.repositories,
             conversations=await Store.open(ctx.js, streams.CONVERSATIONS.name, Conversation),
             metrics=ctx.metrics,
             own_metrics=own,

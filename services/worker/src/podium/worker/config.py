@@ -38,3 +38,6 @@ class WorkerSettings(AgentSettings, frozen=True, kw_only=True):
     artifacts_max_count: Annotated[
         int, setting("Most files under a task's outputs/ kept as artifacts.", ge=0)
     ] = 20
+    git_author: Annotated[
+        str, setting("Author and committer of the commits Podium makes for repository tasks.")
+    ] = "Podium <podium@localhost>"

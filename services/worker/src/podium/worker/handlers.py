@@ -22,6 +22,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -55,6 +56,7 @@ from podium.worker.files import collect_artifacts, stage_inputs
 from podium.worker.metrics import WorkerMetrics
 from podium.worker.prompts import ROLE, followup_prompt, task_prompt
 from podium.worker.report import parse_report
+from podium.worker.repos import Delivered, GitError, Repositories
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +80,14 @@ class Worker:
         role_prompt: str = ROLE,
         attachments: ObjectStore | None = None,
         artifacts: ObjectStore | None = None,
+        repositories: Repositories | None = None,
+        http: aiohttp.ClientSession | None = None,
     ) -> None:
         self.settings = settings
         self.attachments = attachments
         self.artifacts = artifacts
+        self.repositories = repositories
+        self.http = http
         self.nc = nc
         self.js = js
         self.agents = agents
@@ -225,14 +231,17 @@ class Worker:
             prompt = followup_prompt(event.message)
         else:
             session_id = None
-            prompt = await self._first_prompt(event, workdir)
             record = TaskRecord(
                 task_id=task_id,
                 conversation_id=event.conversation_id,
                 correlation_id=event.correlation_id,
                 workdir=str(workdir),
                 instructions=event.instructions,
+                repository=event.repository,
             )
+            if event.repository and not await self._checkout(event, record, workdir, found):
+                return
+            prompt = await self._first_prompt(event, workdir)
         record.state = "running"
         # The record as read above (revision 0: there was none): no read before writing.
         revision = await self._save(record, found or (record, 0))
@@ -247,15 +256,7 @@ class Worker:
         )
         kind = "task" if isinstance(event, TaskRequested) else "followup"
         log.info("task started", extra={"task_id": task_id, "kind": kind, "workdir": str(workdir)})
-        progress = TaskProgress(
-            event_id=stable_id("started", event.event_id),
-            correlation_id=event.correlation_id,
-            conversation_id=event.conversation_id,
-            task_id=task_id,
-            note=f"{kind} started",
-            answers=event.event_id,
-        )
-        await publish(self.js, subjects.result(event.conversation_id, task_id), progress)
+        await self._started(event, kind)
         answer = await self._run_agent(task_id, call)
         if answer is not None and answer.outcome == "session_lost":
             # Nowhere to resume from: start the task again, told what it is and what
@@ -304,6 +305,43 @@ class Worker:
             known=(record, revision),
         )
 
+    async def _started(self, event: TaskRequested | TaskFollowup, kind: str) -> None:
+        """Tell the conductor the turn started (the API shows the task running)."""
+        progress = TaskProgress(
+            event_id=stable_id("started", event.event_id),
+            correlation_id=event.correlation_id,
+            conversation_id=event.conversation_id,
+            task_id=event.task_id,
+            note=f"{kind} started",
+            answers=event.event_id,
+        )
+        await publish(self.js, subjects.result(event.conversation_id, event.task_id), progress)
+
+    async def _checkout(
+        self,
+        event: TaskRequested,
+        record: TaskRecord,
+        workdir: Path,
+        found: tuple[TaskRecord, int] | None,
+    ) -> bool:
+        """Give a repository task its worktree on its own branch; False (and the task
+        ended FAILED, saying why) if it cannot have one."""
+        name = event.repository
+        if self.repositories is None or self.repositories.get(name) is None:
+            summary = f"unknown repository {name!r}: it is not in this worker's repositories file"
+            await self._finish(
+                event, record, status="FAILED", summary=summary, details="", answer=None,
+                known=found,
+            )  # fmt: skip
+            return False
+        try:
+            record.branch = await self.repositories.worktree(name, event.task_id, workdir)
+        except GitError as err:
+            # Fetching may fail for a while (the host is down): another attempt, then FAILED.
+            raise Retry(f"repository {name}: {err}", delay_s=10.0) from err
+        log.info("worktree ready", extra={"task_id": event.task_id, "branch": record.branch})
+        return True
+
     async def _first_prompt(self, event: TaskRequested, workdir: Path) -> str:
         """A new task's prompt, once its input files are in place under ``inputs/``."""
         staged = await stage_inputs(
@@ -348,6 +386,15 @@ class Worker:
         structured: bool = True,
         known: tuple[TaskRecord, int] | None = None,
     ) -> None:
+        facts: list[str] = []
+        if record.repository and self.repositories is not None:
+            if status == "COMPLETE" and answer is not None:
+                delivery = await self._deliver(event, record, summary)
+                facts = delivery.facts
+                if delivery.details:
+                    details = f"{details}\n\n{delivery.details}".strip()
+            elif status in ("FAILED", "CANCELLED"):
+                await self.repositories.remove(record.repository, Path(record.workdir))
         # After every turn the agent ran, whatever it left under outputs/ is stored by the
         # platform (the agent holds no credentials for the store) and named in the result.
         collected = None
@@ -374,6 +421,7 @@ class Worker:
             answers=event.event_id,
             artifacts=collected.artifacts if collected else [],
             left_out=collected.left_out if collected else [],
+            facts=facts,
         )
         record.state = STATE_AFTER[status]
         if answer is not None and answer.session_id:
@@ -382,6 +430,38 @@ class Worker:
         record.last_result = result
         await self._save(record, known)
         await self._publish(result)
+
+    async def _deliver(
+        self, event: TaskRequested | TaskFollowup, record: TaskRecord, summary: str
+    ) -> Delivered:
+        """Commit, check, push, pull request: the platform's part of a finished repository
+        task. A failing step is reported as a fact, for the conductor to judge."""
+        assert self.repositories is not None  # noqa: S101 - checked by the caller
+        http = self.http or aiohttp.ClientSession()
+        try:
+            delivery = await self.repositories.deliver(
+                record.repository,
+                event.task_id,
+                Path(record.workdir),
+                title=record.instructions.split("\n", 1)[0][:120] or summary,
+                summary=summary,
+                pull_request=record.pull_request,
+                http=http,
+            )
+        except GitError as err:
+            delivery = Delivered(facts=[f"Branch: {record.branch}", f"Commit: failed: {err}"])
+        finally:
+            if http is not self.http:
+                await http.close()
+        record.pull_request = delivery.pull_request or record.pull_request
+        record.pull_request_url = next(
+            (f.split(": ", 1)[1] for f in delivery.facts if f.startswith("Pull request: http")),
+            record.pull_request_url,
+        )
+        log.info(
+            "repository task delivered", extra={"task_id": event.task_id, "facts": delivery.facts}
+        )
+        return delivery
 
     async def _save(self, record: TaskRecord, known: tuple[TaskRecord, int] | None) -> int:
         """Store ``record``; the revision it is at. ``known``: the record as last read or

@@ -7,10 +7,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import aiohttp
 from nats.aio.subscription import Subscription
 
 from podium.agents import AgentRuntime, build_runtime, role_prompt
 from podium.agents.sessions import Agents
+from podium.common import repositories
 from podium.common.config import ignored_variables
 from podium.common.consumer import PullConsumer
 from podium.common.kv import Store
@@ -22,6 +24,7 @@ from podium.worker.config import WorkerSettings
 from podium.worker.handlers import Worker
 from podium.worker.metrics import WorkerMetrics
 from podium.worker.prompts import ROLE
+from podium.worker.repos import Repositories
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +52,35 @@ class WorkerService:
         self._role_prompt = ROLE
         #: What runs its agents, as the start-up check found it.
         self._agent = ""
+        self.repositories: Repositories | None = None
+        self._http: aiohttp.ClientSession | None = None
 
     async def check(self) -> None:
         """Build the agent runtime and check that it can run (before connecting)."""
         for ignored in ignored_variables(type(self.settings), os.environ):
             log.warning("setting ignored by this role", extra={"variable": ignored})
         self._role_prompt = role_prompt(self.settings.claude_role_prompt_file, ROLE)
+        self._load_repositories()
         if self.runtime is None:
             self.runtime = build_runtime(self.settings, Path(self.settings.state_dir), self.name)
         self._agent = await self.runtime.check()
         log.info("agent checked", extra={"agent": self.runtime.kind, "runs": self._agent})
 
+    def _load_repositories(self) -> None:
+        """A bad repositories file, or a token it names that is not set, stops the start."""
+        found = repositories.load(self.settings.repositories_file)
+        self.repositories = Repositories(
+            found, Path(self.settings.state_dir).resolve(), author=self.settings.git_author
+        )
+        if found:
+            log.info("repositories", extra={"names": sorted(found)})
+
     async def start(self, ctx: Context) -> None:
         """Subscribe to kill requests, then start taking tasks."""
         if self.runtime is None:
             await self.check()
+        if self.repositories is None:
+            self._load_repositories()
         runtime = self.runtime
         assert runtime is not None  # noqa: S101 - set by check()
         ctx.metrics.info.labels(self.name, runtime.kind).set(1)
@@ -80,6 +97,8 @@ class WorkerService:
             tasks=await Store.open(ctx.js, streams.TASK_STATE.name, TaskRecord),
             attachments=await ctx.js.object_store(streams.ATTACHMENTS),
             artifacts=await ctx.js.object_store(streams.ARTIFACTS),
+            repositories=self.repositories,
+            http=self._session(),
             metrics=ctx.metrics,
             own_metrics=WorkerMetrics(ctx.registry, self.settings.worker_slots),
         )
@@ -110,6 +129,14 @@ class WorkerService:
             await self._kills.unsubscribe()
         if self.agents is not None:
             await self.agents.close()
+        if self._http is not None:
+            await self._http.close()
+
+    def _session(self) -> aiohttp.ClientSession:
+        """The HTTP client of the providers' APIs (pull requests)."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        return self._http
 
     def readiness(self) -> tuple[bool, str]:
         """Ready while it consumes tasks and its agent can start."""
