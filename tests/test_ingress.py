@@ -282,6 +282,11 @@ async def test_signed_twilio_sms_is_stored_and_answered_with_twiml(
         ["+15550100999"],
     )
     assert event.media[0].url == "https://api.twilio.com/m/1.jpg"
+    # No account SID configured: the media is kept as its URL, saying why.
+    assert event.media[0].object == ""
+    assert event.media[0].note == (
+        "not downloaded: PODIUM_TWILIO_ACCOUNT_SID/PODIUM_TWILIO_AUTH_TOKEN not set"
+    )
     # A retry of the same MessageSid is acknowledged but stored once.
     assert (await post_twilio(ingress, form)).status == 200
     await stored(js, expect=1)

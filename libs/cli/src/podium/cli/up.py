@@ -129,6 +129,11 @@ class Layout:
         return self.home / "api-token"
 
     @property
+    def link_secret_file(self) -> Path:
+        """The generated key of download links, shared by the ingress and the notifier."""
+        return self.home / "link-secret"
+
+    @property
     def outbox(self) -> Path:
         """The outbox file the notifier writes."""
         return self.home / "outbox.jsonl"
@@ -314,14 +319,27 @@ def api_token(layout: Layout) -> str:
     """The local API token: from PODIUM_API_TOKEN, else generated once and kept (0600)."""
     if env := os.environ.get("PODIUM_API_TOKEN"):
         return env
-    if layout.token_file.exists():
-        return layout.token_file.read_text().strip()
-    layout.home.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(layout.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return _kept_secret(layout.token_file)
+
+
+def link_secret(layout: Layout) -> str:
+    """The key of download links: from PODIUM_LINK_SECRET, else generated once and kept
+    (0600), so links sent before a restart still work after it."""
+    if env := os.environ.get("PODIUM_LINK_SECRET"):
+        return env
+    return _kept_secret(layout.link_secret_file)
+
+
+def _kept_secret(path: Path) -> str:
+    """The random value in ``path``, made (readable by its owner only) if missing."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
+        f.write(value + "\n")
+    return value
 
 
 def service_env(layout: Layout, service: str, nats_url: str, token: str) -> dict[str, str]:
@@ -337,6 +355,9 @@ def service_env(layout: Layout, service: str, nats_url: str, token: str) -> dict
         "PODIUM_HEALTH_HOST": "127.0.0.1",
         # Provisioning happened once before the services started.
         "PODIUM_PROVISION": "false",
+        # Download links: the notifier makes them under this URL, the ingress serves them.
+        "PODIUM_PUBLIC_URL": layout.ingress_url,
+        "PODIUM_LINK_SECRET": link_secret(layout),
     }
     if service == "ingress":
         defaults["PODIUM_PORT"] = str(layout.ingress_port)

@@ -16,16 +16,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import aiohttp
+import msgspec
 from aiohttp import web
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
+from nats.js.api import ObjectMeta, PubAck
 from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 from nats.js.object_store import ObjectStore
 
 from podium.common.backoff import backoff
 from podium.common.bus import publish
 from podium.common.kv import Store
-from podium.contracts.events import Event, InboundMessage
+from podium.contracts.events import Event, InboundMessage, Media
 from podium.contracts.state import Conversation, ConversationReplies
 from podium.ingress.config import IngressSettings
 from podium.ingress.metrics import IngressMetrics
@@ -69,6 +71,10 @@ class Deps:
     conversations: Store[Conversation] | None = None
     replies: Store[ConversationReplies] | None = None
     attachments: ObjectStore | None = None
+    #: The files workers made, served by download links.
+    artifacts: ObjectStore | None = None
+    #: The client that downloads MMS media (made and closed by the service).
+    http: aiohttp.ClientSession | None = None
 
 
 class Stored(NamedTuple):
@@ -172,6 +178,34 @@ class Route:
             if len(body) > limit:
                 raise HttpError(413, "too_large", f"body over {limit} bytes")
         return bytes(body)
+
+    async def keep(self, channel: str, object_name: str, data: bytes, media: Media) -> Media:
+        """``media`` with ``data`` stored as ``object_name`` in the attachments store.
+
+        Returned with ``object`` set; or with a ``note`` when there is no store or its
+        share of the storage budget is used up (the message still goes through: a 503
+        would lose all of it once the provider gives up retrying). Any other failure to
+        store is a 503, so the provider retries.
+        """
+        store = self.deps.attachments
+        if store is None:
+            return msgspec.structs.replace(media, note="not stored: no attachment store")
+        description = " ".join(part for part in (media.content_type, media.filename) if part)
+        try:
+            await store.put(
+                object_name, data, meta=ObjectMeta(name=object_name, description=description)
+            )
+        except ServiceUnavailableError as err:
+            if err.err_code != STORE_FULL:
+                log.warning("could not store an attachment", extra={"error": repr(err)})
+                raise HttpError(503, "unavailable", "could not store an attachment") from err
+            log.warning("attachment store full; attachment left out")
+            self.deps.metrics.ignored.labels(channel, "attachment store full").inc()
+            return msgspec.structs.replace(media, note="not stored: the attachment store is full")
+        except Exception as err:
+            log.warning("could not store an attachment", extra={"error": repr(err)})
+            raise HttpError(503, "unavailable", "could not store an attachment") from err
+        return msgspec.structs.replace(media, object=object_name, size=len(data))
 
     async def record(self, subject: str, fact: Event, what: str) -> None:
         """Store a provider's fact for the service that owns what it changes; 503 if not."""

@@ -69,6 +69,55 @@ class IngressSettings(CommonSettings, frozen=True, kw_only=True):
     attachments_max_count: Annotated[
         int, setting("Most attachments kept from one email (the rest are listed only).", ge=0)
     ] = 20
+    twilio_account_sid: Annotated[
+        str,
+        setting(
+            "Twilio account SID: with PODIUM_TWILIO_AUTH_TOKEN, the credentials inbound MMS "
+            "media are downloaded with (empty = media kept as URLs only)."
+        ),
+    ] = ""
+    twilio_media_hosts: Annotated[
+        list[str],
+        setting(
+            "Hosts MMS media are downloaded from, with the account's credentials "
+            "(comma-separated; a bare host means HTTPS on port 443, host:port any scheme); a "
+            "MediaUrl elsewhere is not fetched. Redirects are followed, but the credentials "
+            "go to the MediaUrl's own host only."
+        ),
+    ] = msgspec.field(default_factory=lambda: ["api.twilio.com"])
+    mms_max_bytes: Annotated[
+        int,
+        setting(
+            "Largest MMS media item kept in the attachments object store; larger ones are "
+            "kept as their URL, with a note.",
+            ge=0,
+        ),
+    ] = 5 * 1024 * 1024
+    mms_types: Annotated[
+        list[str],
+        setting(
+            "Media types (prefixes, comma-separated) of MMS media that are downloaded and "
+            "kept; others are kept as their URL, with a note."
+        ),
+    ] = msgspec.field(
+        default_factory=lambda: ["image/", "audio/", "video/", "text/", "application/pdf"]
+    )
+    mms_download_timeout_s: Annotated[
+        float,
+        setting(
+            "How long the media of one MMS may take to download (all of them, in parallel); "
+            "keep it plus PODIUM_PUBLISH_TIMEOUT_S below Twilio's 15 s webhook timeout.",
+            gt=0,
+        ),
+    ] = 4.0
+    link_secret: Annotated[
+        Secret,
+        setting(
+            "Key (16+ characters) of the signed download links GET /v1/files/<token> serves "
+            "artifacts by; the notifier, which makes the links, needs the same. "
+            "Empty = download links are off (404)."
+        ),
+    ] = Secret("")
     sms_opt_out_keywords: Annotated[
         list[str],
         setting("Whole-message SMS keywords that opt a number out (Twilio's defaults)."),
@@ -137,6 +186,8 @@ class IngressSettings(CommonSettings, frozen=True, kw_only=True):
                 sendgrid_public_key(self.sendgrid_webhook_public_key)
             except ValueError as err:
                 raise ValueError(f"PODIUM_SENDGRID_WEBHOOK_PUBLIC_KEY: {err}") from err
+        if self.link_secret and len(self.link_secret.reveal()) < 16:
+            raise ValueError("PODIUM_LINK_SECRET must be at least 16 characters")
         if self.require_webhook_auth:
             if not self.twilio_auth_token:
                 raise ValueError("PODIUM_TWILIO_AUTH_TOKEN is required (require_webhook_auth)")
@@ -145,6 +196,12 @@ class IngressSettings(CommonSettings, frozen=True, kw_only=True):
                     "PODIUM_SENDGRID_WEBHOOK_PUBLIC_KEY or PODIUM_SENDGRID_BASIC_AUTH is required "
                     "(require_webhook_auth)"
                 )
+
+    def media_credentials(self) -> tuple[str, str] | None:
+        """(account SID, auth token) to download MMS media with, if both are set."""
+        if self.twilio_account_sid and self.twilio_auth_token:
+            return self.twilio_account_sid, self.twilio_auth_token.reveal()
+        return None
 
     def base_url(self) -> str:
         """The public base URL, without a trailing slash."""

@@ -3,8 +3,9 @@
 Every route authenticates → parses → makes one event → stores it, in its
 provider's module: :mod:`~podium.ingress.api` (bearer tokens),
 :mod:`~podium.ingress.twilio` (signatures; SMS, keywords, status callbacks),
-:mod:`~podium.ingress.sendgrid` (signed or basic-auth Inbound Parse). What they
-share is in :mod:`~podium.ingress.base`.
+:mod:`~podium.ingress.sendgrid` (signed or basic-auth Inbound Parse). Download
+links (:mod:`~podium.ingress.files`) serve artifacts. What they share is in
+:mod:`~podium.ingress.base`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from podium.ingress.api import ApiRoutes
 from podium.ingress.base import Deps, Handler, HttpError, error_response
+from podium.ingress.files import FileRoutes
 from podium.ingress.sendgrid import SendGridRoutes
 from podium.ingress.twilio import TwilioRoutes
 
@@ -43,7 +45,12 @@ class Handlers:
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
-        self.providers = (ApiRoutes(deps), TwilioRoutes(deps), SendGridRoutes(deps))
+        self.providers = (
+            ApiRoutes(deps),
+            TwilioRoutes(deps),
+            SendGridRoutes(deps),
+            FileRoutes(deps),
+        )
 
     def routes(self) -> list[web.RouteDef]:
         """The route table; unknown paths and methods answer in the JSON error shape too.

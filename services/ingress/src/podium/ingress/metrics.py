@@ -48,3 +48,22 @@ class IngressMetrics:
             ["channel", "reason"],
             registry=registry,
         )
+        self.files = Counter(
+            f"{PREFIX}_ingress_file_links_total",
+            "Download-link requests (GET /v1/files/…), by outcome: served, or why refused "
+            "(invalid, expired, missing, disabled, unavailable)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.file_bytes = Counter(
+            f"{PREFIX}_ingress_file_link_bytes_total",
+            "Bytes of artifacts served through download links",
+            registry=registry,
+        )
+        self.mms_media = Counter(
+            f"{PREFIX}_ingress_mms_media_total",
+            "MMS media items, by outcome: stored, or why kept as a URL only (not-configured, "
+            "host, type, too-large, too-many, failed, store-full)",
+            ["outcome"],
+            registry=registry,
+        )

@@ -12,10 +12,9 @@ import logging
 import time
 from typing import Any
 
+import msgspec
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
-from nats.js.api import ObjectMeta
-from nats.js.errors import ServiceUnavailableError
 
 from podium.contracts import subjects
 from podium.contracts.events import InboundMessage, Media
@@ -27,7 +26,7 @@ from podium.contracts.ids import (
     stable_id,
 )
 from podium.ingress import auth, mail
-from podium.ingress.base import MAX_TEXT, STORE_FULL, Deps, HttpError, Route, RouteTable
+from podium.ingress.base import MAX_TEXT, Deps, HttpError, Route, RouteTable
 
 log = logging.getLogger("podium.ingress.handlers")
 
@@ -180,51 +179,16 @@ class SendGridRoutes(Route):
         media: list[Media] = []
         for index, item in enumerate(attachments):
             size = len(item.data)
-            name = item.filename[:200]
+            listed = Media(filename=item.filename[:200], content_type=item.content_type, size=size)
             note = ""
             if index >= settings.attachments_max_count:
                 note = f"not stored: more than {settings.attachments_max_count} attachments"
             elif size > settings.attachment_max_bytes:
                 note = f"not stored: over the {settings.attachment_max_bytes} byte limit"
-            elif self.deps.attachments is None:
-                note = "not stored: no attachment store"
             if note:
-                media.append(
-                    Media(filename=name, content_type=item.content_type, size=size, note=note)
-                )
+                media.append(msgspec.structs.replace(listed, note=note))
                 continue
-            object_name = f"{event_id}/{index}"
-            try:
-                assert self.deps.attachments is not None  # noqa: S101 - checked above
-                await self.deps.attachments.put(
-                    object_name,
-                    item.data,
-                    meta=ObjectMeta(name=object_name, description=f"{item.content_type} {name}"),
-                )
-            except ServiceUnavailableError as err:
-                if err.err_code != STORE_FULL:
-                    log.warning("could not store an attachment", extra={"error": repr(err)})
-                    raise HttpError(503, "unavailable", "could not store an attachment") from err
-                # Its share of the storage budget is used up: the email still goes through,
-                # this attachment listed as left out (a 503 would lose the whole email once
-                # the provider gives up retrying).
-                log.warning("attachment store full; attachment left out")
-                self.deps.metrics.ignored.labels("email", "attachment store full").inc()
-                media.append(
-                    Media(
-                        filename=name,
-                        content_type=item.content_type,
-                        size=size,
-                        note="not stored: the attachment store is full",
-                    )
-                )
-                continue
-            except Exception as err:
-                log.warning("could not store an attachment", extra={"error": repr(err)})
-                raise HttpError(503, "unavailable", "could not store an attachment") from err
-            media.append(
-                Media(filename=name, content_type=item.content_type, size=size, object=object_name)
-            )
+            media.append(await self.keep("email", f"{event_id}/{index}", item.data, listed))
         return media
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import aiohttp
 from aiohttp import web
 from nats.aio.client import Client
 
@@ -31,6 +32,7 @@ class IngressService:
         self.port = settings.port
         self._runner: web.AppRunner | None = None
         self._nc: Client | None = None
+        self._http: aiohttp.ClientSession | None = None
 
     def build_app(self, deps: Deps) -> web.Application:
         """The public application (separate from the health side port)."""
@@ -56,7 +58,20 @@ class IngressService:
             conversations=await Store.open(ctx.js, streams.CONVERSATIONS.name, Conversation),
             replies=await Store.open(ctx.js, streams.REPLIES.name, ConversationReplies),
             attachments=await ctx.js.object_store(streams.ATTACHMENTS),
+            artifacts=await ctx.js.object_store(streams.ARTIFACTS),
+            http=self._media_client(),
         )
+        if not self.settings.link_secret:
+            log.warning(
+                "PODIUM_LINK_SECRET is not set: download links are off "
+                "(GET /v1/files/… answers 404)"
+            )
+        if self.settings.media_credentials() is None:
+            # Worth a warning where Twilio is in use (its token set), not where it is not.
+            (log.warning if self.settings.twilio_auth_token else log.info)(
+                "PODIUM_TWILIO_ACCOUNT_SID/PODIUM_TWILIO_AUTH_TOKEN not set: MMS media are "
+                "kept as URLs, not downloaded"
+            )
         if not self.settings.twilio_auth_token:
             log.warning("PODIUM_TWILIO_AUTH_TOKEN is not set: Twilio signatures are NOT checked")
         if not (self.settings.sendgrid_basic_auth or self.settings.sendgrid_webhook_public_key):
@@ -75,6 +90,7 @@ class IngressService:
         try:
             self.port = await listen(self._runner, host, port)
         except OSError as err:
+            await self.stop(0)
             raise StartupError(
                 f"PODIUM_PORT={port}: cannot listen on {host}:{port} ({err.strerror or err})"
             ) from err
@@ -82,10 +98,22 @@ class IngressService:
             "ingress listening", extra={"port": self.port, "public_url": self.settings.base_url()}
         )
 
+    def _media_client(self) -> aiohttp.ClientSession:
+        """The client MMS media are downloaded with: redirects are followed by hand
+        (credentials go to Twilio's hosts only), and no proxy or netrc from the environment."""
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.settings.mms_download_timeout_s),
+            auto_decompress=False,
+            trust_env=False,
+        )
+        return self._http
+
     async def stop(self, timeout_s: float) -> None:
         """Stop accepting connections; requests in flight finish (up to ``timeout_s``)."""
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._http is not None:
+            await self._http.close()
 
     def readiness(self) -> tuple[bool, str]:
         """Ready once the public server is listening and events can be stored."""

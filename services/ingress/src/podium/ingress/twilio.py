@@ -7,8 +7,11 @@ outbox.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
+import msgspec
 from aiohttp import web
 from yarl import query_to_pairs
 
@@ -18,11 +21,24 @@ from podium.contracts.ids import conversation_id, stable_id
 from podium.contracts.state import DELIVERY_RANK
 from podium.ingress import auth
 from podium.ingress.base import MAX_TEXT, Deps, HttpError, Route, RouteTable
+from podium.ingress.mms import NOT_CONFIGURED, Fetched, MediaFetcher, NotKept
 
 log = logging.getLogger("podium.ingress.handlers")
 
 TWIML_EMPTY = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 MAX_FORM_FIELDS = 1000
+#: Twilio sends at most 10 media items with one message.
+MAX_MEDIA = 10
+MEDIA_OUTCOMES = (
+    "stored",
+    "not-configured",
+    "host",
+    "type",
+    "too-large",
+    "too-many",
+    "failed",
+    "store-full",
+)
 
 
 class TwilioRoutes(Route):
@@ -41,6 +57,10 @@ class TwilioRoutes(Route):
             if settings.twilio_auth_token
             else None
         )
+        self.fetcher = MediaFetcher(settings, deps.http)
+        self.media_outcomes: dict[str, Any] = {
+            o: deps.metrics.mms_media.labels(o) for o in MEDIA_OUTCOMES
+        }
 
     def routes(self) -> RouteTable:
         """``POST /webhooks/twilio/sms``, ``POST /webhooks/twilio/status``."""
@@ -76,15 +96,6 @@ class TwilioRoutes(Route):
             num_media = int(form.get("NumMedia", "0") or "0")
         except ValueError as err:
             raise HttpError(400, "invalid", "NumMedia is not a number") from err
-        media = (
-            [
-                Media(url=form[f"MediaUrl{i}"], content_type=form.get(f"MediaContentType{i}", ""))
-                for i in range(min(num_media, 10))
-                if form.get(f"MediaUrl{i}")
-            ]
-            if num_media > 0
-            else []
-        )
         text = form.get("Body", "")
         if len(text) > MAX_TEXT:
             raise HttpError(413, "too_large", "message too long")
@@ -94,6 +105,7 @@ class TwilioRoutes(Route):
             return web.Response(text=TWIML_EMPTY, content_type="text/xml")
         event_id = stable_id("twilio", sid)
         conversation = conversation_id("sms", sender, ours)
+        media = await self._media(event_id, form, num_media)
         event = InboundMessage(
             event_id=event_id,
             correlation_id=event_id,
@@ -107,6 +119,67 @@ class TwilioRoutes(Route):
         )
         await self.store(subjects.inbound("sms", conversation), event)
         return web.Response(text=TWIML_EMPTY, content_type="text/xml")
+
+    async def _media(self, event_id: str, form: dict[str, str], num_media: int) -> list[Media]:
+        """The message's media: downloaded (all at once, within
+        ``PODIUM_MMS_DOWNLOAD_TIMEOUT_S``) and stored in the attachments store; each one
+        not kept stays its URL, with a note saying why."""
+        listed = [
+            (index, Media(url=url, content_type=form.get(f"MediaContentType{index}", "")[:200]))
+            for index in range(min(num_media, MAX_MEDIA))
+            if (url := form.get(f"MediaUrl{index}"))
+        ]
+        if not listed:
+            return []
+        limit = self.deps.settings.attachments_max_count
+        deadline = asyncio.get_running_loop().time() + self.deps.settings.mms_download_timeout_s
+        fetched = await asyncio.gather(
+            *(
+                self._fetch(item, deadline)
+                if position < limit
+                else _refused(NotKept("too-many", f"not stored: more than {limit} media"))
+                for position, (_, item) in enumerate(listed)
+            )
+        )
+        media: list[Media] = []
+        for (index, item), got in zip(listed, fetched, strict=True):
+            if isinstance(got, NotKept):
+                self.media_outcomes[got.outcome].inc()
+                media.append(msgspec.structs.replace(item, note=got.note, size=got.size))
+                continue
+            kind = got.content_type or item.content_type
+            if not self.fetcher.allowed_type(kind):
+                refused = self.fetcher.type_refused(kind)
+                self.media_outcomes[refused.outcome].inc()
+                media.append(msgspec.structs.replace(item, note=refused.note))
+                continue
+            kept = await self.keep(
+                "sms",
+                f"{event_id}/{index}",
+                got.data,
+                msgspec.structs.replace(item, content_type=kind),
+            )
+            self.media_outcomes["stored" if kept.object else "store-full"].inc()
+            media.append(kept)
+        return media
+
+    async def _fetch(self, item: Media, deadline: float) -> Fetched | NotKept:
+        """One media item's bytes, or why it is not kept (this never raises)."""
+        if not self.fetcher.configured:
+            return NotKept("not-configured", NOT_CONFIGURED)
+        if item.content_type and not self.fetcher.allowed_type(item.content_type):
+            return self.fetcher.type_refused(item.content_type)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self.fetcher.fetch(item.url)
+        except NotKept as refused:
+            return refused
+        except TimeoutError:
+            timeout = self.deps.settings.mms_download_timeout_s
+            return NotKept("failed", f"not downloaded: no answer within {timeout:g} s")
+        except Exception as err:  # noqa: BLE001 - a download must never cost the message
+            log.warning("mms media download failed", extra={"error": repr(err)[:300]})
+            return NotKept("failed", "not downloaded: the download failed")
 
     async def _keyword(self, keyword: str, sender: str, ours: str, sid: str) -> None:
         """STOP/START/HELP: recorded (opt-out/in) and counted, never forwarded to an agent.
@@ -171,6 +244,10 @@ class TwilioRoutes(Route):
         await self.record(subjects.delivery_status(command_id), fact, "the status")
         self.deps.metrics.statuses.labels(status).inc()
         return web.Response(text="")
+
+
+async def _refused(why: NotKept) -> NotKept:
+    return why
 
 
 def _parse_form(raw: bytes) -> list[tuple[str, str]]:
