@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,11 +36,14 @@ from podium.contracts.events import (
     decode,
 )
 from podium.contracts.state import Conversation
+from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply
 from podium.testing.github import FakeGitHub
 from podium.testing.platform import Platform
 from podium.testing.services import Running, in_process
 from podium.worker.config import WorkerSettings
+from podium.worker.repos import Repositories
 from podium.worker.service import WorkerService
+from tests.test_claude_e2e import claude_platform, is_worker
 
 TOKEN = "ghp_test0123456789abcdefTOKEN"
 
@@ -275,3 +279,75 @@ async def test_the_whole_loop_replies_with_the_pull_request(
     assert "Check: passed" in reply["body"]
     assert "podium/" in git("branch", "--list", "podium/*", cwd=origin)
     assert TOKEN not in logs
+
+
+async def test_worktrees_come_from_the_mirror_and_are_removed_when_stale(
+    tmp_path: Path, origin: Path
+) -> None:
+    site = repositories.Repository(name="site", description="The site", url=f"file://{origin}")
+    repos = Repositories({"site": site}, tmp_path / "state", author="Podium <p@example.com>")
+    workdir = tmp_path / "tasks" / "t1"
+    assert await repos.worktree("site", "t1", workdir) == "podium/t1"
+    assert (workdir / "index.html").read_text() == "<p>Price: $10</p>\n"
+    # Again for the same task (a redelivery): the same worktree, not a new one.
+    (workdir / "draft.txt").write_text("work in progress")
+    assert await repos.worktree("site", "t1", workdir) == "podium/t1"
+    assert (workdir / "draft.txt").exists()
+    # inputs/ and outputs/ are the platform's: never part of the commit.
+    (workdir / "outputs").mkdir()
+    (workdir / "outputs" / "report.csv").write_text("a,b\n")
+    assert "outputs" not in git("status", "--porcelain", "--untracked-files=all", cwd=workdir)
+    assert await repos.prune("site", 3600) == 0
+    assert await repos.prune("site", 0) == 1
+    assert not workdir.exists()
+
+
+@pytest.mark.claude
+@pytest.mark.e2e
+async def test_the_repository_round_trip_with_the_real_cli(
+    nats_server: NatsServer,
+    js: JetStreamContext,
+    tmp_path: Path,
+    origin: Path,
+    github: FakeGitHub,
+    claude_bin: str,
+) -> None:
+    def respond(call: MessagesCall) -> Reply:
+        text = call.last_user_text
+        if is_worker(call):
+            if call.tool_results:
+                return Reply.text(
+                    "Status: COMPLETE\nSummary: Added the new pricing\nDetails:\npricing.md: $12."
+                )
+            assert "Repository: site" in text, text
+            return Reply.write(f"{call.cwd}/pricing.md", "Price: $12\n")
+        if "[WORKER:" in text:
+            assert "Check: passed" in text and "Diff: 1 file changed" in text, text
+            url = re.search(r"^Pull request: (\S+)$", text, re.MULTILINE)
+            assert url, text
+            return Reply.text(f"REPLY: Done! PR: {url.group(1)}")
+        assert "- site: The marketing site" in call.system
+        return Reply.text("SPAWN_WORKER: Add pricing.md with the new price ($12)\nRepository: site")
+
+    repos = write_repositories(
+        tmp_path / "repositories.yaml", origin, github.api_url, "grep -q 12 pricing.md"
+    )
+    async with FakeAnthropic(respond) as api:
+        platform = claude_platform(
+            nats_server,
+            tmp_path,
+            api,
+            claude_bin,
+            PODIUM_REPOSITORIES_FILE=str(repos),
+            PODIUM_TEST_GITHUB_TOKEN=TOKEN,
+        )
+        try:
+            await platform.ready()
+            await platform.send("Please update the pricing on the landing page to $12.")
+            (reply,) = await platform.wait_outbox(1)
+        finally:
+            platform.stop()
+    assert reply["body"] == "Done! PR: https://github.example/acme/site/pull/1"
+    branch = github.pulls[1]["head"]["ref"]
+    assert git("show", f"{branch}:pricing.md", cwd=origin) == "Price: $12\n"
+    assert all(TOKEN not in json.dumps(c.raw) for c in api.main_calls)

@@ -41,3 +41,11 @@ class WorkerSettings(AgentSettings, frozen=True, kw_only=True):
     git_author: Annotated[
         str, setting("Author and committer of the commits Podium makes for repository tasks.")
     ] = "Podium <podium@localhost>"
+    repository_worktree_ttl_s: Annotated[
+        float,
+        setting(
+            "How long a finished repository task keeps its worktree for fix rounds (failed and "
+            "cancelled ones lose it at once).",
+            gt=0,
+        ),
+    ] = 7 * 24 * 3600.0

@@ -335,6 +335,7 @@ class Worker:
             )  # fmt: skip
             return False
         try:
+            await self.repositories.prune(name, self.settings.repository_worktree_ttl_s)
             record.branch = await self.repositories.worktree(name, event.task_id, workdir)
         except GitError as err:
             # Fetching may fail for a while (the host is down): another attempt, then FAILED.

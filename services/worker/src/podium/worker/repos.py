@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,6 +175,19 @@ class Repositories:
             )  # fmt: skip
         return branch
 
+    async def prune(self, name: str, max_age_s: float) -> int:
+        """Remove worktrees of repository ``name`` untouched for ``max_age_s`` (a finished
+        task the conductor accepted keeps its worktree for fix rounds until then)."""
+        mirror = self.root / f"{name}.git"
+        if not (mirror / "worktrees").is_dir():
+            return 0
+        stale = await asyncio.to_thread(_stale_worktrees, mirror, max_age_s)
+        for workdir in stale:
+            await self.remove(name, workdir)
+        if stale:
+            log.info("stale worktrees removed", extra={"repository": name, "n": len(stale)})
+        return len(stale)
+
     async def remove(self, name: str, workdir: Path) -> None:
         """Remove a task's worktree (its branch stays pushed)."""
         repo = self.repositories.get(name)
@@ -321,6 +335,25 @@ class Repositories:
 
 class GitHubError(RuntimeError):
     """GitHub refused or failed a pull-request request."""
+
+
+def _stale_worktrees(mirror: Path, max_age_s: float) -> list[Path]:
+    """Worktrees whose git state (index, HEAD) has not changed for ``max_age_s``."""
+    now = time.time()
+    found = []
+    for entry in (mirror / "worktrees").iterdir():
+        try:
+            gitdir = Path((entry / "gitdir").read_text().strip())
+            touched = max(
+                (entry / name).stat().st_mtime
+                for name in ("index", "HEAD")
+                if (entry / name).exists()
+            )
+        except (OSError, ValueError):
+            continue
+        if now - touched > max_age_s:
+            found.append(gitdir.parent)
+    return found
 
 
 def _stale_dir(workdir: Path) -> bool:
