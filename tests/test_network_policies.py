@@ -202,6 +202,9 @@ def test_every_flow_the_platform_needs_is_admitted(
         (pods["worker"], INTERNET, 443, "TCP"),
         (pods["notifier"], INTERNET, 443, "TCP"),
         (pods["notifier"], INTERNET, 587, "TCP"),
+        # Repository tasks: git over ssh; MMS media from Twilio.
+        (pods["worker"], INTERNET, 22, "TCP"),
+        (pods["ingress"], INTERNET, 443, "TCP"),
     ]
     refused = [
         f"{src.name} -> {dst.name}:{port}/{proto}"
@@ -224,8 +227,11 @@ def test_flows_the_platform_does_not_need_are_refused(
         (pods["worker"], nats, 7777),
         (KEDA, nats, 7777),
         (pods["worker"], nats, 6222),
-        (pods["ingress"], INTERNET, 443),
-        (pods["worker"], INTERNET, 22),
+        (pods["ingress"], INTERNET, 80),
+        (pods["ingress"], pods["worker"], 9090),
+        (pods["conductor"], INTERNET, 22),
+        (pods["ingress"], INTERNET, 22),
+        (pods["worker"], INTERNET, 25),
         (pods["conductor"], pods["conductor"], 9090),
         (INTERNET, nats, 4222),
         (STRANGER, nats, 4222),

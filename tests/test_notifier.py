@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from podium.contracts.events import ApiReply, DeadLetter, SendEmail, SendSms, de
 from podium.contracts.state import OutboxRecord
 from podium.notifier.config import NotifierSettings
 from podium.notifier.service import NotifierService
-from podium.notifier.transports import Transport
+from podium.notifier.transports import OutgoingFile, Transport
 from podium.testing.services import Running, in_process
 from podium.testing.smtp import SmtpServer, self_signed
 
@@ -282,8 +282,10 @@ class PausingTransport:
         self.paused = asyncio.Event()
         self.resumed = asyncio.Event()
 
-    async def send(self, command: SendEmail | SendSms | ApiReply) -> str:
-        provider_id = await self.inner.send(command)
+    async def send(
+        self, command: SendEmail | SendSms | ApiReply, files: Sequence[OutgoingFile] = ()
+    ) -> str:
+        provider_id = await self.inner.send(command, files)
         pid = self.server.pid
         if not self.paused.is_set() and pid is not None:
             self.paused.set()

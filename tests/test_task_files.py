@@ -148,18 +148,24 @@ async def test_only_regular_files_within_limits_become_artifacts(
         store, "t9", tmp_path / "work", max_count=10, max_bytes=1000
     )
     assert [a.ref for a in collected.artifacts] == ["t9/charts/q3.png", "t9/report.csv"]
-    assert (await store.get("t9/report.csv")).data == CSV
+    report = next(a for a in collected.artifacts if a.name == "report.csv")
+    assert report.object == f"t9/{hashlib.sha256(CSV).hexdigest()[:16]}/report.csv"
+    assert (await store.get(report.object)).data == CSV
     left = "\n".join(collected.left_out)
     assert "huge.bin: 2000 bytes, over the 1000 byte limit" in left
     assert "passwd: not a regular file" in left
     assert ".secret: unsafe name" in left
     # Unchanged files are not stored again; a changed one is.
-    before = (await store.get_info("t9/report.csv")).nuid
+    before = (await store.get_info(report.object)).nuid
+    chart = next(a for a in collected.artifacts if a.name == "charts/q3.png")
     (outputs / "charts" / "q3.png").write_bytes(PNG + b"more")
     again = await collect_artifacts(store, "t9", tmp_path / "work", max_count=10, max_bytes=1000)
-    assert (await store.get_info("t9/report.csv")).nuid == before
-    assert (await store.get("t9/charts/q3.png")).data == PNG + b"more"
-    assert next(a for a in again.artifacts if a.name == "charts/q3.png").size == len(PNG) + 4
+    assert (await store.get_info(report.object)).nuid == before
+    changed = next(a for a in again.artifacts if a.name == "charts/q3.png")
+    assert (await store.get(changed.object)).data == PNG + b"more"
+    # The earlier version stays as it was, for a message that attached it.
+    assert changed.object != chart.object
+    assert (await store.get(chart.object)).data == PNG
 
 
 def _artifact(ref: str) -> Artifact:

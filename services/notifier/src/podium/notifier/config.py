@@ -6,6 +6,9 @@ from typing import Annotated, Literal
 
 from podium.common.config import CommonSettings, Secret, setting
 
+DAY = 24 * 3600.0
+MIB = 1024 * 1024
+
 
 class NotifierSettings(CommonSettings, frozen=True, kw_only=True):
     """Settings of ``podium-notifier``."""
@@ -89,8 +92,46 @@ class NotifierSettings(CommonSettings, frozen=True, kw_only=True):
         float, setting("Longest delay between retries of a transient failure.", gt=0)
     ] = 300.0
     concurrency: Annotated[int, setting("Commands sent at once.", ge=1, le=1024)] = 16
+    public_url: Annotated[
+        str,
+        setting(
+            "The ingress's public base URL (the same PODIUM_PUBLIC_URL as the ingress's): "
+            "download links to files start with it. Empty = no links (SMS, API replies and "
+            "email past its attachment limit then say the file could not be linked)."
+        ),
+    ] = ""
+    link_secret: Annotated[
+        Secret,
+        setting(
+            "Key (16+ characters) that signs download links (HMAC-SHA256); the ingress "
+            "needs the same one to serve them. Empty = no links."
+        ),
+    ] = Secret("")
+    link_ttl_s: Annotated[
+        float,
+        setting(
+            "How long a download link works, counted from when the command was written (every "
+            "attempt at one message carries the same link). At most 30 days: the artifacts "
+            "object store keeps files that long.",
+            gt=0,
+            le=30 * DAY,
+        ),
+    ] = 7 * DAY
+    email_attachments_max_bytes: Annotated[
+        int,
+        setting(
+            "Total size of the files attached to one email as MIME parts, in the order the "
+            "command lists them; a file that would pass it goes as a download link instead "
+            "(0 = links only).",
+            ge=0,
+        ),
+    ] = 10 * MIB
 
     def __post_init__(self) -> None:
+        if self.public_url and not self.public_url.startswith(("https://", "http://")):
+            raise ValueError("PODIUM_PUBLIC_URL must start with https:// (or http://)")
+        if self.link_secret and len(self.link_secret.reveal()) < 16:
+            raise ValueError("PODIUM_LINK_SECRET must be at least 16 characters")
         if self.email_transport == "sendgrid" and not self.sendgrid_api_key:
             raise ValueError("PODIUM_SENDGRID_API_KEY is required with email_transport=sendgrid")
         if self.sms_transport == "twilio":

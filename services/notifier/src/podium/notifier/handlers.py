@@ -12,6 +12,10 @@ A long SMS goes out in parts; the record keeps each part's provider id as it
 is sent, so a retry after a transient failure resumes with the next part
 instead of sending the first ones again.
 
+A command's files (``attachments``) are fetched and linked before the record
+says ``sending`` (see ``podium.notifier.files``): a fetch that fails, or a
+crash during one, leaves nothing sent and the command free to go again.
+
 Whatever ends a command without sending it (a permanent refusal, a suppressed
 recipient, an ambiguous outcome, retries exhausted) is reported to the
 conductor as a :class:`DeliveryFailed` event on RESULTS, then the command is
@@ -31,7 +35,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Literal, NoReturn
 
 import msgspec
 from nats.js import JetStreamContext
@@ -67,8 +71,11 @@ from podium.contracts.state import (
     delivery_of,
     suppression_key,
 )
+from podium.notifier.files import Files
 from podium.notifier.metrics import NotifierMetrics
 from podium.notifier.transports import (
+    Command,
+    OutgoingFile,
     PermanentSendError,
     TransientSendError,
     Transport,
@@ -76,8 +83,6 @@ from podium.notifier.transports import (
 )
 
 log = logging.getLogger(__name__)
-
-Command = SendEmail | SendSms | ApiReply
 
 
 class Notifier:
@@ -93,6 +98,7 @@ class Notifier:
         email: Transport,
         sms: Transport,
         api: Transport,
+        files: Files,
         metrics: NotifierMetrics,
         max_deliver: int,
         sms_max_chars: int = 1600,
@@ -104,6 +110,7 @@ class Notifier:
         self.suppressions = suppressions
         self.replies = replies
         self.transports: dict[str, Transport] = {"email": email, "sms": sms, "api": api}
+        self.files = files
         self.metrics = metrics
         self.max_deliver = max_deliver
         self.sms_max_chars = sms_max_chars
@@ -141,14 +148,19 @@ class Notifier:
             return
         # Someone may have opted out since the command was written (or since the last try).
         command = await self._without_suppressed(channel, command)
+        # Its files before "sending": a failed fetch has sent nothing, safe to retry.
+        try:
+            outgoing, files = await self.files.prepare(command)
+        except TransientSendError as err:
+            await self._transient(channel, transport, command, delivery, err)
         # Each write knows the revision the last one left (no read before it).
         known = await self._set(key, "sending", attempts=claimed[0].attempts, known=claimed)
         record = known[0]
-        parts = _parts(command, self.sms_max_chars)
+        parts = _parts(outgoing, self.sms_max_chars)
         started = time.perf_counter()
         try:
             for index in range(len(record.provider_ids), len(parts)):
-                provider_id = await transport.send(parts[index])
+                provider_id = await transport.send(parts[index], files)
                 # The provider took it: from here on the record must say so. Its update
                 # is retried until it is stored, never taken for an unknown send (a
                 # NATS leader election must not turn a sent reply into "ambiguous").
@@ -164,14 +176,7 @@ class Notifier:
                     ),
                 )
         except TransientSendError as err:
-            self.metrics.sends.labels(channel, transport.name, "retry").inc()
-            if delivery.num_delivered >= self.max_deliver:
-                await self._set(key, "failed", error=f"gave up: {err}", outcome="exhausted")
-                await self._report(command, "exhausted", str(err), transport=transport.name)
-                raise Reject(f"gave up after {delivery.num_delivered} attempts: {err}") from err
-            await self._set(key, "retry", error=str(err))
-            delay = max(err.retry_after_s, self._backoff(delivery.num_delivered))
-            raise Retry(f"transient send failure: {err}", delay_s=delay) from err
+            await self._transient(channel, transport, command, delivery, err)
         except PermanentSendError as err:
             self.metrics.sends.labels(channel, transport.name, "failed").inc()
             outcome: DeliveryOutcome = "suppressed" if err.opted_out else "rejected"
@@ -194,6 +199,7 @@ class Notifier:
         finally:
             self.metrics.send_seconds.labels(transport.name).observe(time.perf_counter() - started)
         self.metrics.sends.labels(channel, transport.name, "sent").inc()
+        self._count_files(channel, files)
         if known[0].state != "sent":
             # Every part had been recorded before (a resumed send): only the state is left.
             await self._until_stored(key, functools.partial(self._set, key, "sent", error=""))
@@ -207,6 +213,37 @@ class Notifier:
                 "parts": len(parts),
             },
         )
+
+    async def _transient(
+        self,
+        channel: str,
+        transport: Transport,
+        command: Command,
+        delivery: Delivery,
+        err: TransientSendError,
+    ) -> NoReturn:
+        """Nothing left: try again later (``Retry``), or give up after ``max_deliver``."""
+        key = command.command_id
+        self.metrics.sends.labels(channel, transport.name, "retry").inc()
+        if delivery.num_delivered >= self.max_deliver:
+            await self._set(key, "failed", error=f"gave up: {err}", outcome="exhausted")
+            await self._report(command, "exhausted", str(err), transport=transport.name)
+            raise Reject(f"gave up after {delivery.num_delivered} attempts: {err}") from err
+        await self._set(key, "retry", error=str(err))
+        delay = max(err.retry_after_s, self._backoff(delivery.num_delivered))
+        raise Retry(f"transient send failure: {err}", delay_s=delay) from err
+
+    def _count_files(self, channel: str, files: tuple[OutgoingFile, ...]) -> None:
+        for file in files:
+            self.metrics.files.labels(channel, file.outcome).inc()
+        if any(file.outcome in ("unlinked", "missing") for file in files):
+            log.info(
+                "sent without some of its files (its text names them)",
+                extra={
+                    "channel": channel,
+                    "files": [f"{f.artifact.ref}: {f.outcome}" for f in files],
+                },
+            )
 
     # --- the outbox record ----------------------------------------------------
 
@@ -268,7 +305,8 @@ class Notifier:
             # The read model may have missed it (a crash right after the send).
             await self._show(command, "sent", provider_status=record.delivery)
             return None
-        parts = len(_parts(command, self.sms_max_chars))
+        # Counted in the text as it goes (an SMS's links are part of it).
+        parts = len(_parts(self.files.text(command), self.sms_max_chars))
         if record.state == "sending" and len(record.provider_ids) >= parts:
             # Every part was accepted and recorded; only the final state was not stored.
             await self._until_stored(key, functools.partial(self._set, key, "sent", error=""))
@@ -516,12 +554,14 @@ class Notifier:
         """
         if (isinstance(command, SendEmail) and command.operator) or not command.conversation_id:
             return
+        body, files = self.files.view(command)
         view = ReplyView(
             command_id=command.command_id,
             kind=_channel(command),
             to=_recipients(command),
             subject=command.subject if isinstance(command, SendEmail) else "",
-            body=command.body,
+            body=body,
+            files=files,
             delivery=state,
             provider_status=provider_status,
             at=command.at,

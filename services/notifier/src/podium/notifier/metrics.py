@@ -55,6 +55,14 @@ class NotifierMetrics:
             ["channel", "opted_out"],
             registry=registry,
         )
+        self.files = Counter(
+            f"{PREFIX}_notifier_files_total",
+            "Artifacts in messages sent, by channel and how they went (attached: a MIME "
+            "part, linked: a download link, unlinked: it needed a link and none could be "
+            "made, missing: not in the artifacts store)",
+            ["channel", "outcome"],
+            registry=registry,
+        )
         self.read_model_errors = Counter(
             f"{PREFIX}_notifier_read_model_errors_total",
             "Updates of the replies read model that failed (the outbox is unaffected)",

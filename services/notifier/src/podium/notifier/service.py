@@ -7,6 +7,10 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError
+from nats.js.object_store import ObjectStore
+
 from podium.common.consumer import PullConsumer
 from podium.common.kv import Store
 from podium.common.runtime import Context
@@ -19,6 +23,7 @@ from podium.contracts.state import (
     suppression_key,
 )
 from podium.notifier.config import NotifierSettings
+from podium.notifier.files import Files, Linker
 from podium.notifier.handlers import Notifier
 from podium.notifier.metrics import NotifierMetrics
 from podium.notifier.transports import (
@@ -39,6 +44,20 @@ def fact_key(event: AnyEvent) -> str | None:
     if isinstance(event, DeliveryStatus):
         return event.command_id
     return None
+
+
+async def open_artifacts(js: JetStreamContext) -> ObjectStore | None:
+    """The ``artifacts`` object store, or None (with a warning) where it is not
+    provisioned yet: email with files then waits for it; nothing else needs it."""
+    try:
+        return await js.object_store(streams.ARTIFACTS)
+    except BucketNotFoundError:
+        log.warning(
+            "the artifacts object store does not exist yet (run `podium provision`): "
+            "email with files is retried until it does",
+            extra={"object_store": streams.ARTIFACTS},
+        )
+        return None
 
 
 class NotifierService:
@@ -69,13 +88,33 @@ class NotifierService:
     async def check(self) -> None:
         """Nothing to check before connecting: transports connect when they send."""
 
+    def linker(self) -> Linker:
+        """Download links as configured (says why none can be made)."""
+        s = self.settings
+        return Linker(s.public_url, s.link_secret, s.link_ttl_s)
+
     async def start(self, ctx: Context) -> None:
-        """Bind the outbox and suppression buckets and start consuming commands."""
+        """Bind the outbox and suppression buckets and the artifacts store, and start
+        consuming commands."""
         ctx.metrics.info.labels(self.name, "none").set(1)
         email, sms, api = self._transports = self.transports()
         log.info(
             "transports",
             extra={"email": email.name, "sms": sms.name, "outbox_path": self.settings.outbox_path},
+        )
+        linker = self.linker()
+        if linker.problem:
+            log.warning(
+                "download links cannot be made: set PODIUM_PUBLIC_URL and PODIUM_LINK_SECRET "
+                "(the ingress's values); until then a message's text says which files it "
+                "could not link",
+                extra={"problem": linker.problem},
+            )
+        files = Files(
+            ctx.js,
+            await open_artifacts(ctx.js),
+            linker,
+            email_max_bytes=self.settings.email_attachments_max_bytes,
         )
         notifier = Notifier(
             js=ctx.js,
@@ -85,6 +124,7 @@ class NotifierService:
             email=email,
             sms=sms,
             api=api,
+            files=files,
             metrics=NotifierMetrics(ctx.registry),
             max_deliver=streams.NOTIFIER_COMMANDS.max_deliver,
             sms_max_chars=self.settings.sms_max_chars,

@@ -13,6 +13,10 @@ A transport's ``send`` returns the provider's id for the message, or raises:
 Every provider call runs under ``asyncio.timeout`` and is made exactly once
 here: retries are the consumer's (nak with backoff), decided by the error type,
 never a client library's own re-POST.
+
+A message's files come with it (:class:`OutgoingFile`), fetched and linked
+beforehand (``podium.notifier.files``): an email transport attaches those that
+carry ``data``; the text already says where the others are.
 """
 
 from __future__ import annotations
@@ -26,26 +30,84 @@ import os
 import re
 import socket
 import urllib.error
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from email.message import EmailMessage
 from email.utils import formatdate
-from pathlib import Path
-from typing import Any, Protocol
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, Protocol
 
 import aiohttp
 import aiosmtplib
 import python_http_client.exceptions as sg_errors
 from sendgrid import SendGridAPIClient
-from sendgrid.helpers.mail import CustomArg, Header, Mail, ReplyTo
+from sendgrid.helpers.mail import (
+    Attachment,
+    CustomArg,
+    Disposition,
+    FileContent,
+    FileName,
+    FileType,
+    Header,
+    Mail,
+    ReplyTo,
+)
 from twilio.base.exceptions import TwilioRestException
 from twilio.http import AsyncHttpClient
 from twilio.http.response import Response as TwilioResponse
 from twilio.rest import Client as TwilioClient
 
-from podium.contracts.events import ApiReply, SendEmail, SendSms, utcnow
+from podium.contracts.events import ApiReply, Artifact, SendEmail, SendSms, utcnow
 from podium.contracts.ids import message_id_for, reply_address, reply_subject
 from podium.notifier.config import NotifierSettings
 
 log = logging.getLogger(__name__)
+
+Command = SendEmail | SendSms | ApiReply
+#: How an artifact went with its message (see :class:`OutgoingFile`).
+FileOutcome = Literal["attached", "linked", "unlinked", "missing"]
+
+
+@dataclass(frozen=True)
+class OutgoingFile:
+    """One artifact of a message, as it goes: attached (``data``), linked (``url``),
+    ``unlinked`` (it needed a link and none could be made) or ``missing`` (not in the
+    artifacts store). An attached file has its link too, where links can be made."""
+
+    artifact: Artifact
+    outcome: FileOutcome
+    data: bytes | None = None
+    url: str = ""
+    expires_at: datetime | None = None
+
+    @property
+    def filename(self) -> str:
+        """The file's own name, without the folders it was in under ``outputs/``."""
+        return PurePosixPath(self.artifact.name).name or "file"
+
+    @property
+    def media_type(self) -> tuple[str, str]:
+        """(maintype, subtype) of its content type; octet-stream when it has none usable."""
+        maintype, _, subtype = self.artifact.content_type.split(";")[0].strip().partition("/")
+        maintype, subtype = maintype.lower(), subtype.lower()
+        # multipart/* and message/* cannot be a base64 leaf part (RFC 2046).
+        if not (maintype and subtype) or maintype in ("multipart", "message"):
+            return "application", "octet-stream"
+        return maintype, subtype
+
+    def listed(self) -> dict[str, object]:
+        """How a log-like record (the outbox file) shows it."""
+        item: dict[str, object] = {
+            "name": self.artifact.name,
+            "size": self.artifact.size,
+            "type": self.artifact.content_type,
+            "sha256": self.artifact.sha256,
+            "sent_as": self.outcome,
+        }
+        if self.url and self.expires_at is not None:
+            item.update(link=self.url, expires_at=self.expires_at.isoformat())
+        return item
 
 
 class TransientSendError(Exception):
@@ -84,8 +146,9 @@ class Transport(Protocol):
 
     name: str
 
-    async def send(self, command: SendEmail | SendSms | ApiReply) -> str:
-        """Send; return the provider's message id."""
+    async def send(self, command: Command, files: Sequence[OutgoingFile] = ()) -> str:
+        """Send ``command`` (its text as it goes) with ``files``; return the provider's
+        message id."""
 
     async def close(self) -> None:
         """Release connections."""
@@ -112,8 +175,11 @@ def email_headers(command: SendEmail, email_from: str) -> dict[str, str]:
     return headers
 
 
-def build_email(command: SendEmail, email_from: str, reply_to: str = "") -> EmailMessage:
-    """The MIME message for a SendEmail command: threaded, marked as automatic."""
+def build_email(
+    command: SendEmail, email_from: str, reply_to: str = "", files: Sequence[OutgoingFile] = ()
+) -> EmailMessage:
+    """The MIME message for a SendEmail command: threaded, marked as automatic, with the
+    files that carry data as attachments (byte for byte, base64)."""
     msg = EmailMessage()
     msg["From"] = email_from
     msg["To"] = ", ".join(command.to)
@@ -124,7 +190,18 @@ def build_email(command: SendEmail, email_from: str, reply_to: str = "") -> Emai
     for name, value in email_headers(command, email_from).items():
         msg[name] = value
     msg.set_content(command.body)
+    for file in files:
+        if file.data is not None:
+            maintype, subtype = file.media_type
+            msg.add_attachment(
+                file.data, maintype=maintype, subtype=subtype, filename=file.filename
+            )
     return msg
+
+
+def attaches(files: Sequence[OutgoingFile]) -> bool:
+    """Whether any of ``files`` goes as an attachment (carries its bytes)."""
+    return any(file.data is not None for file in files)
 
 
 def utf16_len(text: str) -> int:
@@ -188,13 +265,14 @@ class OutboxTransport:
     async def close(self) -> None:
         """Nothing to release."""
 
-    async def send(self, command: SendEmail | SendSms | ApiReply) -> str:
-        """Write the message to the outbox file."""
+    async def send(self, command: Command, files: Sequence[OutgoingFile] = ()) -> str:
+        """Write the message to the outbox file, its files listed (not their bytes)."""
         record: dict[str, object] = {
             "command_id": command.command_id,
             "conversation_id": command.conversation_id,
             "correlation_id": command.correlation_id,
             "sent_at": utcnow().isoformat(),
+            "attachments": [file.listed() for file in files],
         }
         match command:
             case SendEmail():
@@ -252,12 +330,18 @@ class SmtpTransport:
     async def close(self) -> None:
         """One connection per message: nothing to release."""
 
-    async def send(self, command: SendEmail | SendSms | ApiReply) -> str:
+    async def send(self, command: Command, files: Sequence[OutgoingFile] = ()) -> str:
         """Send one email; map SMTP replies to transient / permanent / ambiguous."""
         if not isinstance(command, SendEmail):
             raise PermanentSendError(f"smtp cannot send {type(command).__name__}")
         s = self.settings
-        msg = build_email(command, s.email_from, s.email_reply_to)
+        if attaches(files):
+            # Encoding megabytes of base64 would hold up the event loop.
+            msg = await asyncio.to_thread(
+                build_email, command, s.email_from, s.email_reply_to, files
+            )
+        else:
+            msg = build_email(command, s.email_from, s.email_reply_to)
         try:
             await aiosmtplib.send(
                 msg,
@@ -380,8 +464,8 @@ class TwilioTransport:
         if self._http is not None:
             await self._http.close()
 
-    async def send(self, command: SendEmail | SendSms | ApiReply) -> str:
-        """Create one message; return its SID."""
+    async def send(self, command: Command, files: Sequence[OutgoingFile] = ()) -> str:
+        """Create one message; return its SID. Files are links in its text already."""
         if not isinstance(command, SendSms):
             raise PermanentSendError(f"twilio cannot send {type(command).__name__}")
         s = self.settings
@@ -443,8 +527,9 @@ class SendGridTransport:
         """Stop the thread pool (calls in flight finish)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def mail(self, command: SendEmail) -> Mail:
-        """The v3 request for ``command``: threaded, automatic, tagged with its ids."""
+    def mail(self, command: SendEmail, files: Sequence[OutgoingFile] = ()) -> Mail:
+        """The v3 request for ``command``: threaded, automatic, tagged with its ids, with
+        the files that carry data as ``attachments`` (base64 ``content``)."""
         s = self.settings
         mail = Mail(
             from_email=s.email_from,
@@ -459,14 +544,30 @@ class SendGridTransport:
         # Echoed back by SendGrid's event webhook.
         mail.add_custom_arg(CustomArg("command_id", command.command_id))
         mail.add_custom_arg(CustomArg("conversation_id", command.conversation_id))
+        # The library puts each one it is given first: given last to first, they keep
+        # their order.
+        for file in reversed(files):
+            if file.data is not None:
+                mail.add_attachment(
+                    Attachment(
+                        FileContent(base64.b64encode(file.data).decode("ascii")),
+                        FileName(file.filename),
+                        FileType("/".join(file.media_type)),
+                        Disposition("attachment"),
+                    )
+                )
         return mail
 
-    async def send(self, command: SendEmail | SendSms | ApiReply) -> str:
+    async def send(self, command: Command, files: Sequence[OutgoingFile] = ()) -> str:
         """POST /v3/mail/send; return SendGrid's X-Message-Id."""
         if not isinstance(command, SendEmail):
             raise PermanentSendError(f"sendgrid cannot send {type(command).__name__}")
         try:
-            payload = self.mail(command).get()
+            if attaches(files):
+                # Encoding megabytes of base64 would hold up the event loop.
+                payload = await asyncio.to_thread(lambda: self.mail(command, files).get())
+            else:
+                payload = self.mail(command).get()
         except (KeyError, ValueError, TypeError) as err:
             # The library could not even build the request (an unparsable address).
             raise PermanentSendError(f"cannot build the request: {err!r}") from err

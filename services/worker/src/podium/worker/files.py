@@ -191,7 +191,9 @@ async def collect_artifacts(
             continue
         digest = hashlib.sha256(data).digest()
         kind = mimetypes.guess_type(item.name)[0] or "application/octet-stream"
-        name = f"{task_id}/{item.name}"
+        # Named by content too: a message that attached this version still sends this
+        # version, byte for byte, when a later turn has changed the file.
+        name = f"{task_id}/{digest.hex()[:16]}/{item.name}"
         if not await _same(store, name, digest):
             await store.put(name, data, meta=ObjectMeta(name=name, description=kind))
         collected.artifacts.append(
