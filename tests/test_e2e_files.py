@@ -16,17 +16,22 @@ from collections.abc import AsyncIterator, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
+import aiohttp
 import pytest
 from nats.js import JetStreamContext
+from twilio.request_validator import RequestValidator
 
 from podium.cli.natsserver import NatsServer, free_port
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply
 from podium.testing.platform import Platform
 from podium.testing.smtp import SmtpServer
 from tests.test_claude_e2e import claude_platform, is_worker
+from tests.test_ingress import TWILIO_TOKEN, twilio_form
+from tests.test_mms_media import ACCOUNT, PNG, FakeTwilioMedia, Item
 
 pytestmark = pytest.mark.e2e
 
+LINK_SECRET = "test-link-secret-0123456789abcdef"
 CSV = b"sku,price\nA-1,10.00\nB-2,12.50\n"
 PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
 
@@ -49,7 +54,7 @@ async def platform(
         nats_server.url,
         tmp_path,
         env={
-            "PODIUM_LINK_SECRET": "test-link-secret-0123456789abcdef",
+            "PODIUM_LINK_SECRET": LINK_SECRET,
             "PODIUM_PUBLIC_URL": f"http://127.0.0.1:{port}",
         },
         per_service={
@@ -162,3 +167,63 @@ async def test_the_file_round_trip_with_the_real_cli(
     assert part.get_payload(decode=True) == report
     (inputs,) = (tmp_path / "workspaces").glob("tasks/*/inputs")
     assert (inputs / "prices.csv").read_bytes() == CSV
+
+
+async def test_an_mms_image_reaches_the_worker_and_the_sms_reply_links_its_output(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    media = await FakeTwilioMedia(ACCOUNT, TWILIO_TOKEN).start()
+    port = free_port()
+    public = f"http://127.0.0.1:{port}"
+    platform = Platform(
+        nats_server.url,
+        tmp_path,
+        env={
+            "PODIUM_LINK_SECRET": LINK_SECRET,
+            "PODIUM_PUBLIC_URL": public,
+        },
+        per_service={
+            "ingress": {
+                "PODIUM_PORT": str(port),
+                "PODIUM_TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+                "PODIUM_TWILIO_ACCOUNT_SID": ACCOUNT,
+                "PODIUM_TWILIO_MEDIA_HOSTS": media.api_host,
+            }
+        },
+    ).start()
+    try:
+        await platform.ready()
+        form = twilio_form(
+            Body="What is in this picture?",
+            NumMedia="1",
+            MediaUrl0=media.add(Item("image/png", PNG)),
+            MediaContentType0="image/png",
+        )
+        signature = RequestValidator(TWILIO_TOKEN).compute_signature(
+            f"{public}/webhooks/twilio/sms", form
+        )
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{public}/webhooks/twilio/sms",
+                data=form,
+                headers={"X-Twilio-Signature": signature},
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+            (reply,) = await platform.wait_outbox(1)
+            (inputs,) = (tmp_path / "workspaces").glob("tasks/*/inputs")
+            assert [p.read_bytes() for p in inputs.iterdir()] == [PNG]
+            assert reply["channel"] == "sms" and reply["to"] == ["+15550100001"]
+            link = re.search(rf"{re.escape(public)}/v1/files/\S+", reply["body"])
+            assert link, reply
+            async with http.get(link.group(0)) as resp:
+                assert resp.status == 200
+                served = await resp.read()
+        (made,) = (tmp_path / "workspaces").glob("tasks/*/outputs/inputs.csv")
+        assert served == made.read_bytes()
+        assert hashlib.sha256(PNG).hexdigest() in served.decode()
+        # The credentials went to Twilio's host only, never to the CDN it redirected to.
+        assert media.api_seen and all(s.authorization for s in media.api_seen)
+        assert all(not s.authorization for s in media.cdn_seen)
+    finally:
+        platform.stop()
+        await media.stop()
