@@ -8,9 +8,11 @@ import json
 import logging
 import re
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
@@ -41,7 +43,7 @@ from podium.testing.github import FakeGitHub
 from podium.testing.platform import Platform
 from podium.testing.services import Running, in_process
 from podium.worker.config import WorkerSettings
-from podium.worker.repos import Repositories
+from podium.worker.repos import GitError, Repositories
 from podium.worker.service import WorkerService
 from tests.test_claude_e2e import claude_platform, is_worker
 
@@ -351,3 +353,108 @@ async def test_the_repository_round_trip_with_the_real_cli(
     branch = github.pulls[1]["head"]["ref"]
     assert git("show", f"{branch}:pricing.md", cwd=origin) == "Price: $12\n"
     assert all(TOKEN not in json.dumps(c.raw) for c in api.main_calls)
+
+
+async def test_what_the_agent_does_to_git_cannot_redirect_the_platforms_push(
+    tmp_path: Path, origin: Path, github: FakeGitHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PODIUM_TEST_GITHUB_TOKEN", TOKEN)
+    repos_file = write_repositories(tmp_path / "r.yaml", origin, github.api_url, "true")
+    repos = Repositories(
+        repositories.load(str(repos_file)), tmp_path / "state", author="Podium <p@example.com>"
+    )
+    workdir = tmp_path / "tasks" / "t7"
+    await repos.worktree("site", "t7", workdir)
+    (workdir / "pricing.md").write_text("Price: $12\n")
+    # What a hostile agent (or code it wrote, run by the check) could leave behind:
+    decoy = tmp_path / "decoy.git"
+    git("init", "--bare", "--quiet", str(decoy), cwd=tmp_path)
+    mirror = tmp_path / "state" / "repos" / "site.git"
+    marker = tmp_path / "hook-ran"
+    (mirror / "hooks" / "pre-push").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (mirror / "hooks" / "pre-push").chmod(0o755)
+    (mirror / "hooks" / "pre-commit").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (mirror / "hooks" / "pre-commit").chmod(0o755)
+    git("--git-dir", str(mirror), "config", f"url.file://{decoy}.pushInsteadOf", f"file://{origin}",
+        cwd=tmp_path)  # fmt: skip
+    (workdir / ".git").write_text(f"gitdir: {decoy}\n")
+    (workdir / ".gitignore").write_text("!inputs/\n")
+    (workdir / "inputs").mkdir()
+    (workdir / "inputs" / "private.csv").write_text("secret,data\n")
+
+    async with aiohttp.ClientSession() as http:
+        done = await repos.deliver(
+            "site", "t7", workdir, title="Pricing", summary="New price", pull_request=0, http=http
+        )
+    assert "Push: podium/t7 pushed" in done.facts, done.facts
+    assert git("show", "podium/t7:pricing.md", cwd=origin) == "Price: $12\n"
+    assert "private.csv" not in git("ls-tree", "-r", "--name-only", "podium/t7", cwd=origin)
+    assert git("for-each-ref", cwd=decoy).strip() == ""
+    assert not marker.exists()
+
+
+async def test_a_gone_worktree_is_reported_and_never_found_in_a_parent_repository(
+    tmp_path: Path, origin: Path
+) -> None:
+    # The workspace inside someone's checkout (podium up in a project directory).
+    git("init", "--quiet", str(tmp_path / "project"), cwd=tmp_path)
+    site = repositories.Repository(name="site", description="The site", url=f"file://{origin}")
+    repos = Repositories({"site": site}, tmp_path / "state", author="Podium <p@example.com>")
+    workdir = tmp_path / "project" / "tasks" / "t8"
+    await repos.worktree("site", "t8", workdir)
+    await repos.remove("site", workdir)
+    workdir.mkdir(parents=True)
+    (workdir / "stray.txt").write_text("x")
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(GitError, match="worktree is gone"):
+            await repos.deliver(
+                "site", "t8", workdir, title="t", summary="s", pull_request=0, http=http
+            )
+    assert git("status", "--porcelain", cwd=tmp_path / "project").strip() == "?? tasks/"
+    # A fix round on another replica: the worktree comes back from the pushed branch.
+    assert await repos.worktree("site", "t8", workdir) == "podium/t8"
+    assert (workdir / "index.html").exists() and not (workdir / "stray.txt").exists()
+
+
+async def test_a_closed_pull_request_gets_a_new_one(
+    tmp_path: Path, origin: Path, github: FakeGitHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PODIUM_TEST_GITHUB_TOKEN", TOKEN)
+    repos_file = write_repositories(tmp_path / "r.yaml", origin, github.api_url, "true")
+    repos = Repositories(
+        repositories.load(str(repos_file)), tmp_path / "state", author="Podium <p@example.com>"
+    )
+    workdir = tmp_path / "tasks" / "t9"
+    await repos.worktree("site", "t9", workdir)
+    async with aiohttp.ClientSession() as http:
+        (workdir / "a.md").write_text("one\n")
+        first = await repos.deliver(
+            "site", "t9", workdir, title="A", summary="one", pull_request=0, http=http
+        )
+        github.pulls[first.pull_request]["state"] = "closed"
+        (workdir / "a.md").write_text("two\n")
+        second = await repos.deliver(
+            "site", "t9", workdir, title="A", summary="two", pull_request=first.pull_request,
+            http=http,
+        )  # fmt: skip
+    assert first.pull_request == 1 and second.pull_request == 2
+    assert f"Pull request: {github.pulls[2]['html_url']}" in second.facts
+
+
+def test_agent_services_keep_their_environment_from_their_agents() -> None:
+    # PR_SET_DUMPABLE 0: /proc/<pid>/environ (tokens, the NATS password) and memory are
+    # closed to other processes of the same user, which is what the agents run as; the
+    # processes it starts (the CLI, git) get their own flag back at exec.
+    script = (
+        "import ctypes, subprocess, sys\n"
+        "from podium.common.procs import not_dumpable\n"
+        "assert not_dumpable()\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "child = subprocess.run([sys.executable, '-c', "
+        "'import ctypes; print(ctypes.CDLL(\"libc.so.6\").prctl(3))'], capture_output=True)\n"
+        "print(libc.prctl(3), child.stdout.decode().strip())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True
+    )
+    assert done.stdout.split() == ["0", "1"]

@@ -54,7 +54,7 @@ def url(base_url: str, name: str, expires: int, secret: str) -> str:
 def check(value: str, secret: str, now: float | None = None) -> str:
     """The object name a token stands for; :class:`LinkError` if it is not valid now."""
     parts = value.split(".")
-    if not secret or len(parts) != 3 or not parts[1].isdigit():
+    if not secret or len(parts) != 3 or not (parts[1].isascii() and parts[1].isdigit()):
         raise LinkError("invalid")
     try:
         name = _unb64(parts[0]).decode()

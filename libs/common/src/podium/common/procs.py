@@ -24,6 +24,22 @@ def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, sig)
 
 
+def not_dumpable() -> bool:
+    """Make this process's memory and ``/proc/<pid>/environ`` unreadable to other processes
+    of the same user (``PR_SET_DUMPABLE`` 0): agents it starts run as that user, and its
+    environment holds credentials (a NATS password, git tokens). Children get their own
+    flag back at ``exec``. True if it was set (Linux only)."""
+    if sys.platform != "linux":
+        return False
+    import ctypes  # noqa: PLC0415
+
+    pr_set_dumpable = 4
+    try:
+        return bool(ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_dumpable, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
 def killpg(pgid: int, sig: signal.Signals) -> None:
     """Signal a process group; quiet if it is already gone."""
     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -14,6 +14,7 @@ from podium.common import repositories
 from podium.common.config import ignored_variables
 from podium.common.consumer import Handler, Lanes, PullConsumer
 from podium.common.kv import Store
+from podium.common.procs import not_dumpable
 from podium.common.runtime import Context
 from podium.conductor.config import ConductorSettings
 from podium.conductor.handlers import Conductor
@@ -59,6 +60,9 @@ class ConductorService:
 
     async def check(self) -> None:
         """Build the agent runtime and check that it can run (before connecting)."""
+        # Its agents run as this user: they must not read this process's credentials.
+        if not not_dumpable():
+            log.warning("could not protect this process's environment from its agents")
         for ignored in ignored_variables(type(self.settings), os.environ):
             log.warning("setting ignored by this role", extra={"variable": ignored})
         self.repositories = repositories.load(self.settings.repositories_file)

@@ -158,12 +158,13 @@ class Files:
             raise TransientSendError(f"cannot fetch {artifact.ref} now: {err!r}") from err
         data = buffer.getvalue()
         if artifact.sha256 and hashlib.sha256(data).hexdigest() != artifact.sha256:
-            # A later turn of the task rewrote the file under the same name: its newest
-            # version is all the store has (and what a link would serve).
-            log.warning(
-                "artifact changed since the command was written; sending its newest version",
+            # Objects are named by their content: another one here is not the file the
+            # conductor attached. The message says it could not be found, as for a gone one.
+            log.error(
+                "artifact in the store is not the one attached; not sent",
                 extra={"object": artifact.object, "task_id": artifact.task_id},
             )
+            return None
         return data
 
     async def _store(self) -> ObjectStore:

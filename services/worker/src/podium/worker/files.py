@@ -119,8 +119,24 @@ def _name_from(item: Media) -> str:
 
 
 def _write(path: Path, data: bytes) -> None:
+    """A new file, never through a link the agent may have left at its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
+def _read(path: Path) -> bytes:
+    """A regular file's bytes, refusing a symlink swapped in since the scan (or a hard link
+    to a file elsewhere): only a file that is this path's own."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as src:
+        info = os.fstat(src.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise OSError(0, "not a regular file of its own (a link)")
+        return src.read()
 
 
 @dataclass
@@ -154,8 +170,11 @@ def _scan(outputs: Path, max_count: int, max_bytes: int) -> tuple[list[_Found], 
         paths += [Path(root, d) for d in dirs if Path(root, d).is_symlink()]
     for path in sorted(paths, key=lambda p: p.relative_to(outputs).as_posix()):
         rel = path.relative_to(outputs).as_posix()
-        info = path.lstat()
-        if not stat.S_ISREG(info.st_mode):
+        try:
+            info = path.lstat()
+        except OSError:
+            continue  # gone since the walk
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
             left_out.append(f"{rel}: not a regular file (links are not followed)")
         elif path.name.startswith(".") or _UNSAFE.search(rel.replace("/", "")):
             left_out.append(f"{rel}: unsafe name (letters, digits, . - _ and spaces only)")
@@ -185,17 +204,22 @@ async def collect_artifacts(
         return collected
     for item in found:
         try:
-            data = await asyncio.to_thread(item.path.read_bytes)
+            data = await asyncio.to_thread(_read, item.path)
         except OSError as err:
-            collected.left_out.append(f"{item.name}: could not be read ({err.strerror})")
+            collected.left_out.append(f"{item.name}: could not be read ({err.strerror or err})")
             continue
         digest = hashlib.sha256(data).digest()
         kind = mimetypes.guess_type(item.name)[0] or "application/octet-stream"
         # Named by content too: a message that attached this version still sends this
         # version, byte for byte, when a later turn has changed the file.
         name = f"{task_id}/{digest.hex()[:16]}/{item.name}"
-        if not await _same(store, name, digest):
-            await store.put(name, data, meta=ObjectMeta(name=name, description=kind))
+        try:
+            if not await _same(store, name, digest):
+                await store.put(name, data, meta=ObjectMeta(name=name, description=kind))
+        except Exception as err:  # noqa: BLE001 - a file not kept is reported, not fatal
+            log.warning("artifact not stored", extra={"object": name, "error": repr(err)})
+            collected.left_out.append(f"{item.name}: could not be stored ({type(err).__name__})")
+            continue
         collected.artifacts.append(
             Artifact(
                 task_id=task_id,

@@ -225,8 +225,7 @@ class Worker:
             return
         workdir = self.agents.workdir(task_id)
         if isinstance(event, TaskFollowup):
-            if record is None or not record.session_id:
-                raise Reject(f"follow-up for task {task_id}, which has no session to resume")
+            record = await self._resumable(event, record, workdir)
             session_id: str | None = record.session_id
             prompt = followup_prompt(event.message)
         else:
@@ -305,6 +304,18 @@ class Worker:
             known=(record, revision),
         )
 
+    async def _resumable(
+        self, event: TaskFollowup, record: TaskRecord | None, workdir: Path
+    ) -> TaskRecord:
+        """The record of a task a follow-up continues; its worktree, for a repository task."""
+        if record is None or not record.session_id:
+            raise Reject(f"follow-up for task {event.task_id}, which has no session to resume")
+        if record.repository and self.repositories is not None:
+            # A fix round continues on the branch: its worktree is made again from what
+            # was pushed if this replica does not have it.
+            await self._worktree(record.repository, event.task_id, workdir)
+        return record
+
     async def _started(self, event: TaskRequested | TaskFollowup, kind: str) -> None:
         """Tell the conductor the turn started (the API shows the task running)."""
         progress = TaskProgress(
@@ -334,14 +345,20 @@ class Worker:
                 known=found,
             )  # fmt: skip
             return False
+        await self.repositories.prune(name, self.settings.repository_worktree_ttl_s)
+        record.branch = await self._worktree(name, event.task_id, workdir)
+        return True
+
+    async def _worktree(self, name: str, task_id: str, workdir: Path) -> str:
+        """The task's worktree (made or kept); a fetch that fails is tried again later."""
+        assert self.repositories is not None  # noqa: S101 - checked by the callers
         try:
-            await self.repositories.prune(name, self.settings.repository_worktree_ttl_s)
-            record.branch = await self.repositories.worktree(name, event.task_id, workdir)
+            branch = await self.repositories.worktree(name, task_id, workdir)
         except GitError as err:
             # Fetching may fail for a while (the host is down): another attempt, then FAILED.
             raise Retry(f"repository {name}: {err}", delay_s=10.0) from err
-        log.info("worktree ready", extra={"task_id": event.task_id, "branch": record.branch})
-        return True
+        log.info("worktree ready", extra={"task_id": task_id, "branch": branch})
+        return branch
 
     async def _first_prompt(self, event: TaskRequested, workdir: Path) -> str:
         """A new task's prompt, once its input files are in place under ``inputs/``."""
@@ -449,8 +466,17 @@ class Worker:
                 pull_request=record.pull_request,
                 http=http,
             )
-        except GitError as err:
-            delivery = Delivered(facts=[f"Branch: {record.branch}", f"Commit: failed: {err}"])
+        except Exception as err:
+            # The agent's work is done and reported; what the platform could not do is said
+            # (the conductor sees it), rather than redelivering the turn to run it again.
+            log.exception("repository delivery failed", extra={"task_id": event.task_id})
+            what = str(err) if isinstance(err, GitError) else f"{type(err).__name__}: {err}"
+            delivery = Delivered(
+                facts=[
+                    f"Branch: {record.branch}",
+                    f"Delivery: failed: {' '.join(what.split())[:300]}",
+                ]
+            )
         finally:
             if http is not self.http:
                 await http.close()

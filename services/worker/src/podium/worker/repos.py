@@ -114,6 +114,10 @@ class Repositories:
     ) -> str:
         proc = await asyncio.create_subprocess_exec(
             "git",
+            # Nothing the agent may have written runs here: no hooks, no fsmonitor, no
+            # ext:: transport (the worktree and its files are the agent's).
+            *("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"),
+            *("-c", "protocol.ext.allow=never"),
             *args,
             cwd=cwd,
             env=self._env(repo),
@@ -130,7 +134,8 @@ class Repositories:
         finally:
             await kill_group(proc)
         if proc.returncode != 0:
-            raise GitError(f"git {args[0]} failed: {self._redact(err.decode(errors='replace'))}")
+            what = next((a for a in args if not a.startswith("-") and "=" not in a), "")
+            raise GitError(f"git {what} failed: {self._redact(err.decode(errors='replace'))}")
         return out.decode(errors="replace")
 
     def _redact(self, text: str) -> str:
@@ -157,23 +162,36 @@ class Repositories:
 
     async def worktree(self, name: str, task_id: str, workdir: Path) -> str:
         """Give the task a worktree of repository ``name`` on ``podium/<task id>``; the
-        branch. Run again for the same task (a redelivery), it keeps the worktree."""
+        branch. Run again for the same task (a redelivery, a fix round), it keeps the
+        worktree; one that is gone is made again from what was pushed of the branch."""
         repo = self.repositories[name]
         branch = f"podium/{task_id}"
         async with self.locks.setdefault(name, asyncio.Lock()):
             mirror = await self._mirror(repo)
-            if await asyncio.to_thread(_stale_dir, workdir):
-                # What a failed earlier attempt left (no worktree yet): start clean.
-                await asyncio.to_thread(shutil.rmtree, workdir)
-            elif workdir.joinpath(".git").is_file():
+            if await asyncio.to_thread(_gitdir, mirror, workdir) is not None:
                 return branch
+            if await asyncio.to_thread(workdir.exists):
+                # What a failed earlier attempt left (no worktree of ours): start clean.
+                await asyncio.to_thread(shutil.rmtree, workdir)
             await self._git("worktree", "prune", cwd=mirror)
+            pushed = f"refs/remotes/origin/{branch}"
+            try:
+                await self._git("rev-parse", "--verify", "--quiet", pushed, cwd=mirror)
+                base = pushed
+            except GitError:
+                base = f"refs/remotes/origin/{repo.default_branch}"
             await self._git(
-                "worktree", "add", "--quiet", "-B", branch, str(workdir),
-                f"refs/remotes/origin/{repo.default_branch}",
-                cwd=mirror,
-            )  # fmt: skip
+                "worktree", "add", "--quiet", "-B", branch, str(workdir), base, cwd=mirror
+            )
         return branch
+
+    def _in(self, mirror: Path, workdir: Path) -> list[str]:
+        """Arguments that make git use the task's worktree as the platform made it,
+        whatever the agent did to its ``.git`` file (never a repository found above it)."""
+        gitdir = _gitdir(mirror, workdir)
+        if gitdir is None:
+            raise GitError(f"the task's worktree is gone ({workdir})")
+        return [f"--git-dir={gitdir}", f"--work-tree={workdir}"]
 
     async def prune(self, name: str, max_age_s: float) -> int:
         """Remove worktrees of repository ``name`` untouched for ``max_age_s`` (a finished
@@ -219,28 +237,37 @@ class Repositories:
         branch = f"podium/{task_id}"
         done = Delivered(pull_request=pull_request)
         done.facts.append(f"Branch: {branch}")
-        await self._git("add", "--all", cwd=workdir)
-        if (await self._git("status", "--porcelain", cwd=workdir)).strip():
+        mirror = self.root / f"{name}.git"
+        into = self._in(mirror, workdir)
+        # inputs/ and outputs/ are the platform's, whatever a .gitignore says.
+        keep_out = [f":(top,exclude){d.strip('/')}" for d in EXCLUDED]
+        await self._git(*into, "add", "--all", "--", ".", *keep_out, cwd=workdir)
+        if (await self._git(*into, "diff", "--cached", "--name-only", cwd=workdir)).strip():
             message = f"{_one_line(title)}\n\n{summary}\n\nPodium task {task_id}"
             await self._git(
                 "-c", f"user.name={_name(self.author)}", "-c", f"user.email={_email(self.author)}",
-                "commit", "--quiet", "-m", message,
+                *into, "commit", "--quiet", "--no-verify", "-m", message,
                 cwd=workdir,
             )  # fmt: skip
         base = f"refs/remotes/origin/{repo.default_branch}"
-        stat = (await self._git("diff", "--shortstat", f"{base}...HEAD", cwd=workdir)).strip()
-        done.facts.append(f"Diff: {stat or 'no changes'}")
-        if not stat:
+        stat = await self._git(*into, "diff", "--shortstat", f"{base}...HEAD", cwd=workdir)
+        done.facts.append(f"Diff: {stat.strip() or 'no changes'}")
+        if not stat.strip():
             done.facts.append("Check: none (nothing changed)")
             return done
         outcome, tail = await self._check(repo, workdir)
         done.facts.append(f"Check: {outcome}")
         if tail:
-            done.details = f"Output of `{repo.check}` (last lines):\n{tail}"
+            done.details = f"Output of `{repo.check}` (last lines):\n{self._redact(tail)}"
         try:
+            # From the mirror, not the worktree, with its configuration and hooks reset
+            # first: the agent's code (the check ran it) could have written to them.
+            await asyncio.to_thread(_harden, mirror)
             await self._git(
-                "push", "--quiet", repo.url, f"HEAD:refs/heads/{branch}", cwd=workdir, repo=repo
-            )
+                f"--git-dir={mirror}", "push", "--quiet", repo.url,
+                f"refs/heads/{branch}:refs/heads/{branch}",
+                cwd=mirror, repo=repo,
+            )  # fmt: skip
         except GitError as err:
             done.facts.append(f"Push: failed: {_one_line(str(err))[:300]}")
             return done
@@ -250,8 +277,9 @@ class Repositories:
                 number, url = await self._pull_request(
                     repo, branch, title=title, body=summary, number=pull_request, http=http
                 )
-            except (aiohttp.ClientError, TimeoutError, GitHubError) as err:
-                done.facts.append(f"Pull request: not opened: {_one_line(str(err))[:300]}")
+            except (aiohttp.ClientError, TimeoutError, GitHubError, KeyError, ValueError) as err:
+                reason = self._redact(_one_line(str(err)))[:300]
+                done.facts.append(f"Pull request: not opened: {reason}")
             else:
                 done.pull_request, done.pull_request_url = number, url
                 done.facts.append(f"Pull request: {url}")
@@ -313,16 +341,15 @@ class Repositories:
                 if resp.status == 201:
                     data = await resp.json()
                     return int(data["number"]), str(data["html_url"])
+                why = (await resp.text())[:300]
                 if resp.status != 422:
-                    raise GitHubError(
-                        f"POST pulls: HTTP {resp.status}: {(await resp.text())[:300]}"
-                    )
-            # 422: one exists already for this head (an earlier attempt opened it).
+                    raise GitHubError(f"POST pulls: HTTP {resp.status}: {why}")
+            # 422: one exists already for this head (an earlier attempt opened it)?
             query = {"head": f"{owner}:{branch}", "state": "open"}
             async with http.get(api, params=query, headers=headers, timeout=timeout) as resp:
                 found = await resp.json() if resp.status == 200 else []
             if not found:
-                raise GitHubError("POST pulls: HTTP 422 and no open pull request for the branch")
+                raise GitHubError(f"POST pulls: HTTP 422: {why}")
             number = int(found[0]["number"])
         async with http.patch(
             f"{api}/{number}", json={"body": text}, headers=headers, timeout=timeout
@@ -330,11 +357,43 @@ class Repositories:
             if resp.status != 200:
                 raise GitHubError(f"PATCH pulls/{number}: HTTP {resp.status}")
             data = await resp.json()
-            return int(data["number"]), str(data["html_url"])
+        if data.get("state") != "open":
+            # Closed or merged meanwhile: this round's commits get a pull request of their own.
+            return await self._pull_request(
+                repo, branch, title=title, body=body, number=0, http=http
+            )
+        return int(data["number"]), str(data["html_url"])
 
 
 class GitHubError(RuntimeError):
     """GitHub refused or failed a pull-request request."""
+
+
+def _gitdir(mirror: Path, workdir: Path) -> Path | None:
+    """The mirror's record of the worktree at ``workdir`` (``worktrees/<id>``), if any:
+    found from the mirror's side, which the agent's ``.git`` file cannot redirect."""
+    entries = mirror / "worktrees"
+    if not entries.is_dir() or not workdir.is_dir():
+        return None
+    wanted = str(workdir / ".git")
+    for entry in entries.iterdir():
+        try:
+            if (entry / "gitdir").read_text().strip() == wanted:
+                return entry
+        except OSError:
+            continue
+    return None
+
+
+def _harden(mirror: Path) -> None:
+    """Put back the mirror's configuration and hooks as the platform made them."""
+    (mirror / "config").write_text(
+        "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n"
+    )
+    shutil.rmtree(mirror / "hooks", ignore_errors=True)
+    (mirror / "hooks").mkdir()
+    for extra in (mirror / "worktrees").glob("*/config.worktree"):
+        extra.unlink()
 
 
 def _stale_worktrees(mirror: Path, max_age_s: float) -> list[Path]:
@@ -354,11 +413,6 @@ def _stale_worktrees(mirror: Path, max_age_s: float) -> list[Path]:
         if now - touched > max_age_s:
             found.append(gitdir.parent)
     return found
-
-
-def _stale_dir(workdir: Path) -> bool:
-    """A directory where the worktree should be, that is not one."""
-    return workdir.exists() and not workdir.joinpath(".git").is_file()
 
 
 def _one_line(text: str) -> str:

@@ -16,6 +16,7 @@ from podium.common import repositories
 from podium.common.config import ignored_variables
 from podium.common.consumer import PullConsumer
 from podium.common.kv import Store
+from podium.common.procs import not_dumpable
 from podium.common.runtime import Context
 from podium.contracts import streams, subjects
 from podium.contracts.events import AnyEvent, KillTask
@@ -57,6 +58,9 @@ class WorkerService:
 
     async def check(self) -> None:
         """Build the agent runtime and check that it can run (before connecting)."""
+        # Its agents run as this user: they must not read this process's credentials.
+        if not not_dumpable():
+            log.warning("could not protect this process's environment from its agents")
         for ignored in ignored_variables(type(self.settings), os.environ):
             log.warning("setting ignored by this role", extra={"variable": ignored})
         self._role_prompt = role_prompt(self.settings.claude_role_prompt_file, ROLE)
