@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import string
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -144,6 +145,9 @@ async def test_a_tampered_link_looks_like_a_missing_file(
         "not-a-token",
         "a.b.c",
         "%00",
+        # The same signature spelt otherwise (base64's two spare bits in its last letter).
+        f"{encoded}.{expires}.{mac[:-1]}{_spare_bits_flipped(mac[-1])}",
+        f"{encoded}.\u0661\u0662.{mac}",  # digits, but not ASCII ones
     ]
     missing_status, _, missing_body = await get(ingress, link("t3/never-stored.csv"))
     assert missing_status == 404
@@ -313,3 +317,9 @@ def test_podium_up_gives_every_service_the_link_secret_and_public_url(
     mine = service_env(layout, "ingress", "nats://127.0.0.1:4222", "t" * 32)
     assert mine["PODIUM_LINK_SECRET"] == "users-own-link-secret-0123456789"
     assert mine["PODIUM_PUBLIC_URL"] == "https://podium.example.com"
+
+
+def _spare_bits_flipped(letter: str) -> str:
+    """Another base64url letter that decodes to the same last byte (32-byte MAC: 2 spare bits)."""
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    return alphabet[alphabet.index(letter) ^ 1]

@@ -61,6 +61,9 @@ def check(value: str, secret: str, now: float | None = None) -> str:
         mac = _unb64(parts[2])
     except (ValueError, UnicodeDecodeError) as err:
         raise LinkError("invalid") from err
+    if _b64(name.encode()) != parts[0] or _b64(mac) != parts[2]:
+        # Only the one spelling we issue (base64's spare bits would give others).
+        raise LinkError("invalid")
     expires = int(parts[1])
     if not hmac.compare_digest(mac, _mac(secret, name, expires)):
         raise LinkError("invalid")
