@@ -23,12 +23,13 @@ from podium.cli.natsserver import NatsServer
 from podium.common import repositories
 from podium.common.bus import publish
 from podium.common.errors import ConfigError
+from podium.common.kv import Store
 from podium.common.metrics import Metrics
 from podium.conductor import commands as cmds
 from podium.conductor.actions import Actions, Effects
 from podium.conductor.config import ConductorSettings
 from podium.conductor.metrics import ConductorMetrics
-from podium.contracts import subjects
+from podium.contracts import streams, subjects
 from podium.contracts.events import (
     EventIds,
     InboundMessage,
@@ -37,7 +38,7 @@ from podium.contracts.events import (
     TaskResult,
     decode,
 )
-from podium.contracts.state import Conversation
+from podium.contracts.state import Conversation, SessionRecord
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply
 from podium.testing.github import FakeGitHub
 from podium.testing.platform import Platform
@@ -214,6 +215,13 @@ async def test_a_repository_task_is_pushed_and_gets_one_pull_request(
     runtime = ClaudeRuntime(worker.service.settings, tmp_path / "claude-state")  # type: ignore[attr-defined]
     call = AgentCall(role="worker", key="trepo", prompt="", workdir=tmp_path, session_id=None)
     assert TOKEN not in json.dumps(runtime.environment(call))
+    # The session record does not carry the worktree (a fix round elsewhere remakes it
+    # from the pushed branch); its transcript it does.
+    sessions = await Store.open(js, streams.SESSIONS.name, SessionRecord)
+    stored = await sessions.get("worker.trepo")
+    assert stored is not None
+    assert stored[0].transcript_inline and not stored[0].workspace_inline
+    assert not stored[0].workspace
     # Nor a remote the agent could push to by itself.
     worktree = tmp_path / "workspaces" / "tasks" / "trepo"
     assert git("remote", cwd=worktree).strip() == ""

@@ -57,6 +57,9 @@ class AgentCall:
     timeout_s: float = 600.0
     #: A JSON schema the answer must follow (the CLI's --json-schema); None = free text.
     json_schema: str | None = None
+    #: Whether a worker's directory goes with its session to another replica. A
+    #: repository task's does not: its worktree is made again from the pushed branch.
+    carry_workdir: bool = True
 
 
 @dataclass(frozen=True)

@@ -388,7 +388,7 @@ class Agents:
             return stored
         inline = self.settings.agent_inline_session_bytes
         path = self.runtime.transcript_path(call, answer.session_id)
-        workdir = call.workdir if self.role == "worker" else None
+        workdir = call.workdir if self.role == "worker" and call.carry_workdir else None
         limit = self.settings.agent_workspace_max_bytes
         # One hop to a thread for all the file work of a turn: on two cores each hop
         # (a wake-up there and back) cost more than reading and packing small files.

@@ -252,6 +252,7 @@ class Worker:
             session_id=session_id,
             system_prompt=self.role_prompt,
             timeout_s=event.timeout_s or self.settings.default_task_timeout_s,
+            carry_workdir=not record.repository,
         )
         kind = "task" if isinstance(event, TaskRequested) else "followup"
         log.info("task started", extra={"task_id": task_id, "kind": kind, "workdir": str(workdir)})
