@@ -24,7 +24,24 @@ def test_senders() -> None:
     open_door = Policy(ConductorSettings())
     assert open_door.sender_allowed("email", "anyone@anywhere.example")
     strict = Policy(ConductorSettings(sender_allowlist=["@example.org", "+1 555 010 0001"]))
-    assert strict.sender_allowed("email", "Grace@Example.org")
+    assert strict.sender_allowed("email", "Grace@Example.org", "pass")
+    # The From: header alone is forgeable: by default only an authenticated one counts.
+    assert not strict.sender_allowed("email", "grace@example.org", "fail")
+    assert not strict.sender_allowed("email", "grace@example.org", "none")
+    assert strict.spoofed("email", "grace@example.org", "fail")
+    assert not strict.spoofed("email", "mallory@evil.example", "fail")  # just a stranger
+    lenient = Policy(
+        ConductorSettings(
+            sender_allowlist=["@example.org", "@relay.example.org"],
+            sender_auth="prefer",
+            sender_auth_exempt_domains=["relay.example.org"],
+        )
+    )
+    assert lenient.sender_allowed("email", "grace@example.org", "none")
+    assert not lenient.sender_allowed("email", "grace@example.org", "fail")
+    assert lenient.sender_allowed("email", "build@relay.example.org", "fail")
+    off = Policy(ConductorSettings(sender_allowlist=["@example.org"], sender_auth="off"))
+    assert off.sender_allowed("email", "grace@example.org", "fail")
     assert strict.sender_allowed("sms", "+15550100001")
     assert not strict.sender_allowed("email", "grace@example.org.evil.example")
     assert not strict.sender_allowed("sms", "+15550100002")

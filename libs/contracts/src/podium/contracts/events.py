@@ -98,6 +98,11 @@ class InboundMessage(Event, frozen=True, kw_only=True, tag="inbound.message"):
     # API clients: the name of the token used and the client's thread id.
     client: str = ""
     thread_id: str = ""
+    #: An email's ``From:`` as the ingress judged it from the provider's SPF and DKIM
+    #: verdicts (DMARC alignment): "pass", "fail" or "none" (no verdicts posted). ""
+    #: for the channels authenticated otherwise (API tokens, Twilio signatures).
+    sender_auth: str = ""
+    sender_auth_detail: str = ""
 
 
 class TaskRequested(Event, frozen=True, kw_only=True, tag="task.requested"):

@@ -119,6 +119,9 @@ class Conversation(msgspec.Struct, kw_only=True):
     escalations: int = 0
     #: Whether an unknown sender has been told (once) that we do not take their work.
     refused: bool = False
+    #: Whether the operator has been told (once) of an allowlisted From: that failed
+    #: authentication in this conversation.
+    spoof_reported: bool = False
     #: Decisions of the last turn not yet confirmed published (see ``Pending``).
     pending: list[Pending] = []
     #: The files people sent in this conversation (bounded), given to each new task.

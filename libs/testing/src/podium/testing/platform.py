@@ -113,9 +113,11 @@ class Platform:
         message_id: str,
         headers: str = "",
         files: list[tuple[str, str, bytes]] | None = None,
+        verdicts: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """An inbound email through the SendGrid Inbound Parse webhook (parsed mode);
-        ``files``: (file name, media type, bytes) sent as its attachments."""
+        ``files``: (file name, media type, bytes) sent as its attachments; ``verdicts``:
+        SendGrid's ``SPF``, ``dkim`` and ``envelope`` fields, as its MX would post them."""
         form = aiohttp.FormData(default_to_multipart=True)
         fields = {
             "from": sender,
@@ -124,6 +126,7 @@ class Platform:
             "text": text,
             "headers": f"Message-ID: {message_id}\nSubject: {subject}\n{headers}",
         }
+        fields |= verdicts or {}
         if files:
             # SendGrid's parsed mode: attachmentN parts, described by attachment-info.
             fields["attachments"] = str(len(files))

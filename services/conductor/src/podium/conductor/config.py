@@ -71,6 +71,22 @@ class ConductorSettings(AgentSettings, frozen=True, kw_only=True):
             "(comma-separated). Empty = anyone. API clients are authenticated by token."
         ),
     ] = []
+    sender_auth: Annotated[
+        Literal["require", "prefer", "off"],
+        setting(
+            "Whether an email From: on the allowlist must be authenticated (SPF or DKIM "
+            "aligned with its domain, from the provider's verdicts): require (only a pass), "
+            "prefer (a failure is an unknown sender; mail with no verdicts at all counts as "
+            "its From:), off (the From: header alone, forgeable)."
+        ),
+    ] = "require"
+    sender_auth_exempt_domains: Annotated[
+        list[str],
+        setting(
+            "Sender domains whose mail cannot be signed (an internal relay): their From: is "
+            "taken as it is, whatever PODIUM_SENDER_AUTH says (comma-separated)."
+        ),
+    ] = []
     unknown_senders: Annotated[
         Literal["ignore", "refuse"],
         setting(

@@ -166,7 +166,7 @@ class Conductor:
         if event.event_id in conv.handled:
             await self._already_handled(conv, event.event_id)
             return
-        if not self.actions.policy.sender_allowed(event.channel, event.sender):
+        if not self.actions.policy.sender_allowed(event.channel, event.sender, event.sender_auth):
             await self._refuse_sender(conv, revision, event)
             return
         block = inbound_block(event)
@@ -258,9 +258,27 @@ class Conductor:
         self, conv: Conversation, revision: int, event: InboundMessage
     ) -> None:
         """Someone not on the allowlist: no agent turn; one polite refusal if so configured."""
-        self.metrics.blocked.labels("inbound", "sender not allowed").inc()
-        log.warning("sender not allowed", extra={"channel": event.channel})
+        policy = self.actions.policy
         effects = Effects()
+        if policy.spoofed(event.channel, event.sender, event.sender_auth):
+            # An allowlisted From: that did not authenticate: an unknown sender, and the
+            # operator is told (once a conversation) that someone is using that name.
+            self.metrics.blocked.labels("inbound", "sender not authenticated").inc()
+            self.own.spoofed.inc()
+            log.warning(
+                "allowlisted sender not authenticated",
+                extra={"auth": event.sender_auth, "detail": event.sender_auth_detail[:300]},
+            )
+            if not conv.spoof_reported:
+                conv.spoof_reported = True
+                effects.escalations.append(
+                    f"blocked inbound: a message From: {event.sender} (on the sender allowlist) "
+                    f"did not authenticate ({event.sender_auth}: {event.sender_auth_detail}); "
+                    "treated as an unknown sender, possibly spoofed"
+                )
+        else:
+            self.metrics.blocked.labels("inbound", "sender not allowed").inc()
+            log.warning("sender not allowed", extra={"channel": event.channel})
         if self.settings.unknown_senders == "refuse" and not conv.refused:
             conv.refused = True
             conv.reply_to = event.sender
@@ -274,6 +292,7 @@ class Conductor:
                 conversation_id=conv.conversation_id,
             )
             self.actions.reply(conv, base, REFUSAL, effects)
+        self.actions.escalate(conv, event, effects)
         conv.handled = [*conv.handled, event.event_id][-MAX_HANDLED:]
         await self._commit(conv, revision, effects)
 

@@ -34,6 +34,12 @@ class ConductorMetrics:
             ["reason", "routed"],
             registry=registry,
         )
+        self.spoofed = Counter(
+            f"{PREFIX}_conductor_spoofed_senders_total",
+            "Emails whose From: is on the sender allowlist but did not authenticate "
+            "(SPF/DKIM not aligned and passing), treated as unknown senders",
+            registry=registry,
+        )
         self.duplicates = Counter(
             f"{PREFIX}_conductor_duplicates_total",
             "Events already handled (redelivered or replayed), skipped without a turn",

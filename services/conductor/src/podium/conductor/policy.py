@@ -53,11 +53,37 @@ class Policy:
     def __init__(self, settings: ConductorSettings) -> None:
         self.settings = settings
 
-    def sender_allowed(self, channel: str, sender: str) -> bool:
-        """Whether ``sender`` may give the platform work (API clients always may)."""
+    def sender_allowed(self, channel: str, sender: str, auth: str = "") -> bool:
+        """Whether ``sender`` may give the platform work (API clients always may). An
+        email's ``From:`` counts only as far as it is authenticated (``auth``, the
+        ingress's verdict): see :meth:`authenticated`."""
         if channel == "api" or not self.settings.sender_allowlist:
             return True
-        return _listed(sender, self.settings.sender_allowlist)
+        if not _listed(sender, self.settings.sender_allowlist):
+            return False
+        return channel != "email" or self.authenticated(sender, auth)
+
+    def authenticated(self, sender: str, auth: str) -> bool:
+        """Whether an email's ``From:`` may be believed, under PODIUM_SENDER_AUTH."""
+        mode = self.settings.sender_auth
+        domain = sender.rpartition("@")[2].lower()
+        if mode == "off" or any(
+            domain == d.lower().lstrip("@") or domain.endswith("." + d.lower().lstrip("@"))
+            for d in self.settings.sender_auth_exempt_domains
+        ):
+            return True
+        if mode == "prefer":
+            return auth != "fail"
+        return auth == "pass"
+
+    def spoofed(self, channel: str, sender: str, auth: str) -> bool:
+        """An allowlisted ``From:`` that did not authenticate: a spoofing attempt."""
+        return (
+            channel == "email"
+            and bool(self.settings.sender_allowlist)
+            and _listed(sender, self.settings.sender_allowlist)
+            and not self.authenticated(sender, auth)
+        )
 
     def may_write(self, conv: Conversation, address: str) -> Refusal | None:
         """Outbound mail and SMS go only to the conversation's people or the allowlist."""

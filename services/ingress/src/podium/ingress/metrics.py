@@ -60,6 +60,13 @@ class IngressMetrics:
             "Bytes of artifacts served through download links",
             registry=registry,
         )
+        self.sender_auth = Counter(
+            f"{PREFIX}_ingress_email_sender_auth_total",
+            "Inbound emails by how their From: authenticated (SPF/DKIM aligned): pass, fail, "
+            "none (no verdicts posted)",
+            ["result"],
+            registry=registry,
+        )
         self.mms_media = Counter(
             f"{PREFIX}_ingress_mms_media_total",
             "MMS media items, by outcome: stored, or why kept as a URL only (not-configured, "

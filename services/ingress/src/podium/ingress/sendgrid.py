@@ -25,7 +25,7 @@ from podium.contracts.ids import (
     email_thread_root,
     stable_id,
 )
-from podium.ingress import auth, mail
+from podium.ingress import auth, mail, sender
 from podium.ingress.base import MAX_TEXT, Deps, HttpError, Route, RouteTable
 
 log = logging.getLogger("podium.ingress.handlers")
@@ -133,6 +133,13 @@ class SendGridRoutes(Route):
         event_id = stable_id("email", natural_key)
         conversation = self._email_conversation(facts, natural_key)
         media = await self._keep_attachments(event_id, facts.attachments)
+        verdict = sender.judge(
+            facts.sender,
+            text_field("SPF") if "SPF" in fields else None,
+            text_field("dkim") if "dkim" in fields else None,
+            text_field("envelope") if "envelope" in fields else None,
+        )
+        self.deps.metrics.sender_auth.labels(verdict.result).inc()
         event = InboundMessage(
             event_id=event_id,
             correlation_id=event_id,
@@ -146,6 +153,8 @@ class SendGridRoutes(Route):
             in_reply_to=facts.in_reply_to[:998],
             references=[r[:998] for r in facts.references[-20:]],
             media=media,
+            sender_auth=verdict.result,
+            sender_auth_detail=verdict.detail[:500],
         )
         stored = await self.store(subjects.inbound("email", conversation), event)
         return web.json_response(
