@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from podium.cli.natsserver import NatsServer, free_port, wait_for_port
 from podium.common.provision import provision
 from podium.contracts import access
+from podium.testing.smtp import SmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -208,3 +209,13 @@ def old_nats(tmp_path: Path) -> Iterator[str]:
         yield f"nats://127.0.0.1:{greeter.port}"
     finally:
         greeter.close()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    """A real SMTP server (aiosmtpd) that records what it receives."""
+    server = SmtpServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

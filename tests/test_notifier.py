@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,15 +153,6 @@ async def test_interrupted_send_is_not_retried_blindly(
     assert "may already have been sent" in letter.reason
     assert (await outbox_state(js, "cmd9", "ambiguous")).command_id == "cmd9"
     assert not path.exists()
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpServer]:
-    server = SmtpServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

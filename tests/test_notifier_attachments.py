@@ -15,7 +15,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from email import message_from_bytes, policy
@@ -171,15 +171,6 @@ def body_of(msg: EmailMessage) -> str:
     part = msg.get_body(preferencelist=("plain",))
     assert isinstance(part, EmailMessage)
     return str(part.get_content())
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpServer]:
-    server = SmtpServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @contextlib.asynccontextmanager

@@ -88,6 +88,17 @@ def write_repositories(path: Path, origin: Path, api_url: str, check: str) -> Pa
     return path
 
 
+def github_repositories(
+    tmp_path: Path, origin: Path, github: FakeGitHub, monkeypatch: pytest.MonkeyPatch
+) -> Repositories:
+    """The platform's side of ``origin`` with GitHub pull requests, its token set."""
+    monkeypatch.setenv("PODIUM_TEST_GITHUB_TOKEN", TOKEN)
+    repos_file = write_repositories(tmp_path / "r.yaml", origin, github.api_url, "true")
+    return Repositories(
+        repositories.load(str(repos_file)), tmp_path / "state", author="Podium <p@example.com>"
+    )
+
+
 def test_the_repositories_file_is_checked_at_start(tmp_path: Path) -> None:
     good = tmp_path / "repos.json"
     good.write_text(
@@ -366,11 +377,7 @@ async def test_the_repository_round_trip_with_the_real_cli(
 async def test_what_the_agent_does_to_git_cannot_redirect_the_platforms_push(
     tmp_path: Path, origin: Path, github: FakeGitHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PODIUM_TEST_GITHUB_TOKEN", TOKEN)
-    repos_file = write_repositories(tmp_path / "r.yaml", origin, github.api_url, "true")
-    repos = Repositories(
-        repositories.load(str(repos_file)), tmp_path / "state", author="Podium <p@example.com>"
-    )
+    repos = github_repositories(tmp_path, origin, github, monkeypatch)
     workdir = tmp_path / "tasks" / "t7"
     await repos.worktree("site", "t7", workdir)
     (workdir / "pricing.md").write_text("Price: $12\n")
@@ -427,11 +434,7 @@ async def test_a_gone_worktree_is_reported_and_never_found_in_a_parent_repositor
 async def test_a_closed_pull_request_gets_a_new_one(
     tmp_path: Path, origin: Path, github: FakeGitHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PODIUM_TEST_GITHUB_TOKEN", TOKEN)
-    repos_file = write_repositories(tmp_path / "r.yaml", origin, github.api_url, "true")
-    repos = Repositories(
-        repositories.load(str(repos_file)), tmp_path / "state", author="Podium <p@example.com>"
-    )
+    repos = github_repositories(tmp_path, origin, github, monkeypatch)
     workdir = tmp_path / "tasks" / "t9"
     await repos.worktree("site", "t9", workdir)
     async with aiohttp.ClientSession() as http:

@@ -196,6 +196,9 @@ async def collect_artifacts(
     """Store every file under ``workdir/outputs`` in the artifacts store (unchanged ones
     are not uploaded again); what the conductor may attach."""
     collected = Collected()
+    # One stat of a local directory, cheaper than the thread hop it saves on most turns.
+    if not os.path.isdir(workdir / OUTPUTS):  # noqa: ASYNC240
+        return collected
     found, collected.left_out = await asyncio.to_thread(
         _scan, workdir / OUTPUTS, max_count, max_bytes
     )
