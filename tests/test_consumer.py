@@ -11,9 +11,11 @@ from typing import cast
 
 import pytest
 from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
+from podium.cli.natsserver import NatsServer
 from podium.common import provision
 from podium.common.backoff import JITTER, backoff
 from podium.common.bus import publish
@@ -58,11 +60,11 @@ async def dead_letters(js: JetStreamContext, timeout: float = 5.0) -> list[DeadL
 
 
 def consumer(
-    js: JetStreamContext, handler: object, **kwargs: object
+    nc: Client, js: JetStreamContext, handler: object, **kwargs: object
 ) -> tuple[PullConsumer, Metrics]:
     metrics = Metrics(CollectorRegistry(), "test")
     return (
-        PullConsumer(js, SPEC, handler, service="test", metrics=metrics, **kwargs),  # type: ignore[arg-type]
+        PullConsumer(nc, js, SPEC, handler, service="test", metrics=metrics, **kwargs),  # type: ignore[arg-type]
         metrics,
     )
 
@@ -84,7 +86,7 @@ async def test_poison_message_is_dead_lettered_and_consuming_goes_on(
         if len(handled) == 2:
             done.set()
 
-    c, _ = consumer(jsc, handler)
+    c, _ = consumer(nc, jsc, handler)
     c.start()
     await publish(jsc, "inbound.api.api-c1", message(1))
     await jsc.publish(
@@ -103,7 +105,9 @@ async def test_poison_message_is_dead_lettered_and_consuming_goes_on(
     assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
-async def test_reject_terminates_at_once_and_retry_comes_back(jsc: JetStreamContext) -> None:
+async def test_reject_terminates_at_once_and_retry_comes_back(
+    jsc: JetStreamContext, nc: Client
+) -> None:
     seen: dict[str, int] = defaultdict(int)
     done = asyncio.Event()
 
@@ -115,7 +119,7 @@ async def test_reject_terminates_at_once_and_retry_comes_back(jsc: JetStreamCont
             raise Retry("not yet", delay_s=0.2)
         done.set()
 
-    c, _ = consumer(jsc, handler)
+    c, _ = consumer(nc, jsc, handler)
     c.start()
     await publish(jsc, "inbound.api.a", message(1, "a"))
     await publish(jsc, "inbound.api.b", message(2, "b"))
@@ -127,14 +131,16 @@ async def test_reject_terminates_at_once_and_retry_comes_back(jsc: JetStreamCont
     assert [d.reason for d in letters] == ["never going to work"]
 
 
-async def test_a_crashing_handler_is_retried_then_dead_lettered(jsc: JetStreamContext) -> None:
+async def test_a_crashing_handler_is_retried_then_dead_lettered(
+    jsc: JetStreamContext, nc: Client
+) -> None:
     attempts: list[int] = []
 
     async def handler(event: AnyEvent, delivery: Delivery) -> None:
         attempts.append(delivery.num_delivered)
         raise RuntimeError("bug")
 
-    c, metrics = consumer(jsc, handler)
+    c, metrics = consumer(nc, jsc, handler)
     c.start()
     await publish(jsc, "inbound.api.a", message(1, "a"))
     letters = await dead_letters(jsc, timeout=15)
@@ -148,7 +154,7 @@ async def test_a_crashing_handler_is_retried_then_dead_lettered(jsc: JetStreamCo
 
 
 async def test_same_key_is_serial_and_ordered_other_keys_run_in_parallel(
-    jsc: JetStreamContext,
+    jsc: JetStreamContext, nc: Client
 ) -> None:
     running: dict[str, int] = defaultdict(int)
     peak: dict[str, int] = defaultdict(int)
@@ -170,7 +176,7 @@ async def test_same_key_is_serial_and_ordered_other_keys_run_in_parallel(
         if total == 30:
             done.set()
 
-    c, _ = consumer(jsc, handler, concurrency=8, order_key=lambda e: e.conversation_id)
+    c, _ = consumer(nc, jsc, handler, concurrency=8, order_key=lambda e: e.conversation_id)
     c.start()
     for n in range(30):
         conv = f"c{n % 3}"
@@ -183,14 +189,16 @@ async def test_same_key_is_serial_and_ordered_other_keys_run_in_parallel(
         assert order[f"c{n}"] == [f"e{i}" for i in range(30) if i % 3 == n]
 
 
-async def test_stop_hands_unfinished_work_back_for_redelivery(jsc: JetStreamContext) -> None:
+async def test_stop_hands_unfinished_work_back_for_redelivery(
+    jsc: JetStreamContext, nc: Client
+) -> None:
     started = asyncio.Event()
 
     async def slow(event: AnyEvent, delivery: Delivery) -> None:
         started.set()
         await asyncio.sleep(60)
 
-    c, _ = consumer(jsc, slow)
+    c, _ = consumer(nc, jsc, slow)
     c.start()
     await publish(jsc, "inbound.api.a", message(1, "a"))
     await asyncio.wait_for(started.wait(), 10)
@@ -203,7 +211,7 @@ async def test_stop_hands_unfinished_work_back_for_redelivery(jsc: JetStreamCont
         got.append(delivery.num_delivered)
         done.set()
 
-    c2, _ = consumer(jsc, quick)
+    c2, _ = consumer(nc, jsc, quick)
     c2.start()
     # Nak'ed at shutdown: back well before ack_wait would have expired.
     await asyncio.wait_for(done.wait(), 1.5)
@@ -231,13 +239,13 @@ class SwallowsCancellation:
 
 
 async def test_stop_is_prompt_even_when_a_request_swallows_the_cancellation(
-    jsc: JetStreamContext,
+    jsc: JetStreamContext, nc: Client
 ) -> None:
     async def handler(event: AnyEvent, delivery: Delivery) -> None:
         pass
 
     swallowing = SwallowsCancellation(jsc)
-    c, _ = consumer(cast("JetStreamContext", swallowing), handler, lag_interval_s=60)
+    c, _ = consumer(nc, cast("JetStreamContext", swallowing), handler, lag_interval_s=60)
     c.start()
     await asyncio.wait_for(swallowing.asked.wait(), 5)
     # Before: the lag watcher went on to sleep 60 s and stop() waited for it.
@@ -248,7 +256,7 @@ async def test_stop_is_prompt_even_when_a_request_swallows_the_cancellation(
 
 
 async def test_ordered_consumer_retries_in_place_so_nothing_overtakes(
-    jsc: JetStreamContext,
+    jsc: JetStreamContext, nc: Client
 ) -> None:
     seen: list[tuple[str, int]] = []
     done = asyncio.Event()
@@ -260,7 +268,7 @@ async def test_ordered_consumer_retries_in_place_so_nothing_overtakes(
         if event.event_id == "e2":
             done.set()
 
-    c, _ = consumer(jsc, handler, order_key=lambda e: e.conversation_id, retry_in_place=True)
+    c, _ = consumer(nc, jsc, handler, order_key=lambda e: e.conversation_id, retry_in_place=True)
     c.start()
     await publish(jsc, "inbound.api.a", message(1, "a"))
     await publish(jsc, "inbound.api.a", message(2, "a"))
@@ -277,3 +285,120 @@ def test_backoff_doubles_up_to_its_cap_with_jitter() -> None:
         assert max(delays) <= min(plain * (1 + JITTER), 5.0) + 1e-9
         # Spread, so that replicas that failed together do not retry together.
         assert max(delays) > min(delays)
+
+
+async def test_one_pull_request_serves_many_messages(jsc: JetStreamContext, nc: Client) -> None:
+    """Messages come to an open pull request: none costs a request of its own."""
+    requests = 0
+
+    async def count(msg: object) -> None:
+        nonlocal requests
+        requests += 1
+
+    spy = await nc.subscribe(subjects.pull_request(SPEC.stream, SPEC.durable), cb=count)
+    await nc.flush()
+    handled: list[str] = []
+    done = asyncio.Event()
+
+    async def handler(event: AnyEvent, delivery: Delivery) -> None:
+        handled.append(event.event_id)
+        if len(handled) == 20:
+            done.set()
+
+    c, _ = consumer(nc, jsc, handler, concurrency=8, max_held=64, pull_expires_s=30.0)
+    c.start()
+    for n in range(20):
+        await publish(jsc, f"inbound.api.c{n}", message(n, f"c{n}"))
+    await asyncio.wait_for(done.wait(), 10)
+    await settled(jsc, SPEC)
+    await c.stop(5)
+    await spy.unsubscribe()
+    assert sorted(handled) == sorted(f"e{n}" for n in range(20))
+    # The first request asked for all the room; more only as handlers freed half of it.
+    assert requests <= 3
+
+
+async def test_consuming_goes_on_after_the_server_restarts(
+    nats_server: NatsServer, jsc: JetStreamContext, nc: Client
+) -> None:
+    """The open pull requests die with the server; the consumer asks again."""
+    handled: list[str] = []
+    first, second = asyncio.Event(), asyncio.Event()
+
+    async def handler(event: AnyEvent, delivery: Delivery) -> None:
+        handled.append(event.event_id)
+        (first if event.event_id == "e1" else second).set()
+
+    c, _ = consumer(nc, jsc, handler, pull_expires_s=1.0)
+    c.start()
+    await publish(jsc, "inbound.api.a", message(1, "a"))
+    await asyncio.wait_for(first.wait(), 10)
+    nats_server.stop()
+    nats_server.start()
+    deadline = time.monotonic() + 20
+    while not nc.is_connected:
+        assert time.monotonic() < deadline, "the client never reconnected"
+        await asyncio.sleep(0.05)
+    # JetStream takes a moment longer than the client to come back.
+    while True:
+        try:
+            await publish(jsc, "inbound.api.a", message(2, "a"), timeout_s=1.0)
+            break
+        except (TimeoutError, NatsTimeoutError):
+            assert time.monotonic() < deadline, "JetStream never came back"
+    await asyncio.wait_for(second.wait(), 20)
+    await c.stop(5)
+    assert handled == ["e1", "e2"]
+
+
+async def test_a_missing_consumer_is_a_problem_until_it_exists(
+    js: JetStreamContext, nc: Client
+) -> None:
+    """Pulling from a consumer nobody provisioned says so (readiness shows it)."""
+    handled = asyncio.Event()
+
+    async def handler(event: AnyEvent, delivery: Delivery) -> None:
+        handled.set()
+
+    c, _ = consumer(nc, js, handler)
+    c.start()
+    deadline = time.monotonic() + 10
+    while not c.problem:
+        assert time.monotonic() < deadline, "no problem reported"
+        await asyncio.sleep(0.02)
+    assert f"{SPEC.stream}/{SPEC.durable}" in c.problem
+    await js.add_consumer(SPEC.stream, provision.consumer_config(SPEC))
+    await publish(js, "inbound.api.a", message(1, "a"))
+    await asyncio.wait_for(handled.wait(), 10)
+    assert c.problem == ""
+    await c.stop(5)
+
+
+async def test_a_released_slot_lets_the_next_message_start(
+    jsc: JetStreamContext, nc: Client
+) -> None:
+    """With one slot, a handler that releases it (a worker whose agent has answered)
+    lets the next message run while it finishes its own bookkeeping."""
+    finishing = asyncio.Event()
+    second_ran = asyncio.Event()
+    order: list[str] = []
+
+    async def handler(event: AnyEvent, delivery: Delivery) -> None:
+        order.append(f"start {event.event_id}")
+        if event.event_id == "e1":
+            delivery.release()
+            delivery.release()  # idempotent: a second call frees nothing more
+            await finishing.wait()
+        else:
+            second_ran.set()
+        order.append(f"end {event.event_id}")
+
+    c, _ = consumer(nc, jsc, handler, concurrency=1, max_held=1)
+    c.start()
+    await publish(jsc, "inbound.api.a", message(1, "a"))
+    await publish(jsc, "inbound.api.b", message(2, "b"))
+    await asyncio.wait_for(second_ran.wait(), 10)
+    finishing.set()
+    await settled(jsc, SPEC)
+    await c.stop(5)
+    assert order == ["start e1", "start e2", "end e2", "end e1"]

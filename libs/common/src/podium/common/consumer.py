@@ -37,17 +37,18 @@ import base64
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import FetchTimeoutError
 
 from podium.common import logs
 from podium.common.backoff import backoff
@@ -62,9 +63,15 @@ from podium.contracts.streams import ConsumerSpec
 
 log = logging.getLogger(__name__)
 
-#: How long a fetch waits while messages keep coming, before the consumer counts as
-#: idle and waits for the next one with a single-message fetch (see PullConsumer._run).
-_MORE_S = 0.005
+#: How long one pull request stays open at the server (its ``expires``). The consumer
+#: keeps requests open all the time, so this is only how often an idle one renews them.
+PULL_EXPIRES_S = 5.0
+#: How long past its expiry a pull request is still counted on, waiting for the
+#: server's 408 that ends it; after that (a reconnect or a server restart lost it, or
+#: the 408) the consumer asks again.
+_PULL_GRACE_S = 1.0
+#: After the server refused a pull (no such consumer), how long until the next one.
+_PULL_PAUSE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,16 @@ class Delivery:
     msg: Msg
     #: Which attempt this is: deliveries so far, plus retries in place (see PullConsumer).
     attempt: int = 1
+    #: Gives the handler's slot back before it returns (see :meth:`release`).
+    _release: Callable[[], None] = field(default=lambda: None, repr=False)
+
+    def release(self) -> None:
+        """Done with what the slot stands for (a worker: its agent has answered).
+
+        What is left of the handler (storing, publishing) no longer counts against the
+        consumer's concurrency, so the next message may start meanwhile. Idempotent.
+        """
+        self._release()
 
     async def in_progress(self) -> None:
         """Tell JetStream the message is still being worked on (resets ack_wait)."""
@@ -104,10 +121,24 @@ OrderKey = Callable[[AnyEvent], str | None]
 
 
 class PullConsumer:
-    """Fetches from one durable pull consumer and runs a handler per message."""
+    """Pulls from one durable pull consumer and runs a handler per message.
+
+    Messages are pulled the way nats.go's and nats.js's ``consume`` do, which
+    nats-py 2.16 does not offer: pull requests (JetStream's documented
+    ``{"batch", "expires"}`` request on ``$JS.API.CONSUMER.MSG.NEXT``, published
+    with nats-py on the service's connection) stay open at the server for as many
+    messages as the consumer has room for, and the server delivers each message to
+    the consumer's inbox the moment it is stored. nats-py's ``fetch`` instead
+    returns a batch only once it is full or its timeout has passed (nats.py #986),
+    so a consumer had to choose between waiting (latency: a message sat out the
+    timeout) and asking again and again (three or four requests a message at a
+    conductor partition's rate: most of a conversation's bus traffic). Here a message
+    costs no request of its own: one request asks for up to half the room at once.
+    """
 
     def __init__(
         self,
+        nc: Client,
         js: JetStreamContext,
         spec: ConsumerSpec,
         handler: Handler,
@@ -117,7 +148,7 @@ class PullConsumer:
         concurrency: int = 16,
         max_held: int | None = None,
         order_key: OrderKey | None = None,
-        fetch_timeout_s: float = 1.0,
+        pull_expires_s: float = PULL_EXPIRES_S,
         lanes: Lanes | None = None,
         retry_in_place: bool = False,
         lag_interval_s: float = 15.0,
@@ -125,6 +156,7 @@ class PullConsumer:
         hold: Callable[[], bool] | None = None,
         spawn: Spawn = detached,
     ) -> None:
+        self.nc = nc
         self.js = js
         self.spec = spec
         self.handler = handler
@@ -132,7 +164,7 @@ class PullConsumer:
         self.metrics = metrics
         self.concurrency = concurrency
         self.order_key = order_key
-        self.fetch_timeout_s = fetch_timeout_s
+        self.pull_expires_s = pull_expires_s
         self.lag_interval_s = lag_interval_s
         # Handlers running at once, and messages held (fetched, not yet settled):
         # held ones include those waiting behind an earlier message of their key.
@@ -143,15 +175,23 @@ class PullConsumer:
         #: now; another replica should get it first).
         self.hold = hold
         self.max_held = max_held or concurrency * 4
-        #: Why fetching fails now ("" while it works): the service is not ready meanwhile.
+        #: Why pulling fails now ("" while it works): the service is not ready meanwhile.
         self.problem = ""
-        self._room = asyncio.Event()
-        self._room.set()
+        # Messages asked for and not yet delivered (nor ended by the server's 408/409),
+        # and when the last request asked for them has surely expired at the server.
+        self._credit = 0
+        self._credit_until = 0.0
+        # After a refusal (no consumer, deleted), no request before this.
+        self._paused_until = 0.0
+        # Set when there may be room to ask for more: a handler finished, a request ended.
+        self._wake = asyncio.Event()
+        # Running handlers that gave their slot back (Delivery.release).
+        self._released = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._lag_task: asyncio.Task[None] | None = None
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._sub: Subscription | None = None
         #: Who owns the fetch and lag loops: the service's (``Context.spawn``).
         self._spawn = spawn
 
@@ -180,7 +220,7 @@ class PullConsumer:
         await self._stop_watching_lag()
         if self._loop_task is not None:
             await _cancel(self._loop_task, "fetch loop")
-        # Drop the pull subscription now: a pending fetch would hold up nc.drain().
+        # Drop the inbox now: the server then drops the requests still open on it.
         await self._unsubscribe()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
@@ -194,56 +234,76 @@ class PullConsumer:
                 await asyncio.wait(pending, timeout=5)
 
     async def _run(self) -> None:
-        failures = 0
-        busy = False
+        subject = subjects.pull_request(self.spec.stream, self.spec.durable)
+        inbox = self.nc.new_inbox()
+        # Half the room at least per request: few requests in a burst, none per message.
+        refill = max(1, self.max_held // 2)
+        expires_ns = int(self.pull_expires_s * 1e9)
         while not self._stopping.is_set():
-            while len(self._tasks) >= self.max_held:
-                self._room.clear()
-                await self._room.wait()
+            self._wake.clear()
+            now = time.monotonic()
+            if now < self._paused_until:
+                await wait_set(self._stopping, self._paused_until - now)
+                continue
+            if self._credit and now >= self._credit_until:
+                # Every open request has expired at the server by now; its 408 was lost.
+                self._credit = 0
             if self.hold is not None and self.hold():
                 await wait_set(self._stopping, 0.5)
                 continue
-            free = self.max_held - len(self._tasks)
-            try:
-                if self._sub is None:
-                    self._sub = await self.js.pull_subscribe_bind(
-                        durable=self.spec.durable, stream=self.spec.stream
-                    )
-                # Idle: wait for one message (it returns the moment one arrives). Busy:
-                # take what is stored now, waiting a moment at most. Not one fetch(free)
-                # that waits: nats-py's fetch of several returns only once the batch is
-                # full or its whole timeout has passed (nats.py #986), so a message that
-                # reached an idle consumer waited up to fetch_timeout_s (the whole loop's
-                # p99 was near a second).
-                if busy:
-                    msgs = await self._sub.fetch(min(free, 256), timeout=_MORE_S)
-                else:
-                    msgs = await self._sub.fetch(1, timeout=self.fetch_timeout_s)
-                busy = True
-                failures = 0
-                self.problem = ""
-            except (FetchTimeoutError, NatsTimeoutError, TimeoutError):
-                # The server answered "nothing yet" (or a fetch was slow): the consumer works.
-                busy = False
-                failures = 0
-                self.problem = ""
-                continue
-            except asyncio.CancelledError:
-                raise
-            except ConnectionClosedError:
+            # Handlers that gave their slot back (Delivery.release) hold no room.
+            room = self.max_held - len(self._tasks) + self._released - self._credit
+            if room > 0 and (self._credit == 0 or room >= refill):
+                try:
+                    if self._sub is None:
+                        self._sub = await self.nc.subscribe(inbox, cb=self._on_message)
+                    request = json.dumps({"batch": room, "expires": expires_ns}).encode()
+                    await self.nc.publish(subject, request, reply=inbox)
+                except ConnectionClosedError:
+                    return
+                self._credit += room
+                self._credit_until = now + self.pull_expires_s + _PULL_GRACE_S
+            await wait_set(self._wake, max(0.01, self._credit_until - time.monotonic()))
+
+    async def _on_message(self, msg: Msg) -> None:
+        """A message for this consumer, or the server's word on a pull request."""
+        status = msg.headers.get("Status") if msg.headers else None
+        if not status:
+            self._credit = max(0, self._credit - 1)
+            self.problem = ""
+            if self._stopping.is_set():
+                with contextlib.suppress(Exception):
+                    await msg.nak()  # another replica (or this one, restarted) takes it
                 return
-            except Exception as err:  # noqa: BLE001 - keep consuming through server trouble
-                failures += 1
-                self.problem = f"consumer {self.spec.stream}/{self.name} cannot fetch: {err!r}"
-                log.warning("fetch failed", extra={"consumer": self.name, "error": repr(err)})
-                # After a server restart a pull subscription can stop for good
-                # (nats.py #504): bind a new one.
-                if self._sub is not None and failures >= 3:
-                    await self._unsubscribe()
-                await asyncio.sleep(backoff(failures, base=0.4, cap=5.0))
-                continue
-            for msg in msgs:
-                self._dispatch(msg)
+            self._dispatch(msg)
+            return
+        if status == "100":
+            return  # an idle heartbeat (none is asked for)
+        headers = msg.headers or {}
+        description = headers.get("Description", "")
+        pending = headers.get("Nats-Pending-Messages")
+        if status in ("408", "409") and pending is not None:
+            # One request ended (expired, or cut short by a leader change) with this many
+            # messages undelivered; others may still be open.
+            self._credit = max(0, self._credit - int(pending))
+        else:
+            self._credit = 0
+        why = ""
+        if status == "503":
+            why = "no JetStream consumer answers (it is not provisioned, or JetStream is down)"
+        elif status == "409" and "deleted" in description.lower():
+            why = "it was deleted"
+        elif status not in ("408", "409"):
+            why = f"{status} {description}"
+        # A 408 or another 409 came from the consumer itself: it is there and answers.
+        self.problem = f"consumer {self.spec.stream}/{self.name} cannot fetch: {why}" if why else ""
+        if self.problem:
+            log.warning(
+                "pull refused",
+                extra={"consumer": self.name, "status": status, "description": description},
+            )
+            self._paused_until = time.monotonic() + _PULL_PAUSE_S
+        self._wake.set()
 
     async def _watch_lag(self) -> None:
         """Poll the consumer's pending counts into gauges (its lag, for alerts and dashboards).
@@ -277,8 +337,16 @@ class PullConsumer:
                 gauge.remove(*labels)
 
     async def _unsubscribe(self) -> None:
+        """Stop the server delivering here; what it sent already is handed back (nak)."""
         sub, self._sub = self._sub, None
-        if sub is not None:
+        if sub is None:
+            return
+        try:
+            # Drain: the server drops the requests still open on the inbox, and messages
+            # already on their way reach _on_message, which gives them back while stopping.
+            async with asyncio.timeout(2.0):
+                await sub.drain()  # type: ignore[no-untyped-call]
+        except Exception:  # noqa: BLE001 - closed, draining or slow: just stop listening
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -306,7 +374,7 @@ class PullConsumer:
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self.metrics.in_flight.labels(self.name).dec()
-        self._room.set()
+        self._wake.set()
 
     def _forget_tail(self, key: str, task: asyncio.Task[None]) -> None:
         if self.lanes.tails.get(key) is task:
@@ -348,12 +416,31 @@ class PullConsumer:
                 if predecessor is not None:
                     # Strict per-key order: wait for the earlier message, whatever its fate.
                     await asyncio.wait({predecessor})
-                async with self.lanes.slots:
-                    started = time.perf_counter()
-                    outcome = await self._run_handler(event, delivery)
-                    self.metrics.handle_seconds.labels(self.name, kind).observe(
-                        time.perf_counter() - started
+                await self.lanes.slots.acquire()
+                released = False
+
+                def release() -> None:
+                    nonlocal released
+                    if not released:
+                        released = True
+                        self.lanes.slots.release()
+                        self._released += 1
+                        self._wake.set()
+
+                started = time.perf_counter()
+                try:
+                    outcome = await self._run_handler(
+                        event, dataclasses.replace(delivery, _release=release)
                     )
+                finally:
+                    if released:
+                        self._released -= 1
+                    else:
+                        released = True
+                        self.lanes.slots.release()
+                self.metrics.handle_seconds.labels(self.name, kind).observe(
+                    time.perf_counter() - started
+                )
                 self.metrics.events_in.labels(self.name, kind, outcome).inc()
         except asyncio.CancelledError:
             # Cancelled before it was settled (shutdown): hand it back at once.

@@ -47,7 +47,7 @@ ACCOUNT = "PODIUM"
 #: The user that provisions and operates (``podium provision``, ``podium replay``).
 ADMIN = "admin"
 
-JS_API = "$JS.API"
+JS_API = subjects.JS_API
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def stream_info(*names: str) -> list[str]:
 def consume(spec: ConsumerSpec) -> list[str]:
     """Fetching from, acknowledging and watching one durable pull consumer."""
     return [
-        f"{JS_API}.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}",
+        subjects.pull_request(spec.stream, spec.durable),
         f"{JS_API}.CONSUMER.INFO.{spec.stream}.{spec.durable}",
         f"$JS.ACK.{spec.stream}.{spec.durable}.>",
     ]

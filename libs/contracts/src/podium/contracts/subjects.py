@@ -120,6 +120,15 @@ def partition_of(conversation: str, partitions: int) -> int:
     return h % partitions
 
 
+#: JetStream's API (no domain: Podium's streams live in the account's own JetStream).
+JS_API = "$JS.API"
+
+
+def pull_request(stream: str, durable: str) -> str:
+    """Where a pull request for messages of durable consumer ``durable`` is sent."""
+    return f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+
+
 def inbox_prefix(service: str) -> str:
     """Prefix of ``service``'s reply inboxes: each service reads replies only on its own."""
     return f"_INBOX.{token(service)}"

@@ -132,6 +132,7 @@ class ConductorService:
             raise RuntimeError("partitions start only after the service has started")
         consumers = [
             PullConsumer(
+                self._ctx.nc,
                 self._ctx.js,
                 spec,
                 self._handler,

@@ -132,6 +132,7 @@ class NotifierService:
             retry_max_s=self.settings.retry_max_s,
         )
         self.consumer = PullConsumer(
+            ctx.nc,
             ctx.js,
             streams.NOTIFIER_COMMANDS,
             notifier.handle,
@@ -141,6 +142,7 @@ class NotifierService:
             spawn=ctx.spawn,
         )
         self.facts = PullConsumer(
+            ctx.nc,
             ctx.js,
             streams.NOTIFIER_DELIVERY,
             notifier.handle_fact,

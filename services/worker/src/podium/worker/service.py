@@ -108,6 +108,7 @@ class WorkerService:
         )
         self._kills = await ctx.nc.subscribe(subjects.KILL_ALL, cb=worker.on_kill)
         self.consumer = PullConsumer(
+            ctx.nc,
             ctx.js,
             streams.WORKER_TASKS,
             worker.handle,
