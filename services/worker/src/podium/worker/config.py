@@ -19,6 +19,14 @@ class WorkerSettings(AgentSettings, frozen=True, kw_only=True):
     default_task_timeout_s: Annotated[
         float, setting("Deadline of a task that does not carry its own.", gt=0)
     ] = 1800.0
+    task_progress_after_s: Annotated[
+        float,
+        setting(
+            "How long a turn runs before the worker reports it started (the API shows the "
+            "task running); a turn that ends sooner reports only its result.",
+            ge=0,
+        ),
+    ] = 1.0
     task_inputs_max_bytes: Annotated[
         int,
         setting(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -106,7 +107,7 @@ class Worker:
         """Entry point for the TASKS consumer."""
         match event:
             case TaskRequested() | TaskFollowup():
-                await self.turn(event)
+                await self.turn(event, delivery.release)
             case KillTask():
                 await self.cancel(event)
             case _:
@@ -203,8 +204,14 @@ class Worker:
         log.info("task killed", extra={"task_id": task_id, "reason": reason})
         return True
 
-    async def turn(self, event: TaskRequested | TaskFollowup) -> None:
-        """Run one turn of a task and publish its result."""
+    async def turn(
+        self, event: TaskRequested | TaskFollowup, agent_done: Callable[[], None] = lambda: None
+    ) -> None:
+        """Run one turn of a task and publish its result.
+
+        ``agent_done`` is called once the agent has answered: what is left (storing the
+        result and the session) no longer holds one of the worker's slots.
+        """
         task_id = event.task_id
         found = await self.tasks.get(task_id)
         record = found[0] if found else None
@@ -242,8 +249,6 @@ class Worker:
                 return
             prompt = await self._first_prompt(event, workdir)
         record.state = "running"
-        # The record as read above (revision 0: there was none): no read before writing.
-        revision = await self._save(record, found or (record, 0))
         call = AgentCall(
             role="worker",
             key=task_id,
@@ -256,14 +261,19 @@ class Worker:
         )
         kind = "task" if isinstance(event, TaskRequested) else "followup"
         log.info("task started", extra={"task_id": task_id, "kind": kind, "workdir": str(workdir)})
-        await self._started(event, kind)
-        answer = await self._run_agent(task_id, call)
-        if answer is not None and answer.outcome == "session_lost":
-            # Nowhere to resume from: start the task again, told what it is and what
-            # the conductor just said (the session keeper logged and counted the loss).
-            log.warning("task session lost; restarting it with a summary")
-            restart = task_prompt(record.instructions, "") + "\n" + prompt
-            answer = await self._run_agent(task_id, replace(call, prompt=restart, session_id=None))
+        started = asyncio.create_task(self._started(event, kind))
+        try:
+            # The record is saved while the agent starts (nothing in the turn waits for
+            # it), as read above: revision 0 when there was none, so no read first.
+            answer, revision = await asyncio.gather(
+                self._run_agent(task_id, call, record.instructions),
+                self._save(record, found or (record, 0)),
+            )
+        finally:
+            # A turn over before the report was due needs none: its result says it all. A
+            # report already on its way is stored before the result (one connection).
+            started.cancel()
+            agent_done()
         if answer is not None and answer.outcome == "busy":
             raise Retry(f"task {task_id}'s session is held by another worker", delay_s=5.0)
         if answer is not None and answer.outcome == "cannot_start":
@@ -318,7 +328,13 @@ class Worker:
         return record
 
     async def _started(self, event: TaskRequested | TaskFollowup, kind: str) -> None:
-        """Tell the conductor the turn started (the API shows the task running)."""
+        """Tell the conductor the turn started (the API shows the task running), once it
+        has run for ``PODIUM_TASK_PROGRESS_AFTER_S``.
+
+        Not at once: most of what a conversation costs the bus is per message, and a turn
+        of a second or less is shown by its result as soon as by a report.
+        """
+        await asyncio.sleep(self.settings.task_progress_after_s)
         progress = TaskProgress(
             event_id=stable_id("started", event.event_id),
             correlation_id=event.correlation_id,
@@ -327,7 +343,10 @@ class Worker:
             note=f"{kind} started",
             answers=event.event_id,
         )
-        await publish(self.js, subjects.result(event.conversation_id, event.task_id), progress)
+        try:
+            await publish(self.js, subjects.result(event.conversation_id, event.task_id), progress)
+        except Exception as err:  # noqa: BLE001 - only a progress note: the result still goes
+            log.warning("could not report the task started", extra={"error": repr(err)})
 
     async def _checkout(
         self,
@@ -373,8 +392,20 @@ class Worker:
         files = staged.prompt_lines()
         return task_prompt(event.instructions, event.original_request, files)
 
-    async def _run_agent(self, task_id: str, call: AgentCall) -> AgentAnswer | None:
+    async def _run_agent(
+        self, task_id: str, call: AgentCall, instructions: str
+    ) -> AgentAnswer | None:
         """The agent's answer, or None if the task was killed meanwhile."""
+        answer = await self._run_call(task_id, call)
+        if answer is not None and answer.outcome == "session_lost":
+            # Nowhere to resume from: start the task again, told what it is and what
+            # the conductor just said (the session keeper logged and counted the loss).
+            log.warning("task session lost; restarting it with a summary")
+            restart = task_prompt(instructions, "") + "\n" + call.prompt
+            answer = await self._run_call(task_id, replace(call, prompt=restart, session_id=None))
+        return answer
+
+    async def _run_call(self, task_id: str, call: AgentCall) -> AgentAnswer | None:
         inner = asyncio.create_task(self.agents.run(call), name=f"agent:{task_id}")
         self.running[task_id] = inner
         early = self.early_kills.pop(task_id, None)
