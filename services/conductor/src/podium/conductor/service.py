@@ -28,6 +28,11 @@ from podium.contracts.subjects import partition_of
 
 log = logging.getLogger(__name__)
 
+#: Conversation records this replica remembers as it last wrote them: the next event of
+#: a conversation reads its record without a round trip. Partitions give one replica
+#: each conversation, and the cache of a partition is dropped when it is taken.
+CACHED_CONVERSATIONS = 2000
+
 
 def by_conversation(event: AnyEvent) -> str:
     """Order key: all events of one conversation are handled one at a time, in order."""
@@ -104,7 +109,9 @@ class ConductorService:
             agents=self.agents,
             role_prompt=self._role_prompt,
             repositories=self.repositories,
-            conversations=await Store.open(ctx.js, streams.CONVERSATIONS.name, Conversation),
+            conversations=await Store.open(
+                ctx.js, streams.CONVERSATIONS.name, Conversation, cache=CACHED_CONVERSATIONS
+            ),
             metrics=ctx.metrics,
             own_metrics=own,
         )
@@ -147,11 +154,16 @@ class ConductorService:
             )
             for spec in (streams.conductor_inbound(partition), streams.conductor_results(partition))
         ]
-        # Its conversations' sessions may have moved on elsewhere meanwhile.
+
+        # Its conversations (their records and sessions) may have moved on elsewhere
+        # meanwhile.
+        def ours(conversation: str) -> bool:
+            return partition_of(conversation, streams.PARTITIONS) == partition
+
+        if self._conductor is not None:
+            self._conductor.conversations.forget(ours)
         if self.agents is not None:
-            self.agents.forget_seen(
-                lambda conversation: partition_of(conversation, streams.PARTITIONS) == partition
-            )
+            self.agents.forget_seen(ours)
         # Whatever a previous owner held without acknowledging (it may have died) is
         # delivered again now, in stream order, before anything newer: a conversation's
         # messages cannot be overtaken on a takeover. What it did finish is skipped.
