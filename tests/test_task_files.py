@@ -116,8 +116,8 @@ async def test_a_task_gets_its_files_and_its_outputs_become_artifacts(
     assert (inputs / "file.png").read_bytes() == PNG
 
     # The prompt the agent got lists what it has and what it does not.
-    session = next((tmp_path / "state").rglob(f"{result.session_id}.json"))
-    prompt = json.loads(session.read_text())["prompts"][0]
+    session = next((tmp_path / "state").rglob(f"{result.session_id}.jsonl"))
+    prompt = json.loads(session.read_text().splitlines()[0])["prompt"]
     assert f"inputs/prices.csv (text/csv, {len(CSV)} bytes)" in prompt
     assert f"inputs/spec.pdf (application/pdf, {len(PDF)} bytes)" in prompt
     assert "big.iso: not stored: over the 10485760 byte limit" in prompt

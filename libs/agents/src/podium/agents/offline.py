@@ -11,8 +11,9 @@ It plays both roles well enough to exercise the whole loop, and nothing more:
   count and a digest, plus one section per follow-up) and ends with the
   ``Status:`` / ``Summary:`` / ``Details:`` report.
 
-Sessions are real enough to resume: each keeps its prompts in a JSON file, and
-a turn's answer depends on the session's history (the follow-up count).
+Sessions are real enough to resume: each keeps its prompts in a JSON-lines
+transcript (one line a turn, like the Claude CLI's), and a turn's answer depends on
+the session's history (the follow-up count).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class OfflineRuntime:
         )
 
     def transcript_path(self, call: AgentCall, session_id: str) -> Path:
-        """The session's JSON file."""
+        """The session's JSON-lines transcript."""
         return self._path(session_id)
 
     async def settle(self, call: AgentCall, session_id: str) -> None:
@@ -103,21 +104,27 @@ class OfflineRuntime:
         """Nothing to stop."""
 
     def _path(self, session_id: str) -> Path:
-        return self.sessions_dir / f"{session_id}.json"
+        return self.sessions_dir / f"{session_id}.jsonl"
 
     def _load(self, session_id: str) -> list[str] | None:
         try:
-            data = json.loads(self._path(session_id).read_text())
+            lines = self._path(session_id).read_bytes().splitlines()
         except FileNotFoundError:
             return None
-        return [str(p) for p in data["prompts"]]
+        return [str(json.loads(line)["prompt"]) for line in lines if line.strip()]
 
     def _save(self, session_id: str, prompts: list[str]) -> None:
+        """Append the turn's prompt: a transcript that grows by one line a turn, as the
+        Claude CLI's does (rewriting the whole history each turn grew with its age)."""
+        line = json.dumps({"session_id": session_id, "prompt": prompts[-1]}) + "\n"
         path = self._path(session_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"session_id": session_id, "prompts": prompts}))
-        tmp.replace(path)
+        try:
+            file = path.open("a", encoding="utf-8")
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            file = path.open("a", encoding="utf-8")
+        with file:
+            file.write(line)
 
 
 def conduct(prompt: str) -> str:

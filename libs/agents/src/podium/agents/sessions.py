@@ -109,6 +109,9 @@ class Agents:
         self.metrics = metrics
         self.js = js
         self.replica = replica or replica_id()
+        # Resolved once: resolving walks the path with a system call per part, every turn.
+        sub = "conversations" if role == "conductor" else "tasks"
+        self._workdirs = Path(settings.workspace_root).resolve() / sub
         self.records: Store[SessionRecord] | None = None
         self.objects: ObjectStore | None = None
         # The generation of each session whose latest turn ran here.
@@ -185,8 +188,7 @@ class Agents:
 
     def workdir(self, key: str) -> Path:
         """The working directory of ``key``'s session: the same path on every replica."""
-        sub = "conversations" if self.role == "conductor" else "tasks"
-        return Path(self.settings.workspace_root).resolve() / sub / key
+        return self._workdirs / key
 
     # --- a turn ------------------------------------------------------------
 
@@ -274,7 +276,7 @@ class Agents:
         name = f"{self.role}.{call.key}"
         waited = time.monotonic()
         try:
-            record = await self._acquire(records, name)
+            record, revision = await self._acquire(records, name, new=call.session_id is None)
         except LeaseBusy:
             self.metrics.agent_sessions.labels(self.role, "busy").inc()
             return AgentAnswer(
@@ -311,7 +313,7 @@ class Agents:
                         raise error
             # Store the turn in the background; the lease is held until that is done.
             self._pending[call.key] = asyncio.create_task(
-                self._persist(records, name, call, record, answer)
+                self._persist(records, name, call, (record, revision), answer)
             )
             persisting = True
             return answer
@@ -324,13 +326,13 @@ class Agents:
         records: Store[SessionRecord],
         name: str,
         call: AgentCall,
-        record: SessionRecord,
+        held: tuple[SessionRecord, int],
         answer: AgentAnswer,
     ) -> None:
         released = False
         try:
             await self.runtime.settle(call, answer.session_id)
-            released = await self._store(call, record, answer)
+            released = await self._store(call, held, answer)
         except Exception:
             log.exception("could not store the session", extra={"session": name})
         finally:
@@ -361,21 +363,26 @@ class Agents:
             )
         return call
 
-    async def _store(self, call: AgentCall, record: SessionRecord, answer: AgentAnswer) -> bool:
+    async def _store(
+        self, call: AgentCall, held: tuple[SessionRecord, int], answer: AgentAnswer
+    ) -> bool:
         """After a turn: keep the transcript (and workspace), bump the generation and give
-        up the lease, in one write; whether it was written (else the lease is still held)."""
+        up the lease, in one write; whether it was written (else the lease is still held).
+
+        ``held``: the record and revision the lease was taken at, written over without a
+        read first (renewals move the revision on: a lost race reads it)."""
         if self.records is None or not answer.session_id:
             return False
         name = f"{self.role}.{call.key}"
         files = await self._store_files(call, answer)
 
         def stored(current: SessionRecord | None) -> SessionRecord:
-            new = _next(current or record, call, answer, files)
+            new = _next(current or held[0], call, answer, files)
             if new.holder == self.replica:
                 new = evolve(new, holder="", lease_until=0.0)
             return new
 
-        updated = await self.records.mutate(name, stored)
+        updated = await self.records.mutate(name, stored, known=held)
         if updated is not None:
             self.seen[name] = updated.generation
         return updated is not None
@@ -390,9 +397,11 @@ class Agents:
         path = self.runtime.transcript_path(call, answer.session_id)
         workdir = call.workdir if self.role == "worker" and call.carry_workdir else None
         limit = self.settings.agent_workspace_max_bytes
-        # One hop to a thread for all the file work of a turn: on two cores each hop
-        # (a wake-up there and back) cost more than reading and packing small files.
-        files = await asyncio.to_thread(_read_session_files, path, workdir, limit)
+        if _small(path, workdir):
+            files = _read_session_files(path, workdir, limit)
+        else:
+            # One hop to a thread for all the file work of a turn.
+            files = await asyncio.to_thread(_read_session_files, path, workdir, limit)
         if files.transcript is not None:
             if len(files.transcript_packed) <= inline:
                 stored.transcript_inline = files.transcript_packed
@@ -439,8 +448,19 @@ class Agents:
 
     # --- the lease ---------------------------------------------------------
 
-    async def _acquire(self, records: Store[SessionRecord], name: str) -> SessionRecord:
+    async def _acquire(
+        self, records: Store[SessionRecord], name: str, *, new: bool = False
+    ) -> tuple[SessionRecord, int]:
+        """Take the session's lease: the record as taken, and its revision.
+
+        ``new``: a session that has never run, whose record is created without looking
+        for one first (if there is one after all, the loop below reads it).
+        """
         ttl = self.settings.agent_lease_ttl_s
+        if new:
+            record = SessionRecord(key=name, holder=self.replica, lease_until=time.time() + ttl)
+            with contextlib.suppress(Conflict):
+                return record, await records.create(name, record)
         deadline = time.monotonic() + self.settings.agent_lease_wait_s
         attempt = 0
         while True:
@@ -449,8 +469,7 @@ class Agents:
             try:
                 if found is None:
                     record = SessionRecord(key=name, holder=self.replica, lease_until=now + ttl)
-                    await records.create(name, record)
-                    return record
+                    return record, await records.create(name, record)
                 record, revision = found
                 if record.holder in ("", self.replica) or record.lease_until < now:
                     if record.holder not in ("", self.replica):
@@ -459,8 +478,7 @@ class Agents:
                             extra={"session": name, "previous_holder": record.holder},
                         )
                     taken = evolve(record, holder=self.replica, lease_until=now + ttl)
-                    await records.update(name, taken, revision)
-                    return taken
+                    return taken, await records.update(name, taken, revision)
             except Conflict:
                 pass  # someone else moved first: look again
             if time.monotonic() >= deadline:
@@ -563,6 +581,48 @@ def _write_file(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+#: A turn's session files are read and packed on the event loop when they add up to no
+#: more than this (bytes, and files for a workspace); larger ones go to a thread. A hop
+#: to a thread and back cost more CPU than reading and packing a few small files, and
+#: the thread's wait for the GIL held up the turn's acknowledgement (on two cores, a
+#: quarter of a conversation's worker CPU: docs/performance.md).
+SMALL_BYTES = 64 * 1024
+SMALL_FILES = 32
+
+
+def _small(transcript: Path, workdir: Path | None) -> bool:
+    """Whether a turn's files are small enough to read without leaving the event loop.
+
+    A few system calls to find out: the walk stops at the first sign of a large
+    workspace (many files, or many bytes), never reading a file.
+    """
+    try:
+        total = transcript.stat().st_size
+    except FileNotFoundError:
+        total = 0
+    if total > SMALL_BYTES:
+        return False
+    folders = [workdir] if workdir is not None else []
+    count = 0
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with entries:
+            for entry in entries:
+                count += 1
+                if count > SMALL_FILES:
+                    return False
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+                    if total > SMALL_BYTES:
+                        return False
+    return True
+
+
 @dataclass
 class SessionFiles:
     """What a turn left on disk, read in one go: the transcript, raw and compressed, and
@@ -591,7 +651,9 @@ def _pack(directory: Path, limit: int) -> bytes | None:
     if total > limit:
         return None
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+    # Level 1, as the transcript's: gzip's default (9) costs several times as much CPU
+    # a turn for a few bytes less.
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as tar:
         tar.add(directory, arcname=".")
     return buffer.getvalue()
 
