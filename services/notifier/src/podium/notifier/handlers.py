@@ -31,6 +31,7 @@ the notifier applies them here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -282,22 +283,22 @@ class Notifier:
         was interrupted mid-send.
         """
         key = command.command_id
+        record = OutboxRecord(
+            command_id=key,
+            state="pending",
+            transport=transport.name,
+            attempts=0,
+            channel=channel,
+            conversation_id=command.conversation_id,
+            correlation_id=command.correlation_id,
+            to=_recipients(command),
+        )
+        # Created without a read first: a command is new far more often than redelivered.
+        with contextlib.suppress(Conflict):
+            return record, await self.outbox.create(key, record)
         found = await self.outbox.get(key)
         if found is None:
-            record = OutboxRecord(
-                command_id=key,
-                state="pending",
-                transport=transport.name,
-                attempts=0,
-                channel=channel,
-                conversation_id=command.conversation_id,
-                correlation_id=command.correlation_id,
-                to=_recipients(command),
-            )
-            try:
-                return record, await self.outbox.create(key, record)
-            except Conflict as err:
-                raise Retry("outbox record created concurrently", delay_s=0.5) from err
+            raise Retry("outbox record changed while it was claimed", delay_s=0.5)
         record = found[0]
         if record.state == "sent":
             self.metrics.skipped.labels(channel).inc()

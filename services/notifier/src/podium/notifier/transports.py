@@ -252,7 +252,13 @@ def _prefix(text: str, units: int) -> str:
 
 
 class OutboxTransport:
-    """Appends each message as one JSON line to a local file (the embedded default)."""
+    """Appends each message as one JSON line to a local file (the embedded default).
+
+    A message counts as sent once its line is on disk (fsync). Lines of messages sent
+    at the same time are written and synced together, by one hop to a thread (a group
+    commit): one fsync and one thread hop a line had made the file the notifier's
+    largest cost under load.
+    """
 
     def __init__(self, path: Path, email_from: str, sms_from: str, reply_to: str = "") -> None:
         self.name = "outbox"
@@ -260,10 +266,36 @@ class OutboxTransport:
         self.email_from = email_from
         self.sms_from = sms_from
         self.reply_to = reply_to
-        self._lock = asyncio.Lock()
+        # Lines waiting for the next write, each with the send waiting for it.
+        self._waiting: list[tuple[str, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
-        """Nothing to release."""
+        """Let the lines being written reach the file."""
+        if self._writer is not None:
+            await asyncio.wait({self._writer})
+
+    async def _write(self, line: str) -> None:
+        """Append ``line`` and sync it, together with any lines sent meanwhile."""
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((line, written))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_waiting())
+        await written
+
+    async def _write_waiting(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                await asyncio.to_thread(_append, self.path, "".join(line for line, _ in batch))
+            except Exception as err:  # noqa: BLE001 - each send waiting for it raises it
+                for _, written in batch:
+                    if not written.done():
+                        written.set_exception(err)
+            else:
+                for _, written in batch:
+                    if not written.done():
+                        written.set_result(None)
 
     async def send(self, command: Command, files: Sequence[OutgoingFile] = ()) -> str:
         """Write the message to the outbox file, its files listed (not their bytes)."""
@@ -298,9 +330,7 @@ class OutboxTransport:
                     thread_id=command.thread_id,
                     body=command.body,
                 )
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        async with self._lock:
-            await asyncio.to_thread(_append, self.path, line)
+        await self._write(json.dumps(record, ensure_ascii=False) + "\n")
         log.info(
             "message written to outbox",
             extra={"channel": record["channel"], "command_id": command.command_id},
@@ -308,10 +338,10 @@ class OutboxTransport:
         return f"outbox:{command.command_id}"
 
 
-def _append(path: Path, line: str) -> None:
+def _append(path: Path, lines: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
-        f.write(line)
+        f.write(lines)
         f.flush()
         os.fsync(f.fileno())
 
