@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -359,6 +360,11 @@ async def run(
                     )
                     await service.start(ctx)
                     health.ctx = ctx
+                    # What start-up built lives as long as the process: moved out of the
+                    # collector's way, so that a full collection scans only what the work
+                    # made since (a full one took 20-50 ms: the whole loop's p99).
+                    gc.collect()
+                    gc.freeze()
                     log.info("started", extra={"nats_url": ctx.nats_url})
                     await loops.until(stop)
                     log.info("stopping", extra={"drain_timeout_s": settings.drain_timeout_s})
