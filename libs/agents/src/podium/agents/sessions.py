@@ -225,7 +225,11 @@ class Agents:
         """A turn of a session only this replica runs now (see ``exclusive``)."""
         name = f"{self.role}.{call.key}"
         owned = self._owned.get(name)
-        if owned is None:
+        if owned is None and call.session_id is None:
+            # A new session: nothing to restore, so no read (its store creates the record,
+            # or writes over one a session of the same key left: see _persist_owned).
+            owned = (SessionRecord(key=name), 0)
+        elif owned is None:
             found = await records.get(name)
             owned = found if found is not None else (SessionRecord(key=name), 0)
         record, revision = owned
@@ -260,6 +264,18 @@ class Agents:
                 else:
                     new_revision = await records.create(name, new)
             except Conflict:
+                if not revision and call.session_id is None:
+                    # A record left by an earlier session of this key (a conversation that
+                    # started afresh): the new session, which only this replica runs (its
+                    # partition), takes its place, its generation one on.
+                    found = await records.get(name)
+                    if found is not None:
+                        new = _next(found[0], call, answer, files)
+                        new_revision = await records.update(name, new, found[1])
+                        self._owned[name] = (new, new_revision)
+                        self.seen[name] = new.generation
+                        return
+
                 # Another replica ran a turn meanwhile (its partition lease outlived ours):
                 # its record wins, and this replica reads it before its next turn.
                 log.warning("session moved on elsewhere; not storing", extra={"session": name})
