@@ -85,6 +85,12 @@ COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
 ENTRYPOINT ["tini", "--", "python", "-m", "podium.conductor"]
 
 FROM agent-runtime AS worker
+USER root
+# The agents' sandbox (podium.agents.sandbox): bubblewrap for the namespaces, socat for
+# the sandbox's two local ports to the worker's egress proxy.
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap socat \
+ && rm -rf /var/lib/apt/lists/*
+USER 10001
 COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
 ENTRYPOINT ["tini", "--", "python", "-m", "podium.worker"]
 

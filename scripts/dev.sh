@@ -56,15 +56,39 @@ setup_promtool() {
   fi
 }
 
+setup_sandbox() {
+  # Debian's bubblewrap and socat, for the workers' agent sandbox (podium.agents.sandbox),
+  # when the machine has none: only the packages' files are unpacked into .tools.
+  local package program
+  for package in bubblewrap:bwrap socat:socat; do
+    program=${package#*:}
+    package=${package%%:*}
+    if command -v "$program" >/dev/null 2>&1 || [ -x ".tools/$package/usr/bin/$program" ] \
+       || ! command -v apt-get >/dev/null 2>&1; then
+      continue
+    fi
+    echo "fetching Debian's $package package into .tools/$package" >&2
+    rm -rf ".tools/$package-deb" && mkdir -p ".tools/$package-deb"
+    if (cd ".tools/$package-deb" && apt-get download -q "$package" >/dev/null 2>&1) \
+       && dpkg-deb -x ".tools/$package-deb/${package}_"*.deb ".tools/$package"; then
+      rm -rf ".tools/$package-deb"
+    else
+      echo "could not fetch $package: workers' agents will run without a sandbox" >&2
+    fi
+  done
+}
+
 case "${1:-}" in
   setup)
     setup
     setup_claude
     setup_promtool
+    setup_sandbox
     ;;
   up)
     setup
     setup_claude
+    setup_sandbox
     shift
     exec .venv/bin/podium up "$@"
     ;;
@@ -72,6 +96,7 @@ case "${1:-}" in
     setup
     setup_claude
     setup_promtool
+    setup_sandbox
     shift
     .venv/bin/ruff check .
     .venv/bin/ruff format --check .

@@ -175,9 +175,14 @@ def test_shared_tool_settings_never_give_the_conductor_tools() -> None:
     assert conductor.claude_permission_mode == "default"
     assert conductor.claude_mcp_config == ""
     assert (worker.claude_tools, worker.claude_allowed_tools) == ("default", "Bash(python3:*)")
-    # Only its own variables change what the conductor may do.
-    own = load(ConductorSettings, {"PODIUM_CONDUCTOR_CLAUDE_TOOLS": "Read"})
-    assert own.claude_tools == "Read"
+    # And its own variables cannot: a conductor given tools refuses to start, saying so.
+    for variable in (
+        "PODIUM_CONDUCTOR_CLAUDE_TOOLS",
+        "PODIUM_CONDUCTOR_CLAUDE_ALLOWED_TOOLS",
+        "PODIUM_CONDUCTOR_CLAUDE_MCP_CONFIG",
+    ):
+        with pytest.raises(ConfigError, match=f"the conductor takes no tools: {variable}"):
+            load(ConductorSettings, {variable: "Read"})
     assert "PODIUM_CLAUDE_TOOLS" not in variables(ConductorSettings)
     assert "PODIUM_CONDUCTOR_CLAUDE_TOOLS" in variables(ConductorSettings)
     assert {"PODIUM_CLAUDE_TOOLS", "PODIUM_WORKER_CLAUDE_TOOLS"} <= variables(WorkerSettings)

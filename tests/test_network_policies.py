@@ -202,8 +202,7 @@ def test_every_flow_the_platform_needs_is_admitted(
         (pods["worker"], INTERNET, 443, "TCP"),
         (pods["notifier"], INTERNET, 443, "TCP"),
         (pods["notifier"], INTERNET, 587, "TCP"),
-        # Repository tasks: git over ssh; MMS media from Twilio.
-        (pods["worker"], INTERNET, 22, "TCP"),
+        # MMS media from Twilio.
         (pods["ingress"], INTERNET, 443, "TCP"),
     ]
     refused = [
@@ -232,6 +231,10 @@ def test_flows_the_platform_does_not_need_are_refused(
         (pods["conductor"], INTERNET, 22),
         (pods["ingress"], INTERNET, 22),
         (pods["worker"], INTERNET, 25),
+        # The worker: NATS and HTTPS (the model API) only; no ssh, no other port out.
+        (pods["worker"], INTERNET, 22),
+        (pods["worker"], INTERNET, 80),
+        (pods["worker"], STRANGER, 443),
         (pods["conductor"], pods["conductor"], 9090),
         (INTERNET, nats, 4222),
         (STRANGER, nats, 4222),

@@ -16,11 +16,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from podium.common.config import AgentSettings, claude_credentials_present
+from podium.common.config import AgentSettings, PermissionMode, claude_credentials_present
 from podium.common.errors import ConfigError
 from podium.common.runtime import Spawn
+
+if TYPE_CHECKING:
+    from podium.agents.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,9 @@ class AgentCall:
     #: Whether a worker's directory goes with its session to another replica. A
     #: repository task's does not: its worktree is made again from the pushed branch.
     carry_workdir: bool = True
+    #: More paths a sandboxed agent may read (a repository task's mirror, which its
+    #: worktree's git metadata lives in).
+    readable: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,13 +150,29 @@ def agent_kind(settings: AgentSettings, environ: dict[str, str] | None = None) -
     return settings.agent
 
 
-def build_runtime(settings: AgentSettings, state_dir: Path, service: str) -> AgentRuntime:
-    """The runtime ``PODIUM_AGENT`` selects; ``auto`` picks claude only with credentials."""
+def build_runtime(
+    settings: AgentSettings,
+    state_dir: Path,
+    service: str,
+    *,
+    sandbox: Sandbox | None = None,
+    sandbox_permission_mode: PermissionMode = "bypassPermissions",
+) -> AgentRuntime:
+    """The runtime ``PODIUM_AGENT`` selects; ``auto`` picks claude only with credentials.
+
+    ``sandbox``: where the Claude CLI's processes run (a worker's), with
+    ``sandbox_permission_mode`` there.
+    """
     kind = agent_kind(settings)
     if kind == "claude":
         from podium.agents.claude import ClaudeRuntime  # noqa: PLC0415
 
-        return ClaudeRuntime(settings, state_dir.resolve() / "claude")
+        return ClaudeRuntime(
+            settings,
+            state_dir.resolve() / "claude",
+            sandbox=sandbox,
+            sandbox_permission_mode=sandbox_permission_mode,
+        )
     from podium.agents.offline import OfflineRuntime  # noqa: PLC0415
 
     banner = "=" * 72

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -38,7 +39,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from podium.agents import AgentAnswer, AgentCall, Mode, Outcome
-from podium.common.config import AgentSettings
+from podium.agents.sandbox import Sandbox, package_root
+from podium.common.config import AgentSettings, PermissionMode
 from podium.common.errors import AgentUnavailable
 from podium.common.procs import die_with_parent, kill_group
 from podium.common.runtime import Spawn, detached
@@ -62,6 +64,10 @@ _PASS_ENV = (
     "CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX", "AWS_REGION", "AWS_PROFILE",
     "CLOUD_ML_REGION", "ANTHROPIC_VERTEX_PROJECT_ID", "GOOGLE_APPLICATION_CREDENTIALS",
 )  # fmt: skip
+
+# What a sandboxed CLI gets of ours: nothing that authenticates (the egress proxy does).
+_SANDBOX_PASS_ENV = ("LANG", "LC_ALL", "TZ", "API_TIMEOUT_MS", "ANTHROPIC_MODEL",
+                     "ANTHROPIC_SMALL_FAST_MODEL")  # fmt: skip
 
 # Long tool results arrive as one JSON line: allow big lines.
 _LINE_LIMIT = 64 * 1024 * 1024
@@ -166,12 +172,25 @@ class ClaudeRuntime:
 
     kind = "claude"
 
-    def __init__(self, settings: AgentSettings, config_root: Path) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        config_root: Path,
+        *,
+        sandbox: Sandbox | None = None,
+        sandbox_permission_mode: PermissionMode = "bypassPermissions",
+    ) -> None:
         self.spawn: Spawn = detached
         self.settings = settings
         self.config_root = config_root
         #: The executable run for every turn (see :func:`resolve_claude_bin`).
         self.bin = resolve_claude_bin(settings.claude_bin)
+        #: Where every agent process runs, when sandboxed (the worker's, see
+        #: ``podium.agents.sandbox``); its permission mode there (shell commands allowed).
+        self.sandbox = sandbox
+        self.permission_mode: PermissionMode = (
+            sandbox_permission_mode if sandbox is not None else settings.claude_permission_mode
+        )
         self.pool: OrderedDict[str, WarmSession] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -254,19 +273,26 @@ class ClaudeRuntime:
     ) -> list[str]:
         """The CLI's arguments for ``call`` (no prompt: it goes on stdin)."""
         s = self.settings
-        cmd = [self.bin, "-p"]
+        # Sandboxed, the CLI runs from its real path: the link to it is not in the sandbox.
+        cli = str(Path(shutil.which(self.bin) or self.bin).resolve()) if self.sandbox else self.bin
+        cmd = [cli, "-p"]
         if streaming:
             cmd += ["--input-format", "stream-json", "--output-format", "stream-json", "--verbose"]
         else:
             cmd += ["--output-format", "json"]
         cmd += ["--resume", session_id] if resume else ["--session-id", session_id]
-        cmd += ["--permission-mode", s.claude_permission_mode]
-        if s.claude_tools != "default":
-            cmd.append(f"--tools={s.claude_tools}")
-        if s.claude_allowed_tools:
-            cmd.append(f"--allowedTools={s.claude_allowed_tools}")
-        if s.claude_disallowed_tools:
-            cmd.append(f"--disallowedTools={s.claude_disallowed_tools}")
+        if call.role == "conductor":
+            # The conductor decides and delegates, in text: no tool, whatever the settings
+            # say (ConductorSettings refuses tool settings at start as well).
+            cmd += ["--permission-mode", "default", "--tools="]
+        else:
+            cmd += ["--permission-mode", self.permission_mode]
+            if s.claude_tools != "default":
+                cmd.append(f"--tools={s.claude_tools}")
+            if s.claude_allowed_tools:
+                cmd.append(f"--allowedTools={s.claude_allowed_tools}")
+            if s.claude_disallowed_tools:
+                cmd.append(f"--disallowedTools={s.claude_disallowed_tools}")
         if s.claude_model:
             cmd += ["--model", s.claude_model]
         if s.agent_max_turns:
@@ -275,7 +301,9 @@ class ClaudeRuntime:
             cmd += ["--max-budget-usd", f"{s.agent_max_budget_usd:g}"]
         if call.json_schema:
             cmd += ["--json-schema", call.json_schema]
-        if s.claude_mcp_config:
+        if call.role == "conductor":
+            cmd += ["--strict-mcp-config"]  # no MCP server either
+        elif s.claude_mcp_config:
             cmd += ["--mcp-config", s.claude_mcp_config, "--strict-mcp-config"]
         if call.system_prompt:
             flag = "--append-system-prompt"
@@ -285,8 +313,13 @@ class ClaudeRuntime:
         return cmd
 
     def environment(self, call: AgentCall) -> dict[str, str]:
-        """The CLI's environment: a short allowlist plus its private directories."""
-        env = {k: v for k, v in os.environ.items() if k in _PASS_ENV}
+        """The CLI's environment: a short allowlist plus its private directories.
+
+        Sandboxed, nothing of ours that authenticates: the model API and an HTTPS proxy
+        are local ports, and the egress proxy adds the credentials on the way out.
+        """
+        passed = _SANDBOX_PASS_ENV if self.sandbox else _PASS_ENV
+        env = {k: v for k, v in os.environ.items() if k in passed}
         config = self.config_dir(call)
         env.update(
             HOME=str(config),
@@ -298,9 +331,11 @@ class ClaudeRuntime:
             DISABLE_ERROR_REPORTING="1",
             CLAUDE_CODE_MAX_RETRIES=str(self.settings.claude_max_retries),
         )
-        if self.settings.claude_permission_mode == "bypassPermissions":
+        if self.sandbox is not None:
+            env.update(self.sandbox.environment())
+        elif self.permission_mode == "bypassPermissions":
             # As root the CLI refuses to bypass permissions outside a declared sandbox;
-            # the agent's sandbox is its container and working directory.
+            # unsandboxed, the agent's sandbox is its container and working directory.
             env["IS_SANDBOX"] = "1"
         return env
 
@@ -312,9 +347,22 @@ class ClaudeRuntime:
         stderr: int | IO[bytes] = asyncio.subprocess.PIPE
         if streaming:
             stderr = (self.config_dir(call) / "stderr.log").open("ab")
+        argv = self.command(call, session_id, resume=resume, streaming=streaming)
+        cli = argv[0]
+        if self.sandbox is not None:
+            argv = self.sandbox.command(
+                argv,
+                workdir=call.workdir,
+                writable=(self.config_dir(call),),
+                read_only=(package_root(Path(cli)), *call.readable),
+            )
         try:
+            if self.sandbox is not None and not os.access(cli, os.X_OK):
+                # bwrap would start and then fail to run it, which would look like a crash
+                # of the agent instead of a CLI this worker cannot start.
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), cli)
             proc = await asyncio.create_subprocess_exec(
-                *self.command(call, session_id, resume=resume, streaming=streaming),
+                *argv,
                 cwd=call.workdir,
                 env=self.environment(call),
                 stdin=asyncio.subprocess.PIPE,

@@ -32,7 +32,10 @@ class ConductorSettings(AgentSettings, frozen=True, kw_only=True):
 
     claude_tools: Annotated[
         str,
-        setting('--tools for the conductor: "" (none) by default; the conductor only decides.'),
+        setting(
+            'The conductor has no tools: only "" is accepted (it answers with commands; '
+            "its CLI is started with --tools= whatever this says)."
+        ),
     ] = ""
     claude_permission_mode: Annotated[
         PermissionMode, setting("--permission-mode for the conductor.")
@@ -130,3 +133,22 @@ class ConductorSettings(AgentSettings, frozen=True, kw_only=True):
     task_timeout_s: Annotated[
         float, setting("Deadline of a worker task; past it the worker kills it (FAILED).", gt=0)
     ] = 1800.0
+
+    def __post_init__(self) -> None:
+        # Untrusted mail reaches the conductor's prompt: it must not be able to act but by
+        # the commands the platform checks. A setting that would give it tools is refused
+        # at start rather than ignored (the runtime starts its CLI with none either way).
+        given = [
+            name
+            for name, value in (
+                ("PODIUM_CONDUCTOR_CLAUDE_TOOLS", self.claude_tools),
+                ("PODIUM_CONDUCTOR_CLAUDE_ALLOWED_TOOLS", self.claude_allowed_tools),
+                ("PODIUM_CONDUCTOR_CLAUDE_MCP_CONFIG", self.claude_mcp_config),
+            )
+            if value
+        ]
+        if given:
+            raise ValueError(
+                f"the conductor takes no tools: {', '.join(given)} must be empty "
+                "(tools are for workers: PODIUM_WORKER_...)"
+            )

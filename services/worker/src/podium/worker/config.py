@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
-from podium.common.config import AgentSettings, setting
+from podium.common.config import AgentSettings, PermissionMode, setting
 
 
 class WorkerSettings(AgentSettings, frozen=True, kw_only=True):
@@ -19,6 +19,36 @@ class WorkerSettings(AgentSettings, frozen=True, kw_only=True):
     default_task_timeout_s: Annotated[
         float, setting("Deadline of a task that does not carry its own.", gt=0)
     ] = 1800.0
+    sandbox: Annotated[
+        Literal["auto", "on", "off"],
+        setting(
+            "Run every agent process in a bubblewrap sandbox (its task's directory, no "
+            "network but the model API and PODIUM_SANDBOX_ALLOW_HOSTS): auto = where it "
+            "works here (else off, said at start and in /readyz); on = refuse to start "
+            "without it; off = never (agents then run no shell commands unless allowed)."
+        ),
+    ] = "auto"
+    sandbox_permission_mode: Annotated[
+        PermissionMode,
+        setting(
+            "--permission-mode of a sandboxed agent: shell commands (tests, builds) are "
+            "allowed inside its sandbox."
+        ),
+    ] = "bypassPermissions"
+    sandbox_allow_hosts: Annotated[
+        list[str],
+        setting(
+            "Hosts a sandboxed agent may reach over HTTPS through the worker's egress proxy, "
+            "besides the model API (host, host:port or *.domain; port 443 unless named)."
+        ),
+    ] = []
+    sandbox_bwrap: Annotated[
+        str,
+        setting("bubblewrap's bwrap (empty = on PATH, else .tools/bubblewrap from make setup)."),
+    ] = ""
+    sandbox_socat: Annotated[
+        str, setting("socat (empty = on PATH, else .tools/socat from make setup).")
+    ] = ""
     task_progress_after_s: Annotated[
         float,
         setting(

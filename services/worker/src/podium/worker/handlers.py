@@ -258,6 +258,11 @@ class Worker:
             system_prompt=self.role_prompt,
             timeout_s=event.timeout_s or self.settings.default_task_timeout_s,
             carry_workdir=not record.repository,
+            readable=(
+                (self.repositories.mirror(record.repository),)
+                if record.repository and self.repositories is not None
+                else ()
+            ),
         )
         kind = "task" if isinstance(event, TaskRequested) else "followup"
         log.info("task started", extra={"task_id": task_id, "kind": kind, "workdir": str(workdir)})

@@ -34,3 +34,15 @@ class WorkerMetrics:
             ["reason"],
             registry=registry,
         )
+        self.sandboxed = Gauge(
+            f"{PREFIX}_worker_sandboxed",
+            "1 when this worker's agents run in its sandbox, 0 when they do not",
+            registry=registry,
+        )
+        self.egress = Counter(
+            f"{PREFIX}_worker_egress_total",
+            "Connections out of the agents' sandboxes: to the model API (api) or a tunnel "
+            "(connect), allowed, refused or failed",
+            ["kind", "outcome"],
+            registry=registry,
+        )

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 
+from podium.agents.sandbox import Sandbox
 from podium.common.errors import ConfigError
 from podium.common.procs import kill_group
 from podium.common.repositories import Repository
@@ -63,10 +64,13 @@ class Repositories:
         *,
         author: str,
         environ: dict[str, str] | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.repositories = repositories
         self.root = state_dir / "repos"
         self.author = author
+        #: Where a repository's check runs (it runs code the agent may have written).
+        self.sandbox = sandbox
         env = os.environ if environ is None else environ
         self.tokens: dict[str, str] = {}
         missing = []
@@ -87,6 +91,10 @@ class Repositories:
     def get(self, name: str) -> Repository | None:
         """The repository called ``name``."""
         return self.repositories.get(name)
+
+    def mirror(self, name: str) -> Path:
+        """The bare mirror of repository ``name`` (its worktrees' git metadata)."""
+        return self.root / f"{name}.git"
 
     # --- git ---------------------------------------------------------------
 
@@ -146,7 +154,7 @@ class Repositories:
 
     async def _mirror(self, repo: Repository) -> Path:
         """The repository's bare mirror, fetched now."""
-        mirror = self.root / f"{repo.name}.git"
+        mirror = self.mirror(repo.name)
         if not (mirror / "HEAD").exists():
             self.home.mkdir(parents=True, exist_ok=True)
             mirror.mkdir(parents=True, exist_ok=True)
@@ -196,7 +204,7 @@ class Repositories:
     async def prune(self, name: str, max_age_s: float) -> int:
         """Remove worktrees of repository ``name`` untouched for ``max_age_s`` (a finished
         task the conductor accepted keeps its worktree for fix rounds until then)."""
-        mirror = self.root / f"{name}.git"
+        mirror = self.mirror(name)
         if not (mirror / "worktrees").is_dir():
             return 0
         stale = await asyncio.to_thread(_stale_worktrees, mirror, max_age_s)
@@ -209,7 +217,7 @@ class Repositories:
     async def remove(self, name: str, workdir: Path) -> None:
         """Remove a task's worktree (its branch stays pushed)."""
         repo = self.repositories.get(name)
-        mirror = self.root / f"{name}.git"
+        mirror = self.mirror(name)
         if repo is None or not mirror.exists():
             return
         async with self.locks.setdefault(name, asyncio.Lock()):
@@ -237,7 +245,7 @@ class Repositories:
         branch = f"podium/{task_id}"
         done = Delivered(pull_request=pull_request)
         done.facts.append(f"Branch: {branch}")
-        mirror = self.root / f"{name}.git"
+        mirror = self.mirror(name)
         into = self._in(mirror, workdir)
         # inputs/ and outputs/ are the platform's, whatever a .gitignore says.
         keep_out = [f":(top,exclude){d.strip('/')}" for d in EXCLUDED]
@@ -295,8 +303,14 @@ class Repositories:
             "LC_ALL": "C.UTF-8",
             "CI": "true",
         }
+        argv = ["/bin/sh", "-c", repo.check]
+        if self.sandbox is not None:
+            # The agent's code, run by the platform: in the sandbox too, with no network.
+            argv = self.sandbox.command(
+                argv, workdir=workdir, read_only=(self.mirror(repo.name),), network=False
+            )
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", repo.check,
+            *argv,
             cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
