@@ -31,6 +31,7 @@ from podium.contracts.events import Event, InboundMessage, Media
 from podium.contracts.state import Conversation, ConversationReplies
 from podium.ingress.config import IngressSettings
 from podium.ingress.metrics import IngressMetrics
+from podium.ingress.sender import DnsFunc
 
 log = logging.getLogger("podium.ingress.handlers")
 
@@ -75,6 +76,8 @@ class Deps:
     artifacts: ObjectStore | None = None
     #: The client that downloads MMS media (made and closed by the service).
     http: aiohttp.ClientSession | None = None
+    #: DNS TXT lookups of DKIM keys (None: dkimpy's resolver; tests inject their own).
+    dkim_dns: DnsFunc | None = None
 
 
 class Stored(NamedTuple):

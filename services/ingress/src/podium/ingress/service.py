@@ -17,6 +17,7 @@ from podium.contracts.state import Conversation, ConversationReplies
 from podium.ingress.config import IngressSettings
 from podium.ingress.handlers import Deps, Handlers
 from podium.ingress.metrics import IngressMetrics
+from podium.ingress.sender import DnsFunc
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,10 @@ class IngressService:
     name = "ingress"
     streams: Sequence[str] = (streams.INBOUND.name, streams.DELIVERY.name)
 
-    def __init__(self, settings: IngressSettings) -> None:
+    def __init__(self, settings: IngressSettings, *, dkim_dns: DnsFunc | None = None) -> None:
         self.settings = settings
+        #: DKIM key lookups (None: DNS); tests inject their own.
+        self.dkim_dns = dkim_dns
         self.port = settings.port
         self._runner: web.AppRunner | None = None
         self._nc: Client | None = None
@@ -60,6 +63,7 @@ class IngressService:
             attachments=await ctx.js.object_store(streams.ATTACHMENTS),
             artifacts=await ctx.js.object_store(streams.ARTIFACTS),
             http=self._media_client(),
+            dkim_dns=self.dkim_dns,
         )
         if not self.settings.link_secret:
             log.warning(
