@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client
 
 from podium.cli.natsserver import NatsServer, free_port
 from podium.cli.up import nats_answers
@@ -53,10 +55,13 @@ def test_up_then_demo_then_ctrl_c(tmp_path: Path) -> None:
         assert "(embedded, data in" in text
         assert "offline" in text
         assert text.count("Podium is up.") == 1
+        # The embedded server has a user per service: a process with none (an agent's
+        # shell, say) cannot publish commands or read anything.
+        assert "Authorization Violation" in anonymous_refusal(env["NATS_URL"])
 
         demo = subprocess.run(
             [*PODIUM, "demo", "--url", f"http://127.0.0.1:{ingress_port}", "--timeout", "30"],
-            env=env,
+            env={**env, "PODIUM_HOME": str(tmp_path / "home")},
             capture_output=True,
             text=True,
             timeout=60,
@@ -73,6 +78,29 @@ def test_up_then_demo_then_ctrl_c(tmp_path: Path) -> None:
     assert code == 0, output.read_text()
     assert "conductor | INFO    stopped" in output.read_text()
     assert not nats_answers(env["NATS_URL"])
+
+
+def anonymous_refusal(url: str) -> str:
+    """What a client without credentials gets from the server at ``url``."""
+
+    async def attempt() -> str:
+        errors: list[str] = []
+
+        async def on_error(err: Exception) -> None:
+            errors.append(str(err))
+
+        client = Client()
+        try:
+            await client.connect(
+                url, max_reconnect_attempts=0, allow_reconnect=False, error_cb=on_error
+            )
+        except Exception as err:  # noqa: BLE001 - what it says is the test's subject
+            return f"{err} {' '.join(errors)}"
+        finally:
+            await client.close()
+        return "connected"
+
+    return asyncio.run(attempt())
 
 
 def test_demo_without_a_platform_fails_clearly(nats_server: NatsServer, tmp_path: Path) -> None:

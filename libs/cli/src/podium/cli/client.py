@@ -54,9 +54,15 @@ def settings() -> CommonSettings:
     running from ``PODIUM_HOME``, else the default) and, where the server has users,
     ``PODIUM_NATS_USER`` / ``PODIUM_NATS_PASSWORD`` or ``PODIUM_NATS_CREDS`` (the admin user)."""
     env = {k: v for k, v in os.environ.items() if k == "NATS_URL" or k.startswith("PODIUM_")}
+    platform = running_platform(home())
     if "NATS_URL" not in env:
-        platform = running_platform(home())
         env["NATS_URL"] = str(platform["nats_url"]) if platform else DEFAULT_NATS_URL
+    given = "PODIUM_NATS_USER" in env or "PODIUM_NATS_CREDS" in env
+    embedded = bool(platform and platform.get("nats_user"))
+    if platform and embedded and not given and env["NATS_URL"] == platform["nats_url"]:
+        # The embedded server of that podium up: its operators' user.
+        env["PODIUM_NATS_USER"] = str(platform["nats_user"])
+        env["PODIUM_NATS_PASSWORD"] = str(platform.get("nats_password", ""))
     try:
         return load(CommonSettings, env)
     except ConfigError as err:

@@ -43,6 +43,7 @@ from podium.common.bus import MIN_SERVER_VERSION, shown_url, version_text
 from podium.common.config import claude_credentials_present
 from podium.common.errors import EXIT_STARTUP, PodiumError
 from podium.common.runtime import wait_set
+from podium.contracts import access
 
 SERVICES = ("ingress", "conductor", "worker", "notifier")
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -137,6 +138,11 @@ class Layout:
     def outbox(self) -> Path:
         """The outbox file the notifier writes."""
         return self.home / "outbox.jsonl"
+
+    @property
+    def nats_users_file(self) -> Path:
+        """The embedded nats-server's users and their passwords (0600)."""
+        return self.home / "nats-users.json"
 
     @property
     def platform_file(self) -> Path:
@@ -281,6 +287,10 @@ class Nats:
     url: str
     embedded: NatsServer | None = None
     why: str = ""
+    #: The embedded server's users (``podium.contracts.access``) and their passwords:
+    #: each service connects as its own, ``podium`` verbs as ``admin``, and a process
+    #: with none of them (an agent's shell) is refused. Empty for a server of the user's.
+    users: dict[str, str] = field(default_factory=dict)
 
 
 def choose_nats(layout: Layout, url: str) -> Nats:
@@ -301,7 +311,16 @@ def choose_nats(layout: Layout, url: str) -> Nats:
     if probe.listening:
         port = free_port()
         why = f"{problem}: using an embedded nats-server on a free port instead"
-    embedded = NatsServer(layout.home / "nats", port=port)
+    users = nats_users(layout)
+    folder = layout.home / "nats"
+    folder.mkdir(parents=True, exist_ok=True)
+    # The same users and permissions as compose and Kubernetes (deploy/nats/accounts.conf),
+    # their passwords from the server's environment.
+    (folder / "accounts.conf").write_text(access.render_accounts())
+    config = folder / "nats.conf"
+    config.write_text("include ./accounts.conf\n")
+    passwords = {role.password_env: users[role.user] for role in access.ROLES}
+    embedded = NatsServer(folder, port=port, config_file=config, env={**os.environ, **passwords})
     try:
         embedded.start()
     except (OSError, TimeoutError) as err:
@@ -309,7 +328,28 @@ def choose_nats(layout: Layout, url: str) -> Nats:
             f"cannot start the embedded nats-server on port {port}: {err} "
             f"(its log: {embedded.log_file})"
         ) from err
-    return Nats(embedded.url, embedded=embedded, why=why)
+    return Nats(embedded.url, embedded=embedded, why=why, users=users)
+
+
+def nats_users(layout: Layout) -> dict[str, str]:
+    """A password for every NATS user, made once and kept (0600) beside the API token, so
+    a restarted ``podium up`` keeps its server's users."""
+    path = layout.nats_users_file
+    kept: dict[str, str] = {}
+    if path.exists():
+        found = json.loads(path.read_text() or "{}")
+        kept = {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+    # Letters and digits, a letter first: nats-server reads a variable's value as a config
+    # token, and one that starts with a digit as a number.
+    users = {role.user: kept.get(role.user) or f"p{secrets.token_hex(24)}" for role in access.ROLES}
+    if users != kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(users, indent=2) + "\n")
+    return users
 
 
 # --- the services --------------------------------------------------------------
@@ -342,9 +382,12 @@ def _kept_secret(path: Path) -> str:
     return value
 
 
-def service_env(layout: Layout, service: str, nats_url: str, token: str) -> dict[str, str]:
+def service_env(
+    layout: Layout, service: str, nats_url: str, token: str, users: dict[str, str] | None = None
+) -> dict[str, str]:
     """The environment ``podium up`` gives a service: the user's settings, with the NATS
-    server and the ports it chose (``PODIUM_PORT`` already chose the ingress's port)."""
+    server and the ports it chose (``PODIUM_PORT`` already chose the ingress's port), and,
+    on the embedded server, the service's own NATS user."""
     env = dict(os.environ)
     defaults = {
         "NATS_URL": nats_url,
@@ -369,6 +412,10 @@ def service_env(layout: Layout, service: str, nats_url: str, token: str) -> dict
         env.setdefault(key, value)
     # The ports and the server were chosen above (free ones where the defaults were taken).
     env["NATS_URL"] = nats_url
+    if users:
+        env.pop("PODIUM_NATS_CREDS", None)
+        env["PODIUM_NATS_USER"] = service
+        env["PODIUM_NATS_PASSWORD"] = users[service]
     env["PODIUM_HEALTH_PORT"] = str(layout.health_port(service))
     if service == "ingress":
         env["PODIUM_PORT"] = str(layout.ingress_port)
@@ -564,12 +611,15 @@ def write_platform_file(layout: Layout, nats: Nats) -> None:
     Readable by its owner only (0600), like the API token beside it: a NATS_URL
     may carry credentials.
     """
-    data = {
+    data: dict[str, Any] = {
         "pid": os.getpid(),
         "nats_url": nats.url,
         "ingress_url": layout.ingress_url,
         "health_ports": layout.health_ports,
     }
+    if nats.users:
+        # podium verbs connect as the operators' user of the embedded server.
+        data |= {"nats_user": access.ADMIN, "nats_password": nats.users[access.ADMIN]}
     path = layout.platform_file
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -620,6 +670,11 @@ async def _up(layout: Layout) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         env = {k: v for k, v in os.environ.items() if k.startswith("PODIUM_")}
+        if nats.users:
+            env |= {
+                "PODIUM_NATS_USER": access.ADMIN,
+                "PODIUM_NATS_PASSWORD": nats.users[access.ADMIN],
+            }
         settings = load(CommonSettings, {**env, "NATS_URL": nats.url})
         nc = await connect(settings, name="podium-up")
         try:
@@ -635,7 +690,7 @@ async def _up(layout: Layout) -> int:
         for service in SERVICES:
             child = Child(
                 service,
-                service_env(layout, service, nats.url, token),
+                service_env(layout, service, nats.url, token, nats.users),
                 (logs / f"{service}.log").open("a", encoding="utf-8"),
             )
             await child.start()
