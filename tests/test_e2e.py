@@ -252,10 +252,21 @@ async def test_an_allowlisted_from_that_does_not_authenticate_is_a_stranger(
         await quiescent(js)
         metrics = await platform.metrics("conductor")
         replies = platform.outbox()
+        # No agent ever saw it; the operator was told once for the conversation.
+        assert (await js.stream_info("TASKS")).state.messages == 0
+        assert [r["to"] for r in replies] == [[operator]]
+        assert "did not authenticate" in alert["body"] and "ceo@example.org" in alert["body"]
+        assert "podium_conductor_spoofed_senders_total 2.0" in metrics
+
+        # The same message, signed by the CEO's domain: the normal loop, and a reply.
+        signed = {**forged, "dkim": "{@example.org : pass}"}
+        await platform.email(
+            "The CEO <ceo@example.org>", "Wire money", "Pay invoice 3 today.",
+            message_id="<real3@example.org>", verdicts=signed,
+        )  # fmt: skip
+        _, reply = await platform.wait_outbox(2)
     finally:
         platform.stop()
-    # No agent ever saw it; the operator was told once for the conversation.
-    assert (await js.stream_info("TASKS")).state.messages == 0
-    assert [r["to"] for r in replies] == [[operator]]
-    assert "did not authenticate" in alert["body"] and "ceo@example.org" in alert["body"]
-    assert "podium_conductor_spoofed_senders_total 2.0" in metrics
+    assert reply["to"] == ["ceo@example.org"]
+    assert reply["subject"] == "Re: Wire money"
+    assert (await js.stream_info("TASKS")).state.messages == 1
