@@ -298,8 +298,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 def cli() -> None:
     """Parse arguments, run, print the table and the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # Defaults below what this machine sustains (about 75 conversations/s in a burst),
-    # so that the paced run measures latency, not a queue.
+    # Defaults well below what this machine sustains (about 200 conversations/s in a
+    # burst, docs/performance.md), so that the paced run measures latency, not a queue.
     parser.add_argument("--rate", type=float, default=20.0, help="paced conversations per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the paced run")
     parser.add_argument("--burst", type=int, default=200, help="conversations in the burst run")

@@ -7,10 +7,12 @@ Messages API server (podium.testing.anthropic).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import shutil
 import signal
+import tarfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +23,7 @@ import pytest
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
-from podium.agents import AgentAnswer, AgentCall
+from podium.agents import AgentAnswer, AgentCall, sessions
 from podium.agents.claude import ClaudeRuntime
 from podium.agents.sessions import Agents
 from podium.common.config import AgentSettings
@@ -428,3 +430,67 @@ async def test_api_errors_become_an_execution_error(
     assert not answer.ok
     assert "500" in answer.error
     assert answer.text == ""
+
+
+# --- what a sandboxed agent may have planted where its session's files are -------------
+
+
+def test_a_planted_link_or_fifo_is_never_read_as_the_transcript(tmp_path: Path) -> None:
+    secret = tmp_path / "worker-secret"
+    secret.write_text("NATS_PASSWORD=hunter2")
+    config = tmp_path / "config"
+    config.mkdir()
+    link = config / "s1.jsonl"
+    link.symlink_to(secret)
+    assert sessions._read_session_files(link, None, 1024).transcript is None
+    fifo = config / "s2.jsonl"
+    os.mkfifo(fifo)
+    # Returns at once (a read would block for good) and stores nothing.
+    assert sessions._read_session_files(fifo, None, 1024).transcript is None
+    assert sessions._small(fifo, None)
+    regular = config / "s3.jsonl"
+    regular.write_text('{"prompt": "hi"}\n')
+    assert sessions._read_session_files(regular, None, 1024).transcript == b'{"prompt": "hi"}\n'
+
+
+def test_a_workspace_is_packed_without_following_links(tmp_path: Path) -> None:
+    secret = tmp_path / "worker-secret"
+    secret.write_text("NATS_PASSWORD=hunter2")
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "result.md").write_text("done")
+    (work / "sub" / "leak").symlink_to(secret)
+    (work / "linked-dir").symlink_to(tmp_path)
+    os.mkfifo(work / "pipe")
+    archive = sessions._pack(work, 1024 * 1024)
+    assert archive is not None
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert members["./sub/leak"].issym() and members["./sub/leak"].linkname == str(secret)
+        assert members["./linked-dir"].issym()
+        assert "./pipe" not in members
+        reader = tar.extractfile("./result.md")
+        assert reader is not None and reader.read() == b"done"
+        assert b"hunter2" not in archive
+    # Over the limit: none.
+    assert sessions._pack(work, 3) is None
+
+
+def test_a_transcript_is_not_restored_through_a_planted_link(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = tmp_path / "config" / "projects"
+    config.mkdir(parents=True)
+    (config / "-work-task").symlink_to(elsewhere)
+    with pytest.raises(OSError, match="is a link"):
+        sessions._write_file(config / "-work-task" / "s1.jsonl", b"history")
+    assert list(elsewhere.iterdir()) == []
+    # A link planted where the file goes is replaced, not written through.
+    target = tmp_path / "target"
+    target.write_text("keep")
+    folder = tmp_path / "config" / "projects" / "-work-other"
+    folder.mkdir()
+    (folder / "s2.jsonl").symlink_to(target)
+    sessions._write_file(folder / "s2.jsonl", b"history")
+    assert target.read_text() == "keep"
+    assert (folder / "s2.jsonl").read_bytes() == b"history"

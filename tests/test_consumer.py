@@ -402,3 +402,41 @@ async def test_a_released_slot_lets_the_next_message_start(
     await settled(jsc, SPEC)
     await c.stop(5)
     assert order == ["start e1", "start e2", "end e2", "end e1"]
+
+
+async def test_a_held_consumer_takes_nothing_until_it_lets_go(
+    jsc: JetStreamContext, nc: Client
+) -> None:
+    """While hold() says so (a worker whose agent cannot start), what it had asked for
+    stops coming: the next message waits at the server for another replica, or for it."""
+    holding = False
+    asked_while_holding = asyncio.Event()
+    handled: list[str] = []
+    first = asyncio.Event()
+
+    def hold() -> bool:
+        if holding:
+            asked_while_holding.set()
+        return holding
+
+    async def handler(event: AnyEvent, delivery: Delivery) -> None:
+        handled.append(event.event_id)
+        first.set()
+
+    c, _ = consumer(nc, jsc, handler, hold=hold, pull_expires_s=30.0)
+    c.start()
+    await publish(jsc, "inbound.api.a", message(1, "a"))
+    await asyncio.wait_for(first.wait(), 10)
+    await settled(jsc, SPEC)
+    holding = True
+    asked_while_holding.clear()
+    # The loop has seen the hold (and dropped the open request) before this is stored.
+    await asyncio.wait_for(asked_while_holding.wait(), 10)
+    await publish(jsc, "inbound.api.a", message(2, "a"))
+    await nc.flush()
+    info = await jsc.consumer_info(SPEC.stream, SPEC.durable)
+    assert (info.num_pending, info.num_ack_pending, handled) == (1, 0, ["e1"])
+    holding = False
+    await settled(jsc, SPEC)
+    await c.stop(5)
+    assert handled == ["e1", "e2"]

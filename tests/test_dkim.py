@@ -41,7 +41,9 @@ def dns(name: bytes, timeout: int = 5) -> bytes | None:
     return RECORD if name.rstrip(b".") == b"s1._domainkey.example.org" else None
 
 
-def signed(body: str, *, domain: str = "example.org") -> bytes:
+def signed(
+    body: str, *, domain: str = "example.org", selector: bytes = b"s1", length: bool = False
+) -> bytes:
     message = (
         "From: The CEO <ceo@example.org>\r\n"
         "To: podium@example.com\r\n"
@@ -53,10 +55,11 @@ def signed(body: str, *, domain: str = "example.org") -> bytes:
     ).encode()
     signature: bytes = dkim.sign(
         message,
-        b"s1",
+        selector,
         domain.encode(),
         PRIVATE_PEM,
         include_headers=[b"from", b"to", b"subject", b"message-id", b"date"],
+        length=length,
     )
     return signature + message
 
@@ -70,6 +73,21 @@ def test_a_good_signature_passes_and_a_changed_body_fails() -> None:
     other = signed("hello", domain="example.net")
     assert sender.verify_dkim(other, dns) == [("example.net", "fail")]
     assert sender.verify_dkim(b"From: a@example.org\r\n\r\nunsigned\r\n", dns) == []
+
+
+def test_hostile_signatures_fail_and_never_break_the_check() -> None:
+    # A selector no DNS name can hold (dnspython refuses it before any lookup).
+    long_selector = signed("hello", selector=b"s" * 80)
+    assert sender.verify_dkim(long_selector, dns) == [("example.org", "fail")]
+    # With the real resolver, which raises on such a name before asking anyone.
+    assert sender.verify_dkim(long_selector) == [("example.org", "fail")]
+    empty_label = signed("hello", selector=b"a..b")
+    assert sender.verify_dkim(empty_label, dns) == [("example.org", "fail")]
+    # l= signs only the first bytes of the body: text appended after them would pass.
+    partial = signed("Approve the transfer.", length=True) + b"And the second one.\r\n"
+    assert sender.verify_dkim(partial, dns) == [("example.org", "fail")]
+    # Headers dkimpy cannot read.
+    assert sender.verify_dkim(b"\x00o: x\r\n\r\nbody", dns) == []
 
 
 @pytest.fixture

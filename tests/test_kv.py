@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from nats.aio.client import Client
-from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from podium.common.errors import Conflict
@@ -16,21 +16,23 @@ BUCKET = streams.CONVERSATIONS.name
 
 
 class Reads:
-    """Counts the bucket's reads (direct gets) that reach the server."""
+    """Counts the bucket's reads (direct gets) that reached the server: a subscription
+    to the requests, read after a round trip (the server relays them before its PONG)."""
 
-    def __init__(self) -> None:
-        self.count = 0
+    def __init__(self, nc: Client, sub: Subscription) -> None:
+        self.nc = nc
+        self.sub = sub
 
-    async def seen(self, msg: Msg) -> None:
-        self.count += 1
+    async def count(self) -> int:
+        await self.nc.flush()
+        return self.sub.delivered
 
 
 @pytest.fixture
 async def reads(nc: Client, js: JetStreamContext) -> Reads:
-    counter = Reads()
-    await nc.subscribe(f"$JS.API.DIRECT.GET.KV_{BUCKET}.>", cb=counter.seen)
+    sub = await nc.subscribe(f"$JS.API.DIRECT.GET.KV_{BUCKET}.>")
     await nc.flush()
-    return counter
+    return Reads(nc, sub)
 
 
 def conversation(reply_to: str) -> Conversation:
@@ -49,8 +51,7 @@ async def test_the_owner_reads_back_its_own_writes_without_a_round_trip(
     found[0].reply_to = "changed"
     again = await store.get("api-c1")
     assert again is not None and again[0].reply_to == "a"
-    await nc.flush()
-    assert reads.count == 0
+    assert await reads.count() == 0
 
 
 async def test_a_write_by_someone_else_is_found_out_at_the_next_write(
@@ -89,8 +90,7 @@ async def test_forgotten_keys_are_read_from_the_bucket_again(
     store.forget(lambda key: key == "api-c1")
     await store.get("api-c1")
     await store.get("api-c2")
-    await nc.flush()
-    assert reads.count == 1
+    assert await reads.count() == 1
 
 
 async def test_the_cache_keeps_only_the_most_recent_keys(
@@ -102,6 +102,5 @@ async def test_the_cache_keeps_only_the_most_recent_keys(
     for key in ("api-c3", "api-c2", "api-c1"):
         found = await store.get(key)
         assert found is not None and found[0].reply_to == key
-    await nc.flush()
     # c2 and c3, the newest, were remembered; c1 had to be read.
-    assert reads.count == 1
+    assert await reads.count() == 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from podium.testing.services import in_process
 from podium.worker.config import WorkerSettings
 from podium.worker.egress import Allowlist, Egress, credentials
 from podium.worker.service import WorkerService
+from tests.conftest import ROOT
 from tests.test_task_files import result_of
 
 
@@ -149,6 +152,34 @@ async def test_the_https_proxy_opens_tunnels_only_to_allowed_hosts(egress: Egres
     assert count(egress, "connect", "refused") == 4
 
 
+async def test_an_allowed_name_that_resolves_inside_is_refused(
+    egress: Egress, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A public name on the list whose DNS answer is a loopback or private address (NATS
+    is there) is not reached: only an entry that names such an address itself is."""
+    loop = asyncio.get_running_loop()
+
+    async def rebinding(host: str, port: int, **_: object) -> list[tuple[object, ...]]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", rebinding)
+    egress.allowlist = Allowlist(["pypi.example.org"])
+    head, _, writer = await connect(egress, "pypi.example.org:443")
+    assert head.startswith(b"HTTP/1.1 502")
+    await closed(writer)
+    assert count(egress, "connect", "failed") == 1
+
+
+async def test_the_model_api_proxy_forwards_only_the_messages_api(egress: Egress) -> None:
+    connector = aiohttp.UnixConnector(path=str(egress.api_socket))
+    async with (
+        aiohttp.ClientSession(connector=connector) as http,
+        http.get("http://127.0.0.1:8080/v1/organizations/me") as response,
+    ):
+        assert response.status == 403
+    assert count(egress, "api", "refused") == 1
+
+
 async def test_the_model_api_gets_the_platforms_credential_not_the_agents(egress: Egress) -> None:
     async with FakeAnthropic() as api:
         egress.upstream = api.base_url
@@ -210,9 +241,13 @@ async def test_a_sandboxed_agent_can_work_in_its_task_and_touch_nothing_else(
     tmp_path: Path,
     claude_bin: str,
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
-    secret = tmp_path / "secret.txt"
+    # Beside the service (its working directory, outside /tmp, which the sandbox
+    # replaces with an empty one anyway): a broad bind would show it.
+    secret = ROOT / f".test-secret-{uuid.uuid4().hex}.env"
     secret.write_text("the-service-secret")
+    request.addfinalizer(lambda: secret.unlink(missing_ok=True))
     other_task = tmp_path / "workspaces" / "tasks" / "t-other"
     other_task.mkdir(parents=True)
     (other_task / "theirs.txt").write_text("another task's work")

@@ -255,6 +255,11 @@ class ClaudeRuntime:
         """The session's private ``CLAUDE_CONFIG_DIR`` (also its HOME and TMPDIR)."""
         return self.config_root / call.role / call.key
 
+    def stderr_log(self, call: AgentCall) -> Path:
+        """Where a warm process's stderr goes: beside, not inside, its config dir (a
+        sandboxed agent may write there, and could plant a link where we open a file)."""
+        return self.config_root / "stderr" / call.role / f"{call.key}.log"
+
     def transcript_path(self, call: AgentCall, session_id: str) -> Path:
         """The CLI's transcript of ``session_id`` (it names the project by the workdir)."""
         projects = self.config_dir(call) / "projects"
@@ -346,7 +351,10 @@ class ClaudeRuntime:
         (self.config_dir(call) / "tmp").mkdir(parents=True, exist_ok=True)
         stderr: int | IO[bytes] = asyncio.subprocess.PIPE
         if streaming:
-            stderr = (self.config_dir(call) / "stderr.log").open("ab")
+            log_path = self.stderr_log(call)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+            stderr = os.fdopen(os.open(log_path, flags, 0o600), "ab")
         argv = self.command(call, session_id, resume=resume, streaming=streaming)
         cli = argv[0]
         if self.sandbox is not None:
@@ -426,7 +434,7 @@ class ClaudeRuntime:
             log.info("evicting warm session", extra={"key": idle, "reason": "pool full"})
             await self._drop(idle)
         session_id = call.session_id or str(uuid.uuid4())
-        log_path = self.config_dir(call) / "stderr.log"
+        log_path = self.stderr_log(call)
         offset = log_path.stat().st_size if log_path.exists() else 0
         proc = await self._spawn(
             call, session_id, resume=call.session_id is not None, streaming=True

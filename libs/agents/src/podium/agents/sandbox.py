@@ -73,13 +73,18 @@ def find_tool(name: str, configured: str, package_dir: str) -> str:
 
 
 def package_root(executable: Path) -> Path:
-    """The folder to make visible for a program: its npm package (for the Claude CLI, a
-    native binary or a script inside ``node_modules``), else its own folder."""
+    """The folder to make visible for a program: the npm package it is in (for the Claude
+    CLI, a native binary or a script inside ``node_modules``), else its own folder. Only a
+    package directly under ``node_modules`` counts: a stray ``package.json`` higher up
+    must not make a home directory, or ``/``, visible."""
     for folder in executable.parents:
-        if (folder / "package.json").is_file():
-            return folder
         if folder.name == "node_modules":
             break
+        in_modules = folder.parent.name == "node_modules" or (
+            folder.parent.name.startswith("@") and folder.parent.parent.name == "node_modules"
+        )
+        if in_modules and (folder / "package.json").is_file():
+            return folder
     return executable.parent
 
 

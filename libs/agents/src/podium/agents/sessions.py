@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import io
 import logging
 import os
 import shutil
 import socket
+import stat
 import tarfile
+import tempfile
 import time
 import uuid
 import zlib
@@ -591,10 +594,23 @@ def _next(
 
 
 def _write_file(path: Path, data: bytes) -> None:
+    """Put a restored transcript at ``path``, inside a CLI config dir the agent can write.
+
+    Never through a link it planted: not the file's (a new file is made, then renamed
+    over whatever is there), nor its folder's or their parent's.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".restore")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    if any(os.path.islink(folder) for folder in (path.parent, path.parent.parent)):
+        raise OSError(f"{path.parent} is a link: the transcript is not restored there")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".restore-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 #: A turn's session files are read and packed on the event loop when they add up to no
@@ -604,16 +620,19 @@ def _write_file(path: Path, data: bytes) -> None:
 #: quarter of a conversation's worker CPU: docs/performance.md).
 SMALL_BYTES = 64 * 1024
 SMALL_FILES = 32
+#: The largest transcript stored (a session's history; the object store takes it).
+TRANSCRIPT_MAX_BYTES = 256 * 1024 * 1024
 
 
 def _small(transcript: Path, workdir: Path | None) -> bool:
     """Whether a turn's files are small enough to read without leaving the event loop.
 
-    A few system calls to find out: the walk stops at the first sign of a large
-    workspace (many files, or many bytes), never reading a file.
+    A few system calls to find out, none following a link: the walk stops at the first
+    sign of a large workspace (many files, or many bytes), never reading a file.
     """
     try:
-        total = transcript.stat().st_size
+        info = os.lstat(transcript)
+        total = info.st_size if stat.S_ISREG(info.st_mode) else 0
     except FileNotFoundError:
         total = 0
     if total > SMALL_BYTES:
@@ -639,6 +658,37 @@ def _small(transcript: Path, workdir: Path | None) -> bool:
     return True
 
 
+class NotRegular(Exception):
+    """The path is a link, a FIFO, a device or a socket: not read."""
+
+
+def _read_regular(path: Path | str, limit: int, *, dir_fd: int | None = None) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes; None if
+    there is none, or it is larger. Raises :class:`NotRegular` for anything else.
+
+    The agent can write where its session's files are: a link it planted is not followed
+    (it could point at the worker's own ``/proc/self/environ``), a FIFO or device is never
+    read (it would block, or never end), and no more than ``limit`` is read.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise NotRegular(f"{path} is a link") from err
+        raise
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegular(f"{path} is not a regular file")
+        if info.st_size > limit:
+            return None
+        data = f.read(limit + 1)
+    return None if len(data) > limit else data
+
+
 @dataclass
 class SessionFiles:
     """What a turn left on disk, read in one go: the transcript, raw and compressed, and
@@ -652,26 +702,72 @@ class SessionFiles:
 
 def _read_session_files(transcript: Path, workdir: Path | None, limit: int) -> SessionFiles:
     files = SessionFiles()
-    with contextlib.suppress(FileNotFoundError):
-        files.transcript = transcript.read_bytes()
+    try:
+        files.transcript = _read_regular(transcript, TRANSCRIPT_MAX_BYTES)
+    except NotRegular as err:
+        log.warning("transcript not stored", extra={"reason": str(err)})
+    if files.transcript is not None:
         files.transcript_packed = zlib.compress(files.transcript, 1)
-    if workdir is not None and workdir.exists():
+    if workdir is not None and workdir.is_dir() and not workdir.is_symlink():
         files.workspace = _pack(workdir, limit)
         files.workspace_too_large = files.workspace is None
     return files
 
 
 def _pack(directory: Path, limit: int) -> bytes | None:
-    """A gzip tar of ``directory``, or None if its files add up to more than ``limit``."""
-    total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-    if total > limit:
-        return None
+    """A gzip tar of ``directory``, or None if its files add up to more than ``limit``.
+
+    Walked by file descriptor, never through a link (the agent, or a process it left
+    running, may change the tree meanwhile): links are archived as links, regular files
+    read with :func:`_read_regular`, FIFOs, devices and sockets left out.
+    """
     buffer = io.BytesIO()
+    total = 0
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     # Level 1, as the transcript's: gzip's default (9) costs several times as much CPU
     # a turn for a few bytes less.
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as tar:
-        tar.add(directory, arcname=".")
+        folders = [(os.open(directory, flags), ".")]
+        try:
+            while folders:
+                fd, name = folders.pop()
+                try:
+                    tar.addfile(_entry(name, tarfile.DIRTYPE, os.fstat(fd)))
+                    for entry in sorted(os.scandir(fd), key=lambda e: e.name):
+                        member = f"{name}/{entry.name}"
+                        info = entry.stat(follow_symlinks=False)
+                        if stat.S_ISDIR(info.st_mode):
+                            with contextlib.suppress(OSError):  # replaced meanwhile
+                                folders.append((os.open(entry.name, flags, dir_fd=fd), member))
+                        elif stat.S_ISLNK(info.st_mode):
+                            link = _entry(member, tarfile.SYMTYPE, info)
+                            link.linkname = os.readlink(entry.name, dir_fd=fd)
+                            tar.addfile(link)
+                        elif stat.S_ISREG(info.st_mode):
+                            try:
+                                data = _read_regular(entry.name, limit - total, dir_fd=fd)
+                            except NotRegular:
+                                continue  # replaced meanwhile by something not to read
+                            if data is None:
+                                return None
+                            total += len(data)
+                            item = _entry(member, tarfile.REGTYPE, info)
+                            item.size = len(data)
+                            tar.addfile(item, io.BytesIO(data))
+                finally:
+                    os.close(fd)
+        finally:
+            for fd, _ in folders:
+                os.close(fd)
     return buffer.getvalue()
+
+
+def _entry(name: str, kind: bytes, info: os.stat_result) -> tarfile.TarInfo:
+    entry = tarfile.TarInfo(name)
+    entry.type = kind
+    entry.mode = info.st_mode & 0o777
+    entry.mtime = int(info.st_mtime)
+    return entry
 
 
 def _unpack(archive: bytes, directory: Path) -> None:

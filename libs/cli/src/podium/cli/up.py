@@ -314,13 +314,17 @@ def choose_nats(layout: Layout, url: str) -> Nats:
     users = nats_users(layout)
     folder = layout.home / "nats"
     folder.mkdir(parents=True, exist_ok=True)
-    # The same users and permissions as compose and Kubernetes (deploy/nats/accounts.conf),
-    # their passwords from the server's environment.
-    (folder / "accounts.conf").write_text(access.render_accounts())
+    # The same users and permissions as compose and Kubernetes (deploy/nats/accounts.conf).
+    # Their passwords are variables of the configuration file, readable by its owner only,
+    # not of the server's environment (which any process of the same user can read).
     config = folder / "nats.conf"
-    config.write_text("include ./accounts.conf\n")
-    passwords = {role.password_env: users[role.user] for role in access.ROLES}
-    embedded = NatsServer(folder, port=port, config_file=config, env={**os.environ, **passwords})
+    with contextlib.suppress(FileNotFoundError):
+        config.unlink()
+    passwords = "".join(f'{role.password_env}: "{users[role.user]}"\n' for role in access.ROLES)
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(passwords + access.render_accounts())
+    embedded = NatsServer(folder, port=port, config_file=config)
     try:
         embedded.start()
     except (OSError, TimeoutError) as err:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -70,8 +71,19 @@ PULL_EXPIRES_S = 5.0
 #: server's 408 that ends it; after that (a reconnect or a server restart lost it, or
 #: the 408) the consumer asks again.
 _PULL_GRACE_S = 1.0
-#: After the server refused a pull (no such consumer), how long until the next one.
+#: How often a consumer with a ``hold`` asks it, while it waits.
+_HOLD_CHECK_S = 0.5
+#: After the server refused a pull (no such consumer), about how long until the next one.
 _PULL_PAUSE_S = 1.0
+
+
+@dataclass
+class _Pull:
+    """One pull request open at the server: messages it may still bring, and when the
+    server has surely ended it."""
+
+    remaining: int
+    until: float
 
 
 @dataclass(frozen=True)
@@ -177,12 +189,11 @@ class PullConsumer:
         self.max_held = max_held or concurrency * 4
         #: Why pulling fails now ("" while it works): the service is not ready meanwhile.
         self.problem = ""
-        # Messages asked for and not yet delivered (nor ended by the server's 408/409),
-        # and when the last request asked for them has surely expired at the server.
-        self._credit = 0
-        self._credit_until = 0.0
-        # After a refusal (no consumer, deleted), no request before this.
+        # The pull requests open at the server, oldest first.
+        self._pulls: collections.deque[_Pull] = collections.deque()
+        # After a refusal or a 409, no request before this; refusals in a row.
         self._paused_until = 0.0
+        self._refusals = 0
         # Set when there may be room to ask for more: a handler finished, a request ended.
         self._wake = asyncio.Event()
         # Running handlers that gave their slot back (Delivery.release).
@@ -239,21 +250,38 @@ class PullConsumer:
         # Half the room at least per request: few requests in a burst, none per message.
         refill = max(1, self.max_held // 2)
         expires_ns = int(self.pull_expires_s * 1e9)
+        reconnects = self.nc.stats["reconnects"]
         while not self._stopping.is_set():
             self._wake.clear()
             now = time.monotonic()
             if now < self._paused_until:
                 await wait_set(self._stopping, self._paused_until - now)
                 continue
-            if self._credit and now >= self._credit_until:
-                # Every open request has expired at the server by now; its 408 was lost.
-                self._credit = 0
+            if not self.nc.is_connected:
+                # Requests published now would wait in nats-py's buffer and all go out at
+                # the reconnect, each for the whole room.
+                await wait_set(self._stopping, 0.2)
+                continue
+            if self.nc.stats["reconnects"] != reconnects:
+                # The requests went with the old connection.
+                reconnects = self.nc.stats["reconnects"]
+                self._pulls.clear()
+            # A request the server has surely ended by now, whose 408 never came (a
+            # restart, a lost connection), counts no more.
+            while self._pulls and self._pulls[0].until <= now:
+                self._pulls.popleft()
             if self.hold is not None and self.hold():
+                if self._pulls:
+                    # What the open requests would still bring goes back (nak), unfetched
+                    # messages stay for another replica; asked again after the hold.
+                    self._pulls.clear()
+                    await self._unsubscribe()
                 await wait_set(self._stopping, 0.5)
                 continue
+            credit = self._credit
             # Handlers that gave their slot back (Delivery.release) hold no room.
-            room = self.max_held - len(self._tasks) + self._released - self._credit
-            if room > 0 and (self._credit == 0 or room >= refill):
+            room = self.max_held - len(self._tasks) + self._released - credit
+            if room > 0 and (credit == 0 or room >= refill):
                 try:
                     if self._sub is None:
                         self._sub = await self.nc.subscribe(inbox, cb=self._on_message)
@@ -261,15 +289,32 @@ class PullConsumer:
                     await self.nc.publish(subject, request, reply=inbox)
                 except ConnectionClosedError:
                     return
-                self._credit += room
-                self._credit_until = now + self.pull_expires_s + _PULL_GRACE_S
-            await wait_set(self._wake, max(0.01, self._credit_until - time.monotonic()))
+                self._pulls.append(_Pull(room, now + self.pull_expires_s + _PULL_GRACE_S))
+            # Until something frees room or ends a request, or the oldest request lapses;
+            # with none open (no room), until a handler finishes.
+            if self._pulls:
+                timeout = max(0.01, self._pulls[0].until - time.monotonic())
+            else:
+                timeout = self.pull_expires_s
+            if self.hold is not None:
+                # hold() is asked, not told: look again soon.
+                timeout = min(timeout, _HOLD_CHECK_S)
+            await wait_set(self._wake, timeout)
+
+    @property
+    def _credit(self) -> int:
+        """Messages asked for and not yet delivered (nor ended by the server)."""
+        return sum(pull.remaining for pull in self._pulls)
 
     async def _on_message(self, msg: Msg) -> None:
         """A message for this consumer, or the server's word on a pull request."""
         status = msg.headers.get("Status") if msg.headers else None
         if not status:
-            self._credit = max(0, self._credit - 1)
+            # The server serves a consumer's waiting requests in the order they came.
+            if self._pulls:
+                self._pulls[0].remaining -= 1
+                if self._pulls[0].remaining <= 0:
+                    self._pulls.popleft()
             self.problem = ""
             if self._stopping.is_set():
                 with contextlib.suppress(Exception):
@@ -281,13 +326,13 @@ class PullConsumer:
             return  # an idle heartbeat (none is asked for)
         headers = msg.headers or {}
         description = headers.get("Description", "")
-        pending = headers.get("Nats-Pending-Messages")
-        if status in ("408", "409") and pending is not None:
-            # One request ended (expired, or cut short by a leader change) with this many
-            # messages undelivered; others may still be open.
-            self._credit = max(0, self._credit - int(pending))
+        if status in ("408", "409") and "Nats-Pending-Messages" in headers:
+            # The oldest request ended (expired, or cut short), the others are still open.
+            if self._pulls:
+                self._pulls.popleft()
         else:
-            self._credit = 0
+            # A leader change, too many waiting requests, a refusal: none is open any more.
+            self._pulls.clear()
         why = ""
         if status == "503":
             why = "no JetStream consumer answers (it is not provisioned, or JetStream is down)"
@@ -302,7 +347,14 @@ class PullConsumer:
                 "pull refused",
                 extra={"consumer": self.name, "status": status, "description": description},
             )
-            self._paused_until = time.monotonic() + _PULL_PAUSE_S
+        if status != "408":
+            # Not at once again: a refusal, or a 409 that would come back as fast as asked.
+            self._refusals += 1
+            self._paused_until = time.monotonic() + backoff(
+                self._refusals, base=_PULL_PAUSE_S / 4, cap=_PULL_PAUSE_S * 5
+            )
+        else:
+            self._refusals = 0
         self._wake.set()
 
     async def _watch_lag(self) -> None:

@@ -144,25 +144,19 @@ class Notifier:
         """Send ``command`` unless the outbox shows it was already sent (or may have been)."""
         transport = self.transports[channel]
         key = command.command_id
-        # An API reply without files has nothing to fetch or check before it goes: it is
-        # claimed straight into "sending" (one write fewer; nothing can fail in between).
-        direct = isinstance(command, ApiReply) and not command.attachments
-        claimed = await self._claim(channel, command, transport, sending=direct)
+        claimed = await self._claim(channel, command, transport)
         if claimed is None:
             return
-        if direct and claimed[0].state == "sending":
-            known = claimed
+        # Someone may have opted out since the command was written (or since the last try).
+        command = await self._without_suppressed(channel, command)
+        # Its files before "sending": a failed fetch has sent nothing, safe to retry.
+        try:
             outgoing, files = await self.files.prepare(command)
-        else:
-            # Someone may have opted out since the command was written (or the last try).
-            command = await self._without_suppressed(channel, command)
-            # Its files before "sending": a failed fetch has sent nothing, safe to retry.
-            try:
-                outgoing, files = await self.files.prepare(command)
-            except TransientSendError as err:
-                await self._transient(channel, transport, command, delivery, err)
-            # Each write knows the revision the last one left (no read before it).
-            known = await self._set(key, "sending", attempts=claimed[0].attempts, known=claimed)
+        except TransientSendError as err:
+            await self._transient(channel, transport, command, delivery, err)
+        # Each write knows the revision the last one left (no read before it). A claim that
+        # was never marked "sending" (its write lost, a crash) is simply tried again.
+        known = await self._set(key, "sending", attempts=claimed[0].attempts, known=claimed)
         record = known[0]
         parts = _parts(outgoing, self.sms_max_chars)
         started = time.perf_counter()
@@ -281,11 +275,10 @@ class Notifier:
                 await asyncio.sleep(delay)
 
     async def _claim(
-        self, channel: str, command: Command, transport: Transport, *, sending: bool = False
+        self, channel: str, command: Command, transport: Transport
     ) -> tuple[OutboxRecord, int] | None:
-        """The record to send under and its revision: a new ``pending`` one (``sending``
-        with ``sending=True``), or one left to retry; None when the command was sent
-        already.
+        """The record to send under and its revision: a new ``pending`` one, or one left
+        to retry; None when the command was sent already.
 
         Raises ``Reject`` (after reporting) when the command failed earlier or
         was interrupted mid-send.
@@ -293,9 +286,9 @@ class Notifier:
         key = command.command_id
         record = OutboxRecord(
             command_id=key,
-            state="sending" if sending else "pending",
+            state="pending",
             transport=transport.name,
-            attempts=1 if sending else 0,
+            attempts=0,
             channel=channel,
             conversation_id=command.conversation_id,
             correlation_id=command.correlation_id,

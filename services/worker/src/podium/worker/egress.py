@@ -2,9 +2,10 @@
 
 Two Unix sockets, which each sandbox sees as local ports (``podium.agents.sandbox``):
 
-- **The model API** (a reverse proxy, aiohttp): every request goes to the configured
-  ``ANTHROPIC_BASE_URL`` (or Anthropic's API), with the credentials of the worker's own
-  environment put in on the way. The agent holds a placeholder, never the key.
+- **The model API** (a reverse proxy, aiohttp): the Messages API's requests (and the
+  CLI's ``HEAD /`` probe; nothing else) go to the configured ``ANTHROPIC_BASE_URL`` (or
+  Anthropic's API), with the credentials of the worker's own environment put in on the
+  way. The agent holds a placeholder, never the key.
 - **HTTPS for allowed hosts** (``PODIUM_WORKER_SANDBOX_ALLOW_HOSTS``): a ``CONNECT``
   proxy. A tunnel is opened only to a host on the list (port 443 unless the entry
   names one), and never to a loopback, link-local or private address that the entry
@@ -12,7 +13,8 @@ Two Unix sockets, which each sandbox sees as local ports (``podium.agents.sandbo
   Plain-HTTP proxying is refused: only TLS leaves.
 
 Every refusal is counted (``podium_worker_egress_total{outcome="refused"}``) and
-logged with the host asked for. The request's head is parsed with h11, a sans-IO
+logged with the host asked for. At most :data:`MAX_TUNNELS` tunnels are open at once,
+and one idle for :data:`TUNNEL_IDLE_S` is closed. The request's head is parsed with h11, a sans-IO
 HTTP/1.1 library; aiohttp's server cannot hand over a connection for a tunnel.
 """
 
@@ -46,12 +48,16 @@ _DROP_REQUEST = frozenset(
         "x-api-key", "authorization",
     }
 )  # fmt: skip
+# Content-Encoding stays: the body is passed on as it came (no decompressing here).
 _DROP_RESPONSE = frozenset(
-    {
-        "connection", "keep-alive", "transfer-encoding", "content-length", "trailer",
-        "upgrade", "content-encoding",
-    }
-)  # fmt: skip
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "trailer", "upgrade"}
+)
+#: What the model API proxy forwards: the CLI's probe and the Messages API. Anything else
+#: an agent might try with the platform's key is refused.
+_API_ROUTES = (("HEAD", "/"), ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"))
+#: Tunnels open at once, and how long one may carry nothing before it is closed.
+MAX_TUNNELS = 64
+TUNNEL_IDLE_S = 300.0
 #: Longest request head a CONNECT may send, and how long it may take to send it.
 _HEAD_LIMIT = 16 * 1024
 _HEAD_TIMEOUT_S = 10.0
@@ -150,9 +156,12 @@ class Egress:
 
     async def start(self) -> None:
         """Listen on both sockets."""
-        # The sockets' own timeouts stay off: a streamed answer may take minutes.
+        # The sockets' own timeouts stay off: a streamed answer may take minutes. Bodies
+        # pass as they are: no Accept-Encoding of aiohttp's own, nothing decompressed.
         self._http = aiohttp.ClientSession(
-            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=30)
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
         )
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._api)
@@ -162,10 +171,10 @@ class Egress:
         self._tunnels = await asyncio.start_unix_server(
             self._tunnel, path=str(self.proxy_socket), limit=_HEAD_LIMIT
         )
-        # The sandboxed agent connects as another user (its own user namespace).
+        # Only this user: the sandboxed agent's user namespace maps it to this one.
         for path in (self.api_socket, self.proxy_socket):
-            os.chmod(path, 0o666)  # noqa: S103 - reachable only from this private folder
-        self.directory.chmod(0o711)
+            os.chmod(path, 0o600)
+        self.directory.chmod(0o700)
 
     async def close(self) -> None:
         """Stop listening, end open tunnels, remove the sockets."""
@@ -183,6 +192,16 @@ class Egress:
 
     async def _api(self, request: web.Request) -> web.StreamResponse:
         assert self._http is not None  # noqa: S101 - set by start()
+        if (request.method, request.path) not in _API_ROUTES:
+            self.counter.labels("api", "refused").inc()
+            log.warning(
+                "egress refused",
+                extra={"host": "model API", "reason": f"{request.method} {request.path[:200]}"},
+            )
+            return web.json_response(
+                {"type": "error", "error": {"type": "permission_error", "message": "refused"}},
+                status=403,
+            )
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
         headers.update(self.credentials)
         try:
@@ -223,6 +242,9 @@ class Egress:
             self._open.add(task)
         conn = h11.Connection(h11.SERVER)
         try:
+            if len(self._open) > MAX_TUNNELS:
+                await self._refuse(conn, writer, 503, "too many tunnels open", "")
+                return
             try:
                 async with asyncio.timeout(_HEAD_TIMEOUT_S):
                     head = await reader.readuntil(b"\r\n\r\n")
@@ -310,12 +332,17 @@ class Egress:
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy until end of file, then close the other side for writing."""
+    """Copy until end of file (or :data:`TUNNEL_IDLE_S` without data), then close the
+    other side for writing."""
     try:
-        while data := await reader.read(64 * 1024):
+        while True:
+            async with asyncio.timeout(TUNNEL_IDLE_S):
+                data = await reader.read(64 * 1024)
+            if not data:
+                break
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
-    except (ConnectionError, OSError):
-        return
+    except (ConnectionError, OSError, TimeoutError):
+        writer.close()

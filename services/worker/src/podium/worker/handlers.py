@@ -266,18 +266,10 @@ class Worker:
         )
         kind = "task" if isinstance(event, TaskRequested) else "followup"
         log.info("task started", extra={"task_id": task_id, "kind": kind, "workdir": str(workdir)})
-        started = asyncio.create_task(self._started(event, kind))
-        try:
-            # The record is saved while the agent starts (nothing in the turn waits for
-            # it), as read above: revision 0 when there was none, so no read first.
-            answer, revision = await asyncio.gather(
-                self._run_agent(task_id, call, record.instructions),
-                self._save(record, found or (record, 0)),
-            )
-        finally:
-            # A turn over before the report was due needs none: its result says it all. A
-            # report already on its way is stored before the result (one connection).
-            started.cancel()
+        answer, revision = await self._run_saving(event, kind, call, record, found)
+        if not record.repository:
+            # What is left (storing the result and the session) no longer holds a slot. A
+            # repository task's delivery (push, pull request, its check) still does.
             agent_done()
         if answer is not None and answer.outcome == "busy":
             raise Retry(f"task {task_id}'s session is held by another worker", delay_s=5.0)
@@ -319,6 +311,35 @@ class Worker:
             structured=structured,
             known=(record, revision),
         )
+
+    async def _run_saving(
+        self,
+        event: TaskRequested | TaskFollowup,
+        kind: str,
+        call: AgentCall,
+        record: TaskRecord,
+        found: tuple[TaskRecord, int] | None,
+    ) -> tuple[AgentAnswer | None, int]:
+        """Run the agent while the task's record is saved; the answer and the revision.
+
+        The record is saved as read (revision 0 when there was none: no read first), and
+        nothing in the turn waits for it. If it cannot be saved, the agent is stopped
+        before the message goes back: a redelivery must not find this run still going.
+        """
+        started = asyncio.create_task(self._started(event, kind))
+        agent = asyncio.create_task(self._run_agent(event.task_id, call, record.instructions))
+        try:
+            try:
+                revision = await self._save(record, found or (record, 0))
+            except BaseException:
+                agent.cancel()
+                await asyncio.wait({agent})
+                raise
+            return await agent, revision
+        finally:
+            # A turn over before the report was due needs none: its result says it all. A
+            # report already on its way is stored before the result (one connection).
+            started.cancel()
 
     async def _resumable(
         self, event: TaskFollowup, record: TaskRecord | None, workdir: Path

@@ -99,7 +99,20 @@ class WorkerService:
         ``auto`` falls back to no sandbox, saying why; ``on`` refuses to start instead.
         """
         s = self.settings
-        restrictive = f"agents run no shell commands (permission mode {s.claude_permission_mode})"
+        if s.claude_permission_mode == "bypassPermissions":
+            restrictive = (
+                "agents run ANY shell command UNSANDBOXED "
+                "(PODIUM_WORKER_CLAUDE_PERMISSION_MODE=bypassPermissions)"
+            )
+        elif s.claude_allowed_tools:
+            restrictive = (
+                "agents run the commands PODIUM_WORKER_CLAUDE_ALLOWED_TOOLS allows, "
+                f"unsandboxed (permission mode {s.claude_permission_mode})"
+            )
+        else:
+            restrictive = (
+                f"agents run no shell commands (permission mode {s.claude_permission_mode})"
+            )
         if s.sandbox == "off":
             self.sandbox_state = f"off (PODIUM_SANDBOX=off): {restrictive}"
             return
