@@ -30,6 +30,7 @@ COPY services/ingress/pyproject.toml services/ingress/
 COPY services/conductor/pyproject.toml services/conductor/
 COPY services/worker/pyproject.toml services/worker/
 COPY services/notifier/pyproject.toml services/notifier/
+COPY services/console/pyproject.toml services/console/
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-workspace --package podium-${SERVICE}
 COPY libs/ libs/
@@ -93,6 +94,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap soca
 USER 10001
 COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
 ENTRYPOINT ["tini", "--", "python", "-m", "podium.worker"]
+
+FROM runtime AS console
+COPY --from=build --chown=10001:10001 /app/.venv /app/.venv
+EXPOSE 8090
+ENTRYPOINT ["tini", "--", "python", "-m", "podium.console"]
 
 FROM runtime AS cli
 COPY --from=build --chown=10001:10001 /app/.venv /app/.venv

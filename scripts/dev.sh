@@ -78,12 +78,35 @@ setup_sandbox() {
   done
 }
 
+setup_browser() {
+  # Debian's Chromium, for the console's browser tests (Playwright drives it with
+  # executable_path; `playwright install` cannot download browsers here). It needs its
+  # shared libraries, so it is installed with apt, which needs root.
+  if [ -x /usr/bin/chromium ]; then
+    return
+  fi
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "no /usr/bin/chromium (install Debian's chromium as root): the browser tests" \
+         "will be skipped" >&2
+    return
+  fi
+  echo "installing Debian's chromium (for the console's browser tests)" >&2
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+       chromium >/dev/null 2>&1; then
+    apt-get update -q >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+      chromium >/dev/null 2>&1 \
+      || echo "could not install chromium: the browser tests will be skipped" >&2
+  fi
+}
+
 case "${1:-}" in
   setup)
     setup
     setup_claude
     setup_promtool
     setup_sandbox
+    setup_browser
     ;;
   up)
     setup
@@ -97,6 +120,7 @@ case "${1:-}" in
     setup_claude
     setup_promtool
     setup_sandbox
+    setup_browser
     shift
     .venv/bin/ruff check .
     .venv/bin/ruff format --check .

@@ -178,7 +178,7 @@ def test_up_beside_an_old_nats_and_taken_ports_runs_elsewhere_and_says_so(
             "2.14.0 or newer: using an embedded nats-server on a free port instead"
         ) in text
         assert "podium up: ingress port 8080 is in use: using " in text
-        assert "podium up: health ports 9090-9093 are in use" in text
+        assert "podium up: health ports 9090-9094 are in use" in text
         assert "conductor: owns 16 of 16 partitions" in text
         platform = json.loads((home / "platform.json").read_text())
         assert platform["nats_url"] != old_nats

@@ -38,24 +38,26 @@ from podium.cli.natsserver import NatsServer, free_port
 from podium.common.config import variables
 from podium.common.runtime import CLOSE_GRACE_S
 from podium.conductor.config import ConductorSettings
+from podium.console.config import ConsoleSettings
 from podium.contracts import access, streams
 from podium.docgen import monitoring
 from podium.ingress.config import IngressSettings
 from podium.notifier.config import NotifierSettings
-from podium.testing.platform import Platform
+from podium.testing.platform import Platform, console_operators
 from podium.testing.services import Process
 from podium.worker.config import WorkerSettings
 from tests.conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("base", "overlays/dev", "overlays/production")
-SERVICES = ("ingress", "conductor", "worker", "notifier")
+SERVICES = ("ingress", "conductor", "worker", "notifier", "console")
 KUBERNETES_VERSION = "1.33"
 SETTINGS: dict[str, type[msgspec.Struct]] = {
     "ingress": IngressSettings,
     "conductor": ConductorSettings,
     "worker": WorkerSettings,
     "notifier": NotifierSettings,
+    "console": ConsoleSettings,
 }
 
 
@@ -610,7 +612,11 @@ async def run_platform(
 @pytest.mark.e2e
 async def test_compose_commands_and_environment_start_the_services(tmp_path: Path) -> None:
     compose = compose_file()
-    user_env = {"PODIUM_API_TOKENS": "compose:compose-token-0123456789"}
+    user_env = {
+        "PODIUM_API_TOKENS": "compose:compose-token-0123456789",
+        "PODIUM_CONSOLE_OPERATORS": console_operators(),
+        "PODIUM_CONSOLE_SESSION_SECRET": "compose-console-session-secret-0123456789",
+    }
 
     def environment(service: str) -> dict[str, str]:
         raw = compose["services"][service]["environment"]
@@ -764,7 +770,7 @@ async def test_promtool_accepts_every_services_live_metrics(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     tool = promtool()
-    platform = Platform(nats_server.url, tmp_path).start()
+    platform = Platform(nats_server.url, tmp_path, services=SERVICES).start()
     try:
         await platform.ready()
         # Some traffic first, so that labelled families have samples.

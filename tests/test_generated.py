@@ -60,6 +60,9 @@ def test_channel_addresses_are_what_the_subject_functions_produce() -> None:
         "apiCommand": subjects.command("api", "c1"),
         "kill": subjects.kill("t1"),
         "deadLetter": subjects.dead_letter("worker", "TASKS"),
+        "operatorCommand": subjects.operator_command("c1"),
+        "turn": subjects.turn("c1"),
+        "audit": subjects.audit("kill"),
     }
     values = {
         "channel": "email",
@@ -68,6 +71,7 @@ def test_channel_addresses_are_what_the_subject_functions_produce() -> None:
         "command": "k1",
         "service": "worker",
         "stream": "TASKS",
+        "action": "kill",
     }
     assert {c.key for c in asyncapi.CHANNELS} == set(made)
     for channel in asyncapi.CHANNELS:
@@ -166,6 +170,36 @@ SAMPLES: list[events.Event] = [
         stream_seq=3,
         deliveries=5,
         reason="gave up",
+    ),
+    events.TurnRecorded(
+        event_id="e14",
+        correlation_id="e1",
+        conversation_id="c1",
+        trigger="email",
+        trigger_event_id="e1",
+        prompt="[EMAIL] …",
+        answer="SPAWN_WORKER: count the words",
+        commands=["SPAWN_WORKER t1"],
+        input_tokens=120,
+        output_tokens=12,
+        cost_usd=0.002,
+    ),
+    events.OperatorAnswer(
+        event_id="e15", correlation_id="e15", conversation_id="c1", operator="alice", text="Yes."
+    ),
+    events.OperatorKill(
+        event_id="e16", correlation_id="e16", conversation_id="c1", operator="alice", task_id="t1"
+    ),
+    events.OperatorClose(
+        event_id="e17", correlation_id="e17", conversation_id="c1", operator="alice"
+    ),
+    events.OperatorAction(
+        event_id="e18",
+        correlation_id="e18",
+        conversation_id="c1",
+        operator="alice",
+        action="kill",
+        target="t1",
     ),
 ]
 

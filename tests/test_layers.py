@@ -1,7 +1,7 @@
 """The tree's layers: each package imports only what its pyproject.toml declares.
 
-contracts ← common (service runtime) ← agents ← conductor, worker; ingress and
-notifier use contracts and common only; the ``podium`` command (cli) no service.
+contracts ← common (service runtime) ← agents ← conductor, worker; ingress,
+notifier and console use contracts and common only; the ``podium`` command (cli) no service.
 A package that starts importing another without declaring it fails here, before
 it fails in an image built from its declared dependencies only.
 """
@@ -28,6 +28,7 @@ DISTRIBUTIONS = {
     "conductor": "podium-conductor",
     "worker": "podium-worker",
     "notifier": "podium-notifier",
+    "console": "podium-console",
 }
 #: Imports made only inside ``try … except ModuleNotFoundError`` that say what is missing:
 #: the CLI's development verbs (``podium generate``) need podium-docgen, not declared.

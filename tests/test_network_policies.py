@@ -31,6 +31,8 @@ class Pod:
     #: Container ports by name, for named ports in policies.
     ports: dict[str, int] = field(default_factory=dict)
     ip: str = "10.1.0.1"
+    #: Labels of its namespace besides ``kubernetes.io/metadata.name``.
+    namespace_labels: dict[str, str] = field(default_factory=dict)
 
 
 def _labels_match(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
@@ -53,8 +55,8 @@ def _labels_match(selector: dict[str, Any] | None, labels: dict[str, str]) -> bo
     return True
 
 
-def _namespace_labels(namespace: str) -> dict[str, str]:
-    return {"kubernetes.io/metadata.name": namespace}
+def _namespace_labels(namespace: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**(extra or {}), "kubernetes.io/metadata.name": namespace}
 
 
 def _peer_matches(peer: dict[str, Any], other: Pod, policy_namespace: str) -> bool:
@@ -69,7 +71,9 @@ def _peer_matches(peer: dict[str, Any], other: Pod, policy_namespace: str) -> bo
     if not other.namespace:
         return False  # pod and namespace selectors never match outside addresses
     if "namespaceSelector" in peer:
-        if not _labels_match(peer["namespaceSelector"], _namespace_labels(other.namespace)):
+        if not _labels_match(
+            peer["namespaceSelector"], _namespace_labels(other.namespace, other.namespace_labels)
+        ):
             return False
     elif other.namespace != policy_namespace:
         return False
@@ -166,8 +170,13 @@ KEDA = Pod("keda-operator", "keda", {"app": "keda-operator"}, ip="10.3.0.7")
 INGRESS_CONTROLLER = Pod("ingress-nginx", "ingress-nginx", {"app": "ingress-nginx"}, ip="10.4.0.9")
 INTERNET = Pod("api.anthropic.com", "", ip="160.79.104.10")
 STRANGER = Pod("other-app", "default", {"app": "other"}, ip="10.5.0.3")
+#: An internal ingress controller in a namespace the operators labelled for the console.
+OPERATORS_PROXY = Pod(
+    "internal-nginx", "operators", {"app": "internal-nginx"}, ip="10.6.0.4",
+    namespace_labels={"podium.dev/console-access": "true"},
+)  # fmt: skip
 
-SERVICES = ("ingress", "conductor", "worker", "notifier")
+SERVICES = ("ingress", "conductor", "worker", "notifier", "console")
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -204,6 +213,8 @@ def test_every_flow_the_platform_needs_is_admitted(
         (pods["notifier"], INTERNET, 587, "TCP"),
         # MMS media from Twilio.
         (pods["ingress"], INTERNET, 443, "TCP"),
+        # Operators reach the console through their internal ingress controller.
+        (OPERATORS_PROXY, pods["console"], 8090, "TCP"),
     ]
     refused = [
         f"{src.name} -> {dst.name}:{port}/{proto}"
@@ -241,6 +252,14 @@ def test_flows_the_platform_does_not_need_are_refused(
         (STRANGER, pods["worker"], 9090),
         (INGRESS_CONTROLLER, pods["ingress"], 9090),
         (pods["podium-provision"], INTERNET, 443),
+        # The console: never from the public side, and it reaches nothing but NATS.
+        (INTERNET, pods["console"], 8090),
+        (INGRESS_CONTROLLER, pods["console"], 8090),
+        (STRANGER, pods["console"], 8090),
+        (pods["ingress"], pods["console"], 8090),
+        (pods["console"], INTERNET, 443),
+        (pods["console"], pods["conductor"], 9090),
+        (pods["console"], nats, 8222),
     ]
     admitted = [
         f"{src.name} -> {dst.name}:{port}"

@@ -141,6 +141,10 @@ def conduct(prompt: str) -> str:
     if block.kind == "WORKER":
         request = blocks[1] if len(blocks) > 1 else None
         return _judge(block, request)
+    if block.kind == "OPERATOR":
+        # An operator's answer to an escalation: passed on to the requester.
+        request = blocks[1] if len(blocks) > 1 else None
+        return _answer(request, block.body.strip() or "An operator looked at your request.")
     return "NO_ACTION: unexpected input"
 
 

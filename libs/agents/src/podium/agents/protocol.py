@@ -10,6 +10,12 @@ What the conductor agent receives, one block per turn (the seed's formats)::
     …
     ---
 
+    [OPERATOR]                   (an operator's answer, from the console)
+    From: <operator>
+    Message:
+    …
+    ---
+
     [WORKER:<task id>]
     Status: COMPLETE|FAILED|NEEDS_INPUT|CANCELLED
     Summary: …
@@ -73,6 +79,13 @@ def sms_block(sender: str, text: str, attachments: list[str] | None = None) -> s
         f"[SMS]\nFrom: {_clean(sender)}\n{_lines('Attachment', attachments)}"
         f"Message:\n{fence(text, 'sms')}\n{END}"
     )
+
+
+def operator_block(operator: str, text: str, context: str = "") -> str:
+    """An operator's answer to an escalated conversation (from the console): trusted, not
+    fenced; ``context`` (the original request) follows it."""
+    block = f"[OPERATOR]\nFrom: {_clean(operator)}\nMessage:\n{text}\n{END}"
+    return f"{block}\n{context}" if context else block
 
 
 def api_block(sender: str, thread: str, text: str) -> str:
@@ -143,7 +156,7 @@ def unfence(text: str) -> str:
     return "\n".join(lines)
 
 
-_BLOCK_TAG = re.compile(r"^\[(EMAIL|SMS|API|WORKER:[^\]]*|SYSTEM|POLICY)\]")
+_BLOCK_TAG = re.compile(r"^\[(EMAIL|SMS|API|WORKER:[^\]]*|OPERATOR|SYSTEM|POLICY)\]")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,11 @@ podium provision     create/update streams, consumers and buckets
 podium replay        re-publish stored events or dead letters, rewind consumers
 podium generate      write every generated file (docs, NATS permissions, monitoring)
 podium config-docs   write docs/configuration.md from the settings classes
+
+The operators' console, from a terminal (its JSON API; --json prints it as it came):
+podium conversations [--state S]   podium show CONVERSATION   podium tasks
+podium kill TASK   podium escalations   podium answer CONVERSATION "TEXT"
+podium close CONVERSATION   podium console-operator NAME [--viewer]
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ environment:
   PODIUM_URL                     the ingress demo and send talk to (default: podium up's)
   PODIUM_API_TOKEN               the API token send uses (default: PODIUM_HOME/api-token,
                                  which podium up generates; the ingress reads PODIUM_API_TOKENS)
+  PODIUM_CONSOLE_URL             the console the operator verbs call (default: podium up's)
+  PODIUM_CONSOLE_TOKEN           an operator's token (default: PODIUM_HOME/console-token)
 Every service setting is described in docs/configuration.md.
 """
 
@@ -46,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=ENVIRONMENT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"podium {_version()}")
     sub = p.add_subparsers(dest="verb", required=True)
     url_help = "the ingress (default: PODIUM_URL, else the running `podium up`'s)"
     # Where `podium up` keeps its files; the other verbs find the platform there.
@@ -89,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for NATS"
     )
     _replay_parser(sub)
+    _operator_parsers(sub, homed)
     p_gen = sub.add_parser("generate", help="write every file generated from the code")
     p_gen.add_argument("--root", default=".", help="the repository's root")
     p_gen.add_argument("--check", action="store_true", help="fail if a file is out of date")
@@ -96,6 +105,47 @@ def parser() -> argparse.ArgumentParser:
     p_docs.add_argument("--output", default="docs/configuration.md")
     p_docs.add_argument("--check", action="store_true", help="fail if the file is out of date")
     return p
+
+
+def _operator_parsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], homed: argparse.ArgumentParser
+) -> None:
+    """The console's verbs."""
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print the API's JSON as it came")
+    parents = [homed, as_json]
+    p_conv = sub.add_parser("conversations", help="list conversations", parents=parents)
+    p_conv.add_argument("--state", choices=["open", "escalated", "closed"], default="")
+    p_conv.add_argument("--channel", choices=["email", "sms", "api"], default="")
+    p_conv.add_argument("--search", default="", help="text in a participant, subject or request")
+    p_show = sub.add_parser("show", help="a conversation and its timeline", parents=parents)
+    p_show.add_argument("conversation")
+    sub.add_parser("tasks", help="every task", parents=parents)
+    p_kill = sub.add_parser("kill", help="kill a running task", parents=parents)
+    p_kill.add_argument("task")
+    p_kill.add_argument("--reason", default="")
+    sub.add_parser("escalations", help="conversations waiting for you", parents=parents)
+    p_answer = sub.add_parser("answer", help="answer a conversation", parents=parents)
+    p_answer.add_argument("conversation")
+    p_answer.add_argument("text")
+    p_close = sub.add_parser("close", help="close a conversation", parents=parents)
+    p_close.add_argument("conversation")
+    p_close.add_argument("--reason", default="")
+    p_op = sub.add_parser(
+        "console-operator",
+        help="make an operator's token and its PODIUM_CONSOLE_OPERATORS entry",
+    )
+    p_op.add_argument("name")
+    p_op.add_argument("--viewer", action="store_true", help="read-only")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("podium-cli")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _replay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -189,6 +239,17 @@ async def _dispatch(args: argparse.Namespace) -> int:
             )
         case "generate" | "config-docs":
             return _generate(args)
+        case "conversations" | "show" | "tasks" | "kill" | "escalations" | "answer" | "close":
+            from podium.cli import operate  # noqa: PLC0415
+
+            return await operate.run(args.verb, args)
+        case "console-operator":
+            from podium.common.operators import new_operator  # noqa: PLC0415
+
+            token, entry = new_operator(args.name, "viewer" if args.viewer else "operator")
+            print(f"token (give it to {args.name}; it is shown once): {token}")  # noqa: T201
+            print(f"PODIUM_CONSOLE_OPERATORS entry: {entry}")  # noqa: T201
+            return 0
     return 2
 
 

@@ -45,9 +45,12 @@ from podium.common.errors import EXIT_STARTUP, PodiumError
 from podium.common.runtime import wait_set
 from podium.contracts import access
 
-SERVICES = ("ingress", "conductor", "worker", "notifier")
+SERVICES = ("ingress", "conductor", "worker", "notifier", "console")
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_INGRESS_PORT = 8080
+DEFAULT_CONSOLE_PORT = 8090
+#: The operator ``podium up`` makes for its console (its token kept in the home folder).
+LOCAL_OPERATOR_NAME = "local"
 DEFAULT_HEALTH_BASE = 9090
 #: Where escalations go under ``podium up`` unless PODIUM_OPERATOR_EMAIL says otherwise:
 #: they land in the outbox beside every other message, where a local user sees them.
@@ -64,7 +67,7 @@ class UpError(PodiumError):
 class Layout:
     """Where ``podium up`` keeps its files, and the ports it uses.
 
-    ``ingress_port`` / ``health_base`` None: the defaults (8080, 9090…9093), or
+    ``ingress_port`` / ``health_base`` None: the defaults (8080, 9090…9094), or
     free ports if those are taken. A number: exactly that, or an error if taken.
     0: free ports (tests run several platforms at once).
     """
@@ -72,6 +75,8 @@ class Layout:
     home: Path
     ingress_port: int | None = None
     health_base: int | None = None
+    #: The console's port: 8090, or a free one (never an asked-for one: no flag for it).
+    console_port: int = 0
     health_ports: dict[str, int] = field(default_factory=dict)
     #: What was chosen instead of a default, and why (printed at start).
     notes: list[str] = field(default_factory=list)
@@ -84,6 +89,11 @@ class Layout:
             "ingress", self.ingress_port, DEFAULT_INGRESS_PORT, self.port_source, taken
         )
         taken.add(self.ingress_port)
+        asked_console = 0 if self.health_base == 0 else None
+        self.console_port = self._choose(
+            "console", asked_console, DEFAULT_CONSOLE_PORT, "PODIUM_CONSOLE_PORT", taken
+        )
+        taken.add(self.console_port)
         base = self.health_base
         if base == 0:
             for service in SERVICES:
@@ -157,6 +167,16 @@ class Layout:
     def ingress_url(self) -> str:
         """The ingress's base URL."""
         return f"http://127.0.0.1:{self.ingress_port}"
+
+    @property
+    def console_url(self) -> str:
+        """The console's base URL."""
+        return f"http://127.0.0.1:{self.console_port}"
+
+    @property
+    def console_token_file(self) -> Path:
+        """The token of the console's local operator (0600)."""
+        return self.home / "console-token"
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -374,6 +394,24 @@ def link_secret(layout: Layout) -> str:
     return _kept_secret(layout.link_secret_file)
 
 
+def console_operators(layout: Layout) -> str:
+    """``PODIUM_CONSOLE_OPERATORS`` for ``podium up``: its local operator, made once (the
+    token in ``console-token``, only its hash in ``console-operators``, both 0600)."""
+    from podium.common.operators import new_operator  # noqa: PLC0415
+
+    entry_file = layout.home / "console-operators"
+    if entry_file.exists() and layout.console_token_file.exists():
+        return entry_file.read_text().strip()
+    token, entry = new_operator(LOCAL_OPERATOR_NAME)
+    for path, value in ((layout.console_token_file, token), (entry_file, entry)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value + "\n")
+    return entry
+
+
 def _kept_secret(path: Path) -> str:
     """The random value in ``path``, made (readable by its owner only) if missing."""
     if path.exists():
@@ -412,6 +450,10 @@ def service_env(
         defaults["PODIUM_API_TOKENS"] = f"local:{token}"
     if service == "conductor":
         defaults["PODIUM_OPERATOR_EMAIL"] = LOCAL_OPERATOR
+    if service == "console":
+        defaults["PODIUM_CONSOLE_HOST"] = "127.0.0.1"
+        defaults["PODIUM_CONSOLE_OPERATORS"] = console_operators(layout)
+        defaults["PODIUM_CONSOLE_SESSION_SECRET"] = _kept_secret(layout.home / "console-secret")
     for key, value in defaults.items():
         env.setdefault(key, value)
     # The ports and the server were chosen above (free ones where the defaults were taken).
@@ -423,6 +465,8 @@ def service_env(
     env["PODIUM_HEALTH_PORT"] = str(layout.health_port(service))
     if service == "ingress":
         env["PODIUM_PORT"] = str(layout.ingress_port)
+    if service == "console":
+        env["PODIUM_CONSOLE_PORT"] = str(layout.console_port)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -578,6 +622,7 @@ Podium is up.
   NATS:      {shown_url(nats.url)}{where}
   Agent:     {agent}
   API:       {base}/v1/messages   (token {token_where})
+  Console:   {layout.console_url}   (operator token in {layout.console_token_file})
   Webhooks:  {base}/webhooks/twilio/sms   {base}/webhooks/sendgrid/inbound
   Outbox:    {layout.outbox}   (replies, and escalations to {_operator()})
   Metrics:   {health}
@@ -619,6 +664,7 @@ def write_platform_file(layout: Layout, nats: Nats) -> None:
         "pid": os.getpid(),
         "nats_url": nats.url,
         "ingress_url": layout.ingress_url,
+        "console_url": layout.console_url,
         "health_ports": layout.health_ports,
     }
     if nats.users:

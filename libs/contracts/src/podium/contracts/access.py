@@ -107,6 +107,11 @@ def _ordered_consumers(stream: str) -> list[str]:
     ]
 
 
+def _stream_reads(stream: str) -> list[str]:
+    """Reading what a stream holds: single messages and ordered consumers."""
+    return [*_direct_get(stream), *_ordered_consumers(stream)]
+
+
 def kv_read(bucket: str) -> list[str]:
     """Getting keys of a KV bucket."""
     stream = f"KV_{bucket}"
@@ -168,9 +173,17 @@ def derive(user: str, description: str) -> Role:
     own_consumers = [spec for spec in streams.TOPOLOGY.consumers if spec.role == user]
     used_streams = [c.stream for c in (*produces, *consumes) if c.stream]
     readback = dict.fromkeys(c.stream for c in produces if c.readback and c.stream)
+    reads = [c for c in registry.CHANNELS if user in c.readers and c.stream]
+    read_streams = list(dict.fromkeys(c.stream for c in reads))
+    used_streams += read_streams
     publish = [
         *(c.wildcard(user) for c in produces),
         *(s for stream in readback for s in _direct_get(stream)),
+        *(
+            s
+            for stream in read_streams
+            for s in (*_direct_get(stream), *_ordered_consumers(stream))
+        ),
         *stream_info(*dict.fromkeys(used_streams)),
         *(s for spec in own_consumers for s in consume(spec)),
         # The conductor: on taking a partition, what a dead predecessor held comes back first.
@@ -181,6 +194,12 @@ def derive(user: str, description: str) -> Role:
             publish += _writes(spec, user)
         elif user in spec.readers:
             publish += _reads(spec)
+            if user in spec.listers:
+                publish += _ordered_consumers(f"KV_{spec.name}")
+    if user in registry.REPLAYERS:
+        # A dead letter goes back to its original subject, in a stream a service consumes.
+        consumed = {s.stream for s in streams.TOPOLOGY.consumers}
+        publish += [f"{c.namespace}.>" for c in registry.CHANNELS if c.stream in consumed]
     core = [c.wildcard() for c in consumes if not c.stream]
     return Role(
         user,
@@ -212,6 +231,12 @@ NOTIFIER = derive(
     "Consumes commands and provider facts; sole writer of the outbox, the suppression "
     "list and the replies read model; reports undeliverable commands to the conductor.",
 )
+CONSOLE = derive(
+    "console",
+    "The operators' console: reads conversations, replies and the streams for its pages; "
+    "sends the conductor operators' answers, kills and closes; records every action; "
+    "replays dead letters.",
+)
 
 ADMIN_ROLE = Role(
     ADMIN,
@@ -219,7 +244,7 @@ ADMIN_ROLE = Role(
     restricted=False,
 )
 
-SERVICES: dict[str, Role] = {r.user: r for r in (INGRESS, CONDUCTOR, WORKER, NOTIFIER)}
+SERVICES: dict[str, Role] = {r.user: r for r in (INGRESS, CONDUCTOR, WORKER, NOTIFIER, CONSOLE)}
 ROLES: tuple[Role, ...] = (ADMIN_ROLE, *SERVICES.values())
 
 

@@ -279,6 +279,62 @@ class DeadLetter(Event, frozen=True, kw_only=True, tag="deadletter"):
     payload_encoding: Literal["utf-8", "base64"] = "utf-8"
 
 
+class TurnRecorded(Event, frozen=True, kw_only=True, tag="conductor.turn"):
+    """What one conductor turn was given and answered, and what came of it: the
+    conversation's timeline for operators (``turns.<conversation>``)."""
+
+    #: What started the turn: email, sms, api, worker or operator.
+    trigger: str
+    #: The event the turn answered.
+    trigger_event_id: str
+    #: The block the agent was given, and its answer (both cut at 8 KB).
+    prompt: str
+    answer: str
+    #: Commands carried out (``SPAWN_WORKER t1a2b3``, ``REPLY``…) and refused, with why.
+    commands: list[str] = []
+    refused: list[str] = []
+    escalations: list[str] = []
+    outcome: str = "ok"
+    duration_ms: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class OperatorAnswer(Event, frozen=True, kw_only=True, tag="operator.answer"):
+    """An operator answers an escalated conversation: the conductor's next turn gets it
+    as an ``[OPERATOR]`` block, and the agent carries on."""
+
+    operator: str
+    text: str
+
+
+class OperatorKill(Event, frozen=True, kw_only=True, tag="operator.kill"):
+    """An operator stops a task; the conductor, which owns the conversation, kills it."""
+
+    operator: str
+    task_id: str
+    reason: str = ""
+
+
+class OperatorClose(Event, frozen=True, kw_only=True, tag="operator.close"):
+    """An operator closes a conversation: its open tasks are killed, no agent turn runs
+    until someone writes again."""
+
+    operator: str
+    reason: str = ""
+
+
+class OperatorAction(Event, frozen=True, kw_only=True, tag="operator.action"):
+    """What an operator did in the console, kept for audit (``audit.<action>``)."""
+
+    operator: str
+    action: Literal["answer", "kill", "close", "replay", "login", "logout"]
+    #: What it was done to: a task id, a dead letter's sequence, the conversation.
+    target: str = ""
+    detail: str = ""
+
+
 AnyEvent = (
     InboundMessage
     | TaskRequested
@@ -293,7 +349,14 @@ AnyEvent = (
     | DeliveryFailed
     | DeliveryStatus
     | RecipientPreference
+    | TurnRecorded
+    | OperatorAnswer
+    | OperatorKill
+    | OperatorClose
+    | OperatorAction
 )
+#: What an operator asks of the conductor, in a conversation's order (INBOUND).
+OperatorCommand = OperatorAnswer | OperatorKill | OperatorClose
 
 Command = SendEmail | SendSms | ApiReply
 

@@ -27,10 +27,13 @@ from typing import Literal
 
 from podium.contracts import events
 
-Role = Literal["ingress", "conductor", "worker", "notifier"]
+Role = Literal["ingress", "conductor", "worker", "notifier", "console"]
 #: Where operators' tools (``podium replay``, the NATS CLI) stand: the admin user.
 OPERATORS: Literal["operators"] = "operators"
-SERVICES: tuple[Role, ...] = ("ingress", "conductor", "worker", "notifier")
+SERVICES: tuple[Role, ...] = ("ingress", "conductor", "worker", "notifier", "console")
+#: Services that may put a dead letter through again (``podium replay``'s way): they
+#: publish to the subjects of every stream a service consumes.
+REPLAYERS: tuple[Role, ...] = ("console",)
 
 _PARAM = re.compile(r"\{([a-z_]+)\}")
 
@@ -54,6 +57,9 @@ class ChannelSpec:
     #: Its producers read back what they stored (the API compares a reused
     #: Idempotency-Key's message with the stored one).
     readback: bool = False
+    #: Services that read the stored channel without consuming it (ordered consumers:
+    #: the console's timeline).
+    readers: tuple[Role, ...] = ()
 
     def wildcard(self, producer: str = "") -> str:
         """The subject filter of every subject of this channel (one producer's, if asked)."""
@@ -82,6 +88,8 @@ class BucketSpec:
     readers: tuple[Role, ...] = ()
     #: Owners that list its keys (an ordered consumer on the bucket's stream).
     lists_keys: bool = False
+    #: Readers that list (and watch) its keys.
+    listers: tuple[Role, ...] = ()
 
     @property
     def shared(self) -> bool:
@@ -100,6 +108,7 @@ INBOUND = ChannelSpec(
     parameters={"channel": "email, sms or api", "conversation": "conversation id"},
     stream="INBOUND",
     readback=True,
+    readers=("console",),
 )
 TASK = ChannelSpec(
     "task",
@@ -142,6 +151,7 @@ RESULT = ChannelSpec(
     "`results.{conversation}.{task}.{partition}`.",
     parameters={"conversation": "conversation id", "task": "task id"},
     stream="RESULTS",
+    readers=("console",),
 )
 DELIVERY_REPORT = ChannelSpec(
     "deliveryReport",
@@ -154,6 +164,7 @@ DELIVERY_REPORT = ChannelSpec(
     "`results.{conversation}.{command}.{partition}`.",
     parameters={"conversation": "conversation id", "command": "command id"},
     stream="RESULTS",
+    readers=("console",),
 )
 EMAIL_COMMAND = ChannelSpec(
     "emailCommand",
@@ -164,6 +175,7 @@ EMAIL_COMMAND = ChannelSpec(
     description="Send one email; `command_id` makes it idempotent (notifier outbox).",
     parameters={"conversation": "conversation id"},
     stream="COMMANDS",
+    readers=("console",),
 )
 SMS_COMMAND = ChannelSpec(
     "smsCommand",
@@ -174,6 +186,7 @@ SMS_COMMAND = ChannelSpec(
     description="Send one SMS; `command_id` makes it idempotent.",
     parameters={"conversation": "conversation id"},
     stream="COMMANDS",
+    readers=("console",),
 )
 API_COMMAND = ChannelSpec(
     "apiCommand",
@@ -184,6 +197,7 @@ API_COMMAND = ChannelSpec(
     description="Deliver a reply to an API client's thread; `command_id` makes it idempotent.",
     parameters={"conversation": "conversation id"},
     stream="COMMANDS",
+    readers=("console",),
 )
 DELIVERY_STATUS = ChannelSpec(
     "deliveryStatus",
@@ -207,6 +221,42 @@ PREFERENCE = ChannelSpec(
     parameters={"conversation": "conversation id"},
     stream="DELIVERY",
 )
+OPERATOR_COMMAND = ChannelSpec(
+    "operatorCommand",
+    "inbound.operator.{conversation}",
+    (events.OperatorAnswer, events.OperatorKill, events.OperatorClose),
+    producers=("console",),
+    consumers=("conductor",),
+    description="What an operator asks in a conversation (answer an escalation, kill a "
+    "task, close it), in order with the conversation's messages: stored and partitioned "
+    "like them.",
+    parameters={"conversation": "conversation id"},
+    stream="INBOUND",
+    readers=("console",),
+)
+TURN = ChannelSpec(
+    "turn",
+    "turns.{conversation}",
+    (events.TurnRecorded,),
+    producers=("conductor",),
+    consumers=(OPERATORS,),
+    description="What each conductor turn was given and answered, the commands carried "
+    "out or refused, its tokens and cost: the conversation's timeline for operators.",
+    parameters={"conversation": "conversation id"},
+    stream="TURNS",
+    readers=("console",),
+)
+AUDIT = ChannelSpec(
+    "audit",
+    "audit.{action}",
+    (events.OperatorAction,),
+    producers=("console",),
+    consumers=(OPERATORS,),
+    description="Every action an operator took in the console, with the operator's name.",
+    parameters={"action": "answer, kill, close, replay, login or logout"},
+    stream="AUDIT",
+    readers=("console",),
+)
 KILL = ChannelSpec(
     "kill",
     "control.tasks.{task}.kill",
@@ -227,6 +277,7 @@ DEAD_LETTER = ChannelSpec(
     parameters={"service": "the service that gave up", "stream": "the stream it came from"},
     stream="DEADLETTER",
     producer_param="service",
+    readers=("console",),
 )
 
 CHANNELS: tuple[ChannelSpec, ...] = (
@@ -241,16 +292,26 @@ CHANNELS: tuple[ChannelSpec, ...] = (
     API_COMMAND,
     DELIVERY_STATUS,
     PREFERENCE,
+    OPERATOR_COMMAND,
+    TURN,
+    AUDIT,
     KILL,
     DEAD_LETTER,
 )
 
 BUCKETS: tuple[BucketSpec, ...] = (
-    BucketSpec("conversations", "kv", owners=("conductor",), readers=("ingress",)),
+    BucketSpec(
+        "conversations",
+        "kv",
+        owners=("conductor",),
+        readers=("ingress", "console"),
+        # The console lists them (and follows their changes) for its pages.
+        listers=("console",),
+    ),
     BucketSpec("tasks", "kv", owners=("worker",)),
     BucketSpec("outbox", "kv", owners=("notifier",)),
     BucketSpec("suppressions", "kv", owners=("notifier",)),
-    BucketSpec("replies", "kv", owners=("notifier",), readers=("ingress",)),
+    BucketSpec("replies", "kv", owners=("notifier",), readers=("ingress", "console")),
     BucketSpec("conductors", "kv", owners=("conductor",), lists_keys=True),
     BucketSpec("sessions", "kv", owners=("conductor", "worker")),
     # Object names start with the owner's role (``conductor/…``, ``worker/…``); NATS

@@ -54,6 +54,14 @@ class TaskInfo(msgspec.Struct, kw_only=True):
     rounds: int = 0
     created_at: datetime = msgspec.field(default_factory=utcnow)
     updated_at: datetime = msgspec.field(default_factory=utcnow)
+    #: What the task's turns cost so far, as its results reported.
+    cost_usd: float = 0.0
+
+
+#: Where a conversation stands for operators: ``escalated`` waits for an operator's
+#: answer (the console's escalations), ``closed`` was closed by one (no agent turn runs
+#: until someone writes again).
+ConversationState = Literal["open", "escalated", "closed"]
 
 
 class Outbound(msgspec.Struct, kw_only=True):
@@ -130,6 +138,9 @@ class Conversation(msgspec.Struct, kw_only=True):
     artifacts: dict[str, Artifact] = {}
     created_at: datetime = msgspec.field(default_factory=utcnow)
     updated_at: datetime = msgspec.field(default_factory=utcnow)
+    state: ConversationState = "open"
+    #: Why it was last escalated (what the operator is asked to look at).
+    escalation: str = ""
 
 
 class TaskRecord(msgspec.Struct, kw_only=True):

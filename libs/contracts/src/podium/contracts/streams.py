@@ -122,6 +122,25 @@ DEADLETTER = StreamSpec(
 )
 
 
+TURNS = StreamSpec(
+    "TURNS",
+    registry.stream_subjects("TURNS"),
+    "What each conductor turn was given and answered (the console's timelines)",
+    max_age_s=30 * DAY,
+    share=0.10,
+    # Full: the oldest turns go (a timeline, not work to be done).
+    discard_new=False,
+)
+AUDIT = StreamSpec(
+    "AUDIT",
+    registry.stream_subjects("AUDIT"),
+    "What operators did in the console",
+    max_age_s=365 * DAY,
+    share=0.01,
+    discard_new=False,
+)
+
+
 def conductor_inbound(partition: int) -> ConsumerSpec:
     """The conductor's consumer of one partition's inbound messages."""
     return ConsumerSpec(
@@ -215,7 +234,7 @@ OBJECT_STORE_DESCRIPTIONS = {
 OBJECT_STORE_SHARES = {TRANSCRIPTS: 0.18, ATTACHMENTS: 0.25, ARTIFACTS: 0.12}
 
 TOPOLOGY = Topology(
-    streams=(INBOUND, TASKS, RESULTS, COMMANDS, DELIVERY, DEADLETTER),
+    streams=(INBOUND, TASKS, RESULTS, COMMANDS, DELIVERY, DEADLETTER, TURNS, AUDIT),
     consumers=(*CONDUCTOR_CONSUMERS, WORKER_TASKS, NOTIFIER_COMMANDS, NOTIFIER_DELIVERY),
     buckets=(CONVERSATIONS, TASK_STATE, OUTBOX, SESSIONS, CONDUCTORS, SUPPRESSIONS, REPLIES),
     object_stores=(TRANSCRIPTS, ATTACHMENTS, ARTIFACTS),

@@ -28,6 +28,8 @@ COMMANDS_ALL = f"{reg.EMAIL_COMMAND.namespace}.>"
 DELIVERY_ALL = f"{reg.DELIVERY_STATUS.namespace}.>"
 DEADLETTER_ALL = f"{reg.DEAD_LETTER.namespace}.>"
 KILL_ALL = reg.KILL.wildcard()
+TURNS_ALL = f"{reg.TURN.namespace}.>"
+AUDIT_ALL = f"{reg.AUDIT.namespace}.>"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -91,6 +93,32 @@ def delivery_status(command_id: str) -> str:
 def preference(conversation: str) -> str:
     """Subject of a recipient's opt-out or opt-in (a fact), in its conversation's order."""
     return _fill(reg.PREFERENCE, conversation=conversation)
+
+
+def operator_command(conversation: str) -> str:
+    """Subject of an operator's answer, kill or close, in the conversation's order."""
+    return _fill(reg.OPERATOR_COMMAND, conversation=conversation)
+
+
+def turn(conversation: str) -> str:
+    """Subject of a conductor turn's record (the console's timeline)."""
+    return _fill(reg.TURN, conversation=conversation)
+
+
+def audit(action: str) -> str:
+    """Subject of an operator's action, kept for audit."""
+    return _fill(reg.AUDIT, action=action)
+
+
+def of_conversation(conversation: str) -> dict[str, list[str]]:
+    """Every subject under which a conversation's events are stored, by stream."""
+    c = token(conversation)
+    return {
+        "INBOUND": [f"{reg.INBOUND.namespace}.*.{c}.*"],
+        "RESULTS": [f"{reg.RESULT.namespace}.{c}.*.*"],
+        "COMMANDS": [f"{reg.EMAIL_COMMAND.namespace}.*.{c}"],
+        "TURNS": [turn(c)],
+    }
 
 
 def kill(task_id: str) -> str:

@@ -30,6 +30,7 @@ a test fails when it is out of date.
 
 def _settings() -> list[tuple[str, type[msgspec.Struct]]]:
     from podium.conductor.config import ConductorSettings  # noqa: PLC0415
+    from podium.console.config import ConsoleSettings  # noqa: PLC0415
     from podium.ingress.config import IngressSettings  # noqa: PLC0415
     from podium.notifier.config import NotifierSettings  # noqa: PLC0415
     from podium.worker.config import WorkerSettings  # noqa: PLC0415
@@ -39,6 +40,7 @@ def _settings() -> list[tuple[str, type[msgspec.Struct]]]:
         ("conductor", ConductorSettings),
         ("worker", WorkerSettings),
         ("notifier", NotifierSettings),
+        ("console", ConsoleSettings),
     ]
 
 

@@ -7,6 +7,7 @@ the services; ``tests/test_generated.py`` runs ``--check``.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ def artifacts() -> dict[str, Callable[[], str]]:
         "docs/metrics.md": metricsdoc.render,
         "docs/asyncapi.yaml": asyncapi.render,
         "docs/bus.md": busdoc.render,
+        "docs/openapi.json": _openapi,
         # The same accounts file for docker-compose and for the kustomize base
         # (kustomize reads files only below its own folder).
         "deploy/nats/accounts.conf": access.render_accounts,
@@ -32,6 +34,13 @@ def artifacts() -> dict[str, Callable[[], str]]:
         "deploy/grafana/dashboards/podium.json": monitoring.render_dashboard,
         "deploy/k8s/base/monitoring/podium-dashboard.json": monitoring.render_dashboard,
     }
+
+
+def _openapi() -> str:
+    """The OpenAPI document both HTTP APIs serve at ``/openapi.json``."""
+    from podium.contracts.http import document  # noqa: PLC0415
+
+    return json.dumps(document(), indent=2, sort_keys=True) + "\n"
 
 
 def generate(root: Path, *, check: bool) -> int:

@@ -54,6 +54,7 @@ def common_metrics() -> list[MetricDoc]:
 def service_metrics() -> dict[str, list[MetricDoc]]:
     """Each service's own metrics, by service."""
     from podium.conductor.metrics import ConductorMetrics  # noqa: PLC0415
+    from podium.console.metrics import ConsoleMetrics  # noqa: PLC0415
     from podium.ingress.metrics import IngressMetrics  # noqa: PLC0415
     from podium.notifier.metrics import NotifierMetrics  # noqa: PLC0415
     from podium.worker.metrics import WorkerMetrics  # noqa: PLC0415
@@ -63,6 +64,7 @@ def service_metrics() -> dict[str, list[MetricDoc]]:
         "conductor": _families(ConductorMetrics(CollectorRegistry())),
         "worker": _families(WorkerMetrics(CollectorRegistry(), 1)),
         "notifier": _families(NotifierMetrics(CollectorRegistry())),
+        "console": _families(ConsoleMetrics(CollectorRegistry())),
     }
 
 

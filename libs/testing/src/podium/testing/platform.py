@@ -9,6 +9,7 @@ back from the outbox file the notifier writes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -17,10 +18,22 @@ from typing import Any
 
 import aiohttp
 
+from podium.common.operators import hash_token
 from podium.testing.services import Process, base_env
 
 SERVICES = ("ingress", "conductor", "worker", "notifier")
+#: The four above and the operators' console (started when asked: ``services=ALL``).
+ALL = (*SERVICES, "console")
 TOKEN = "platform-test-token-0123456789"  # noqa: S105 - a test fixture
+#: The console's operators in tests: one who may act, one who may only look.
+OPERATOR_TOKEN = "operator-test-token-0123456789abcdef"  # noqa: S105 - a test fixture
+VIEWER_TOKEN = "viewer-test-token-0123456789abcdef"  # noqa: S105 - a test fixture
+
+
+@functools.cache
+def console_operators() -> str:
+    """``PODIUM_CONSOLE_OPERATORS`` admitting ``alice`` (operator) and ``victor`` (viewer)."""
+    return f"alice:operator:{hash_token(OPERATOR_TOKEN)},victor:viewer:{hash_token(VIEWER_TOKEN)}"
 
 
 class Platform:
@@ -58,6 +71,14 @@ class Platform:
                 "PODIUM_API_TOKENS": f"test:{TOKEN}",
                 **extra,
             }
+        if service == "console":
+            extra = {
+                "PODIUM_CONSOLE_PORT": "0",
+                "PODIUM_CONSOLE_HOST": "127.0.0.1",
+                "PODIUM_CONSOLE_OPERATORS": console_operators(),
+                "PODIUM_CONSOLE_SESSION_SECRET": "console-test-session-secret-0123456789",
+                **extra,
+            }
         key = name or service
         logs = self.root / "logs" / key
         process = Process(service, base_env(self.nats_url, self.root, **extra), logs).start()
@@ -78,6 +99,12 @@ class Platform:
     def url(self) -> str:
         """The ingress's base URL."""
         port = self.processes["ingress"].logged_port("ingress listening")
+        return f"http://127.0.0.1:{port}"
+
+    @property
+    def console_url(self) -> str:
+        """The console's base URL."""
+        port = self.processes["console"].logged_port("console listening")
         return f"http://127.0.0.1:{port}"
 
     @property

@@ -25,6 +25,7 @@ from podium.contracts.events import (
     EventIds,
     InboundMessage,
     KillTask,
+    OperatorAnswer,
     SendEmail,
     SendSms,
     TaskFollowup,
@@ -37,7 +38,7 @@ from podium.contracts.state import MAX_OUTBOUND, Conversation, Outbound, TaskInf
 
 log = logging.getLogger(__name__)
 
-Trigger = InboundMessage | TaskResult
+Trigger = InboundMessage | TaskResult | OperatorAnswer
 
 
 @dataclass
@@ -281,6 +282,9 @@ class Actions:
             extra={"reasons": [r[:300] for r in effects.escalations], "operator": bool(operator)},
         )
         conv.escalations += 1
+        # The console lists it among the escalations until an operator answers or closes.
+        conv.state = "escalated"
+        conv.escalation = "; ".join(effects.escalations)[:2000]
         if not operator:
             return
         command_id = stable_id(event.event_id, "escalate", *effects.escalations)

@@ -14,12 +14,13 @@ import functools
 import logging
 import time
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from podium.agents import AgentAnswer, AgentCall
-from podium.agents.protocol import worker_block
+from podium.agents.protocol import operator_block, worker_block
 from podium.agents.sessions import Agents
 from podium.common.bus import publish
 from podium.common.consumer import Delivery
@@ -43,19 +44,28 @@ from podium.conductor.prompts import (
 from podium.contracts import subjects
 from podium.contracts.events import (
     AnyEvent,
+    ApiReply,
     DeliveryFailed,
     EventIds,
     InboundMessage,
     KillTask,
+    OperatorAnswer,
+    OperatorClose,
+    OperatorKill,
     SendEmail,
+    SendSms,
+    TaskFollowup,
     TaskProgress,
+    TaskRequested,
     TaskResult,
+    TurnRecorded,
     encode,
     event_type,
     utcnow,
 )
 from podium.contracts.ids import stable_id
 from podium.contracts.state import (
+    FINISHED,
     MAX_ARTIFACTS,
     MAX_HANDLED,
     MAX_MEDIA,
@@ -106,6 +116,10 @@ class Conductor:
                 await self.on_progress(event)
             case DeliveryFailed():
                 await self.on_delivery_failed(event)
+            case OperatorAnswer():
+                await self.on_operator_answer(event, delivery)
+            case OperatorKill() | OperatorClose():
+                await self.on_operator_stop(event)
             case _:
                 raise Reject(f"the conductor does not handle {event_type(event)} events")
 
@@ -171,7 +185,63 @@ class Conductor:
             return
         block = inbound_block(event)
         _absorb(conv, event, block)
+        if conv.state == "closed":
+            conv.state = "open"  # someone wrote again
         await self._turn(conv, revision, event, block, delivery, trigger=event.channel)
+
+    async def on_operator_answer(self, event: OperatorAnswer, delivery: Delivery) -> None:
+        """An operator answers an escalated conversation: the agent's next turn gets it as
+        an ``[OPERATOR]`` block, and the conversation is open again."""
+        found = await self._load(event.conversation_id)
+        if found is None:
+            raise Reject(f"operator answer for unknown conversation {event.conversation_id}")
+        conv, revision = found
+        if event.event_id in conv.handled:
+            await self._already_handled(conv, event.event_id)
+            return
+        conv.state = "open"
+        conv.escalation = ""
+        context = f"Original request:\n{conv.original_request}"
+        block = operator_block(event.operator, event.text, context)
+        await self._turn(conv, revision, event, block, delivery, trigger="operator")
+
+    async def on_operator_stop(self, event: OperatorKill | OperatorClose) -> None:
+        """An operator kills a task, or closes the conversation (killing its open tasks).
+
+        No agent turn: the conductor, owner of the conversation, carries it out and tells
+        the agent on its next turn.
+        """
+        found = await self._load(event.conversation_id)
+        if found is None:
+            raise Reject(f"operator action for unknown conversation {event.conversation_id}")
+        conv, revision = found
+        if event.event_id in conv.handled:
+            await self._already_handled(conv, event.event_id)
+            return
+        effects = Effects()
+        if isinstance(event, OperatorKill):
+            targets = [event.task_id] if event.task_id in conv.tasks else []
+            if not targets:
+                raise Reject(f"operator kill of unknown task {event.task_id}")
+            what = f"operator {event.operator} killed task {event.task_id}"
+        else:
+            targets = [t.task_id for t in conv.tasks.values() if t.state not in FINISHED]
+            conv.state = "closed"
+            conv.escalation = ""
+            what = f"operator {event.operator} closed the conversation"
+        for task_id in targets:
+            base = EventIds(
+                event_id=stable_id(event.event_id, "kill", task_id),
+                correlation_id=event.correlation_id,
+                conversation_id=conv.conversation_id,
+            )
+            effects.kills.append(KillTask(**base, task_id=task_id, reason=what))
+        reason = f": {event.reason}" if event.reason else ""
+        conv.notes = [*conv.notes, f"{what}{reason}"][-20:]
+        conv.handled = [*conv.handled, event.event_id][-MAX_HANDLED:]
+        conv.updated_at = utcnow()
+        log.info("operator action", extra={"action": event_type(event), "tasks": targets})
+        await self._commit(conv, revision, effects)
 
     async def on_progress(self, event: TaskProgress) -> None:
         """A worker started (or is getting on with) a task: note it, no agent turn."""
@@ -345,6 +415,20 @@ class Conductor:
                 "escalations": len(effects.escalations),
             },
         )
+        effects.stored.append(
+            (
+                subjects.turn(conv.conversation_id),
+                _turn_record(
+                    event,
+                    trigger,
+                    prompt=prompt,
+                    answer=answer,
+                    parsed=parsed,
+                    effects=effects,
+                    started_at=started_at,
+                ),
+            )
+        )
         conv.handled = [*conv.handled, event.event_id][-MAX_HANDLED:]
         conv.turns += 1
         conv.updated_at = utcnow()
@@ -482,6 +566,57 @@ class Conductor:
             raise Retry("conversation changed during the turn", delay_s=0.5) from err
 
 
+#: How much of a turn's prompt and answer its record keeps.
+TURN_TEXT_MAX = 8192
+
+
+def _turn_record(
+    event: Trigger,
+    trigger: str,
+    *,
+    prompt: str,
+    answer: AgentAnswer,
+    parsed: cmds.Parsed,
+    effects: Effects,
+    started_at: float,
+) -> TurnRecorded:
+    """What the turn was given and answered, for the console's timeline."""
+    done: list[str] = []
+    for item in effects.stored:
+        match item[1]:
+            case TaskRequested() as task:
+                done.append(f"SPAWN_WORKER {task.task_id}")
+            case TaskFollowup() as followup:
+                done.append(f"TELL_WORKER {followup.task_id}")
+            case SendEmail() as email:
+                to = ", ".join(email.to)
+                done.append(f"SEND_EMAIL {to}" + (" (to the operator)" if email.operator else ""))
+            case SendSms() as sms:
+                done.append(f"SEND_SMS {sms.to}")
+            case ApiReply():
+                done.append("REPLY")
+    done += [f"KILL_WORKER {kill.task_id}" for kill in effects.kills]
+    return TurnRecorded(
+        event_id=stable_id(event.event_id, "turn"),
+        correlation_id=event.correlation_id,
+        conversation_id=event.conversation_id,
+        trigger=trigger,
+        trigger_event_id=event.event_id,
+        prompt=prompt[:TURN_TEXT_MAX],
+        answer=answer.text[:TURN_TEXT_MAX],
+        commands=done,
+        refused=[f"{r.line[:200]}: {r.reason}" for r in parsed.rejected],
+        escalations=[e[:500] for e in effects.escalations],
+        outcome=answer.outcome,
+        duration_ms=answer.duration_ms or int((time.time() - started_at) * 1000),
+        input_tokens=answer.input_tokens,
+        output_tokens=answer.output_tokens,
+        cost_usd=answer.cost_usd,
+        # When it ran: before what it sent, in the timeline.
+        at=datetime.fromtimestamp(started_at, UTC),
+    )
+
+
 def _new(event: InboundMessage) -> Conversation:
     return Conversation(
         conversation_id=event.conversation_id,
@@ -521,6 +656,8 @@ def _account(conv: Conversation, event: TaskResult) -> None:
     task.state = STATE_AFTER[event.status]
     task.summary = event.summary[:500]
     task.updated_at = utcnow()
+    if event.event_id not in conv.accounted:
+        task.cost_usd += event.cost_usd
     if event.artifacts:
         # The newest version of each file is the one ATTACH sends.
         artifacts = {**conv.artifacts, **{a.ref: a for a in event.artifacts}}

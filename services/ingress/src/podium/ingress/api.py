@@ -7,21 +7,19 @@ from aiohttp import web
 
 from podium.contracts import streams, subjects
 from podium.contracts.events import InboundMessage, decode
+from podium.contracts.http import (
+    Accepted,
+    ApiMessage,
+    ConversationView,
+    Reply,
+    TaskSummary,
+    document,
+)
 from podium.contracts.ids import conversation_id, new_id, stable_id
 from podium.ingress import auth
 from podium.ingress.base import MAX_TEXT, Deps, HttpError, Route, RouteTable
 
 MAX_IDEMPOTENCY_KEY = 255
-
-
-class ApiMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The body of ``POST /v1/messages``."""
-
-    text: str
-    channel: str = "api"
-    thread_id: str = ""
-    sender: str = msgspec.field(default="", name="from")
-    subject: str = ""
 
 
 class ApiRoutes(Route):
@@ -36,6 +34,7 @@ class ApiRoutes(Route):
         return [
             ("POST", "/v1/messages", "api", self.api_message),
             ("GET", "/v1/conversations/{conversation_id}", "api_get", self.api_get),
+            ("GET", "/openapi.json", "openapi", self.openapi),
         ]
 
     def client(self, request: web.Request) -> str:
@@ -94,15 +93,13 @@ class ApiRoutes(Route):
                 "idempotency_key_reused",
                 "this Idempotency-Key was already used for a different message",
             )
-        return web.json_response(
-            {
-                "event_id": event_id,
-                "conversation_id": conversation,
-                "thread_id": thread,
-                "duplicate": stored.duplicate,
-            },
-            status=202,
+        accepted = Accepted(
+            event_id=event_id,
+            conversation_id=conversation,
+            thread_id=thread,
+            duplicate=stored.duplicate,
         )
+        return _json(accepted, status=202)
 
     async def api_get(self, request: web.Request) -> web.Response:
         """``GET /v1/conversations/{id}``: a conversation's state, tasks and replies."""
@@ -124,30 +121,34 @@ class ApiRoutes(Route):
         # read): it owns what was sent and what providers said since.
         view = await self.deps.replies.get(conversation_key) if self.deps.replies else None
         replies = [
-            {
-                "command_id": r.command_id,
-                "kind": r.kind,
-                "body": r.body,
-                "at": r.at.isoformat(),
-                "delivery": r.delivery,
-                # What the provider reported afterwards (status callbacks), if anything.
-                "provider_status": r.provider_status,
-            }
+            Reply(
+                command_id=r.command_id,
+                kind=r.kind,
+                body=r.body,
+                at=r.at,
+                delivery=r.delivery,
+                provider_status=r.provider_status,
+                files=r.files,
+            )
             for r in (view[0].replies if view else [])
         ]
-        return web.json_response(
-            {
-                "conversation_id": conv.conversation_id,
-                "thread_id": conv.thread_id,
-                "channel": conv.channel,
-                "turns": conv.turns,
-                "tasks": [
-                    {"task_id": t.task_id, "state": t.state, "summary": t.summary}
+        return _json(
+            ConversationView(
+                conversation_id=conv.conversation_id,
+                thread_id=conv.thread_id,
+                channel=conv.channel,
+                turns=conv.turns,
+                tasks=[
+                    TaskSummary(task_id=t.task_id, state=t.state, summary=t.summary)
                     for t in conv.tasks.values()
                 ],
-                "replies": replies,
-            }
+                replies=replies,
+            )
         )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """``GET /openapi.json``: the document of Podium's HTTP APIs."""
+        return web.json_response(document())
 
     async def _same_as_stored(self, event: InboundMessage, seq: int) -> bool:
         """Whether the message stored under ``event``'s id says the same as ``event``."""
@@ -164,6 +165,13 @@ class ApiRoutes(Route):
             event.subject,
             event.sender,
         )
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def _json(value: msgspec.Struct, *, status: int = 200) -> web.Response:
+    return web.Response(body=_ENCODER.encode(value), content_type="application/json", status=status)
 
 
 def _is_utf8(header_value: str) -> bool:
