@@ -119,7 +119,4 @@ class ConsoleService:
             return False, self.index.problem
         if not self.index.loaded.is_set():
             return False, "reading the conversations"
-        return True, (
-            f"listening on {self.url}; "
-            f"{len(self.index.conversations)} conversations"
-        )
+        return True, (f"listening on {self.url}; {len(self.index.conversations)} conversations")
