@@ -1,5 +1,5 @@
 # Everything starts from a fresh machine: these targets set up what they need.
-.PHONY: up test setup lint bench docs
+.PHONY: up test setup lint bench docs screenshots
 
 up:          ## set up and run the whole platform locally (embedded NATS, outbox, offline agent)
 	./scripts/dev.sh up
@@ -18,3 +18,6 @@ bench:       ## the benchmarks (figures go into docs/performance.md)
 
 docs:        ## regenerate every file derived from the code (docs, NATS permissions, monitoring)
 	.venv/bin/podium generate
+
+screenshots: ## take the console's screenshots in docs/screenshots (the browser test)
+	PODIUM_SCREENSHOTS=docs/screenshots .venv/bin/pytest -q tests/test_console_browser.py

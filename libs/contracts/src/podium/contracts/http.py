@@ -82,6 +82,8 @@ class ConversationSummary(msgspec.Struct, kw_only=True):
     channel: str
     participants: list[str]
     subject: str
+    #: The start of the first request (one line), for lists.
+    preview: str = ""
     state: ConversationState
     #: Why it is escalated ("" when it is not).
     escalation: str = ""

@@ -315,6 +315,8 @@ class Console:
             async with sse_response(visit.request, ping_interval=15) as stream:
                 while stream.is_connected():
                     key = await queue.get()
+                    if not key:
+                        break  # the console is stopping
                     if not wanted or key == wanted:
                         await stream.send(json.dumps({"conversation": key}), event="change")
                 return stream

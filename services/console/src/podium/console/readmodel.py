@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -102,6 +103,13 @@ class Index:
         """Stop feeding ``queue``."""
         self._listeners.discard(queue)
 
+    def hang_up(self) -> None:
+        """Tell every feed to end (``""``): the console is stopping."""
+        for queue in list(self._listeners):
+            while not queue.empty():
+                queue.get_nowait()
+            queue.put_nowait("")
+
     async def _follow(self) -> None:
         while True:
             try:
@@ -143,6 +151,7 @@ class Index:
             channel=conv.channel,
             participants=participants,
             subject=conv.subject,
+            preview=" ".join(request_text(conv.original_request)[:400].split())[:120],
             state=conv.state,
             escalation=conv.escalation,
             open_tasks=sum(1 for t in conv.tasks.values() if t.state not in FINISHED),
@@ -216,6 +225,17 @@ class Index:
             ],
             by_conversation=conversations[:100],
         )
+
+
+#: The sender's own words in a request block: between its fences (podium.agents.protocol).
+_FENCED = re.compile(r"<untrusted[^>\n]*>\n(.*?)\n</untrusted>", re.DOTALL)
+
+
+def request_text(block: str) -> str:
+    """What the sender wrote, from the block the conductor was given (the whole block when
+    it has no fenced part)."""
+    found = _FENCED.search(block)
+    return found.group(1) if found else block
 
 
 def task_view(conversation_id: str, info: TaskInfo) -> TaskView:

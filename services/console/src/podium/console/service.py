@@ -100,7 +100,9 @@ class ConsoleService:
         log.info("console listening", extra={"port": self.port, "url": self.url})
 
     async def stop(self, timeout_s: float) -> None:
-        """Stop serving (pages being sent finish up to ``timeout_s``)."""
+        """Stop serving (pages being sent finish up to ``timeout_s``; live feeds end)."""
+        if self.index is not None:
+            self.index.hang_up()
         if self._runner is not None:
             await self._runner.cleanup()
 

@@ -3,11 +3,17 @@
 // when a conversation it shows changes; nothing is built from event data in the page.
 "use strict";
 
+let asked = 0; // refreshes started
+let shown = 0; // the newest one applied
+
 function refresh() {
+  const mine = ++asked;
   fetch(window.location.href, { credentials: "same-origin", headers: { "X-Live": "1" } })
     .then((response) => (response.ok ? response.text() : null))
     .then((html) => {
-      if (html === null) return;
+      // An older answer arriving after a newer one is not shown.
+      if (html === null || mine < shown) return;
+      shown = mine;
       const fresh = new DOMParser().parseFromString(html, "text/html").getElementById("main");
       const main = document.getElementById("main");
       // Keep what an operator is typing.
@@ -36,10 +42,19 @@ document.addEventListener("DOMContentLoaded", () => {
   if (!live) return;
   const url = live === "all" ? "/events" : "/events?conversation=" + encodeURIComponent(live);
   const source = new EventSource(url);
-  let pending = null;
-  source.addEventListener("change", () => {
-    // Many changes at once (a busy platform) make one refresh.
-    if (pending) return;
-    pending = setTimeout(() => { pending = null; refresh(); }, 300);
-  });
+  // Many changes at once (a busy platform) make one refresh, at most a second after the
+  // first of them, and always after the last: a conversation's events are stored
+  // between two changes of its record.
+  let timer = null;
+  let first = 0;
+  function schedule() {
+    const now = Date.now();
+    if (timer === null) first = now;
+    else clearTimeout(timer);
+    const wait = Math.max(0, Math.min(300, first + 1000 - now));
+    timer = setTimeout(() => { timer = null; refresh(); }, wait);
+  }
+  source.addEventListener("change", schedule);
+  // Connected (again): what changed since the page was made (or while cut off) shows.
+  source.addEventListener("open", schedule);
 });
