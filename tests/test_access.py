@@ -115,6 +115,20 @@ FORBIDDEN_PUBLISH = {
         "$JS.API.STREAM.CREATE.EVIL",
         "$JS.API.STREAM.DELETE.INBOUND",
         "$JS.API.CONSUMER.DURABLE.CREATE.INBOUND.evil",
+        # Operators speak through the console only: an exposed ingress cannot pose as one.
+        "inbound.operator.c1",
+        "inbound.anything.c1",
+        "audit.answer",
+    ],
+    "console": [
+        "$KV.conversations.c1",
+        "$KV.outbox.cmd1",
+        "$KV.replies.c1",
+        "control.tasks.t1.kill",
+        "$JS.API.STREAM.PURGE.AUDIT",
+        "$JS.API.STREAM.DELETE.TURNS",
+        "$JS.API.CONSUMER.DURABLE.CREATE.INBOUND.evil",
+        "$JS.API.CONSUMER.MSG.NEXT.INBOUND.conductor-inbound-p0",
     ],
     "conductor": [
         "inbound.api.c1",
@@ -159,6 +173,7 @@ FORBIDDEN_SUBSCRIBE = {
     "conductor": ["inbound.>", "_INBOX.worker.>"],
     "worker": ["tasks.>", "_INBOX.conductor.>", ">"],
     "notifier": ["inbound.>", "commands.>", "_INBOX.ingress.>"],
+    "console": ["inbound.>", "_INBOX.conductor.>", "control.tasks.*.kill"],
 }
 
 
@@ -193,6 +208,7 @@ async def test_each_service_may_do_its_own_work(provisioned: NatsServer) -> None
         ],
         "worker": ["results.c1.t1", "deadletter.worker.TASKS", "control.tasks.t1.kill"],
         "notifier": ["deadletter.notifier.COMMANDS", "$KV.outbox.cmd1", "results.c1.cmd1"],
+        "console": ["inbound.operator.c1", "audit.answer"],
         access.ADMIN: ["tasks.t2", "$KV.conversations.c1"],
     }
     for user, subjects_ in allowed.items():

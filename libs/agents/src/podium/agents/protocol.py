@@ -37,6 +37,7 @@ agent ends its answer with: ``Status:`` / ``Summary:`` / ``Details:`` lines
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 COMMAND_NAMES = (
@@ -84,7 +85,7 @@ def sms_block(sender: str, text: str, attachments: list[str] | None = None) -> s
 def operator_block(operator: str, text: str, context: str = "") -> str:
     """An operator's answer to an escalated conversation (from the console): trusted, not
     fenced; ``context`` (the original request) follows it."""
-    block = f"[OPERATOR]\nFrom: {_clean(operator)}\nMessage:\n{text}\n{END}"
+    block = f"[OPERATOR]\nFrom: {_clean(operator)}\nMessage:\n{defuse(text)}\n{END}"
     return f"{block}\n{context}" if context else block
 
 
@@ -137,13 +138,24 @@ def fence(text: str, source: str) -> str:
     for line in text.splitlines():
         # A look-alike angle quote: the text still reads the same to the agent.
         line = _MARKER.sub(lambda m: m.group(0).replace("<", "\u2039"), line)  # noqa: PLW2901
-        stripped = line.strip()
-        if stripped == END or _BLOCK_TAG.match(stripped):
-            out.append("> " + line)
-        else:
-            out.append(line)
+        out.append("> " + line if _structural(line) else line)
     out.append(UNTRUSTED_CLOSE)
     return "\n".join(out)
+
+
+def _structural(line: str) -> bool:
+    """Whether ``line`` could pass for a block's end or a block tag to a reader: compared
+    after compatibility folding (full-width brackets), without invisible format
+    characters (zero-width spaces), and in any case."""
+    folded = unicodedata.normalize("NFKC", line)
+    folded = "".join(c for c in folded if unicodedata.category(c) != "Cf").strip()
+    return folded == END or bool(_LOOKALIKE_TAG.match(folded))
+
+
+def defuse(text: str) -> str:
+    """Trusted text (an operator's answer) kept from ending its block or starting another:
+    such a line gets a leading ``> ``, as in :func:`fence`."""
+    return "\n".join("> " + line if _structural(line) else line for line in text.splitlines())
 
 
 def unfence(text: str) -> str:
@@ -157,6 +169,9 @@ def unfence(text: str) -> str:
 
 
 _BLOCK_TAG = re.compile(r"^\[(EMAIL|SMS|API|WORKER:[^\]]*|OPERATOR|SYSTEM|POLICY)\]")
+_LOOKALIKE_TAG = re.compile(
+    r"^\[\s*(EMAIL|SMS|API|WORKER\s*:[^\]]*|WORKER|OPERATOR|SYSTEM|POLICY)\s*\]", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)

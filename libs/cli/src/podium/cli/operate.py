@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import msgspec
@@ -49,10 +49,16 @@ def console_url(home: Path) -> str:
 
 
 def console_token(home: Path) -> str:
-    """An operator's token: ``PODIUM_CONSOLE_TOKEN``, else ``podium up``'s."""
+    """An operator's token: ``PODIUM_CONSOLE_TOKEN``, else ``podium up``'s (only for
+    ``podium up``'s own console: it is never sent to one ``PODIUM_CONSOLE_URL`` names)."""
     if env := os.environ.get("PODIUM_CONSOLE_TOKEN"):
         return env
     path = home / "console-token"
+    if os.environ.get("PODIUM_CONSOLE_URL"):
+        raise ConsoleError(
+            "PODIUM_CONSOLE_URL is set but PODIUM_CONSOLE_TOKEN is not: set the token of "
+            "an operator of that console (`podium console-operator NAME` makes one)"
+        )
     if path.exists():
         return path.read_text().strip()
     raise ConsoleError(
@@ -80,8 +86,8 @@ async def call_console(
                     problem = data.decode(errors="replace")[:300]
                 raise ConsoleError(f"{resp.status} from {url}: {problem}")
             return data
-    except aiohttp.ClientError as err:
-        raise ConsoleError(f"cannot reach the console at {url}: {err}") from err
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise ConsoleError(f"cannot reach the console at {url}: {err!r}") from err
 
 
 def _out(text: str) -> None:
@@ -145,21 +151,23 @@ async def run(verb: str, args: Any) -> int:
             data = await call("GET", "/api/escalations")
             return _show(data, as_json, ConversationList, _escalations)
         case "show":
-            data = await call("GET", f"/api/conversations/{args.conversation}")
+            data = await call("GET", f"/api/conversations/{_seg(args.conversation)}")
             return _show(data, as_json, ConversationDetail, _detail)
         case "tasks":
             data = await call("GET", "/api/tasks")
             return _show(data, as_json, TaskList, lambda listed: _tasks(listed.tasks))
         case "kill":
-            data = await call("POST", f"/api/tasks/{args.task}/kill", {"reason": args.reason})
+            data = await call("POST", f"/api/tasks/{_seg(args.task)}/kill", {"reason": args.reason})
             return _show(data, as_json, ActionResult, lambda r: _out(f"kill sent ({r.event_id})"))
         case "answer":
             body = {"text": args.text}
-            data = await call("POST", f"/api/conversations/{args.conversation}/answer", body)
+            path = f"/api/conversations/{_seg(args.conversation)}/answer"
+            data = await call("POST", path, body)
             return _show(data, as_json, ActionResult, lambda r: _out(f"answer sent ({r.event_id})"))
         case "close":
             body = {"reason": args.reason}
-            data = await call("POST", f"/api/conversations/{args.conversation}/close", body)
+            path = f"/api/conversations/{_seg(args.conversation)}/close"
+            data = await call("POST", path, body)
             return _show(data, as_json, ActionResult, lambda r: _out(f"close sent ({r.event_id})"))
     return 2
 
@@ -207,3 +215,8 @@ def _short(text: str, width: int) -> str:
 
 def _query(values: dict[str, str]) -> str:
     return urlencode(values)
+
+
+def _seg(value: str) -> str:
+    """One path segment, quoted (an id with ``/`` or ``?`` stays one segment)."""
+    return quote(value, safe="")

@@ -177,7 +177,7 @@ def derive(user: str, description: str) -> Role:
     read_streams = list(dict.fromkeys(c.stream for c in reads))
     used_streams += read_streams
     publish = [
-        *(c.wildcard(user) for c in produces),
+        *(s for c in produces for s in c.producer_subjects(user)),
         *(s for stream in readback for s in _direct_get(stream)),
         *(
             s
@@ -206,7 +206,7 @@ def derive(user: str, description: str) -> Role:
         description,
         publish=_unique(publish),
         subscribe=(_own_inbox(user), *core),
-        sends=tuple(dict.fromkeys(c.wildcard(user) for c in produces)),
+        sends=tuple(dict.fromkeys(s for c in produces for s in c.producer_subjects(user))),
         receives=tuple(dict.fromkeys(c.wildcard() for c in consumes)),
     )
 

@@ -60,6 +60,22 @@ class ChannelSpec:
     #: Services that read the stored channel without consuming it (ordered consumers:
     #: the console's timeline).
     readers: tuple[Role, ...] = ()
+    #: Parameters whose producers may use only these values (``{channel}`` of inbound:
+    #: email, sms, api — not ``operator``, which only the console publishes).
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def producer_subjects(self, producer: str) -> tuple[str, ...]:
+        """The subjects ``producer`` may publish on: :meth:`wildcard`, with each parameter
+        of :attr:`choices` spelled out."""
+        subjects = [self.wildcard(producer)]
+        for name, values in self.choices.items():
+            index = self.address.split(".").index(f"{{{name}}}")
+            subjects = [
+                ".".join([*s.split(".")[:index], value, *s.split(".")[index + 1 :]])
+                for s in subjects
+                for value in values
+            ]
+        return tuple(subjects)
 
     def wildcard(self, producer: str = "") -> str:
         """The subject filter of every subject of this channel (one producer's, if asked)."""
@@ -109,6 +125,7 @@ INBOUND = ChannelSpec(
     stream="INBOUND",
     readback=True,
     readers=("console",),
+    choices={"channel": ("email", "sms", "api")},
 )
 TASK = ChannelSpec(
     "task",

@@ -80,7 +80,7 @@ INBOUND = StreamSpec(
     "INBOUND",
     registry.stream_subjects("INBOUND"),
     "Messages received by ingress",
-    share=0.19,
+    share=0.17,
     transform=(
         "inbound.*.*",
         f"inbound.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({PARTITIONS},2)}}}}",
@@ -127,7 +127,7 @@ TURNS = StreamSpec(
     registry.stream_subjects("TURNS"),
     "What each conductor turn was given and answered (the console's timelines)",
     max_age_s=30 * DAY,
-    share=0.10,
+    share=0.05,
     # Full: the oldest turns go (a timeline, not work to be done).
     discard_new=False,
 )
@@ -231,7 +231,7 @@ OBJECT_STORE_DESCRIPTIONS = {
 #: Object stores' shares of PODIUM_STORE_BUDGET_BYTES. Attachments (up to 20 x 10 MiB
 #: per email, kept 30 days) get their own, so a flood of them fills their store, not
 #: the file store INBOUND needs to take new messages.
-OBJECT_STORE_SHARES = {TRANSCRIPTS: 0.18, ATTACHMENTS: 0.25, ARTIFACTS: 0.12}
+OBJECT_STORE_SHARES = {TRANSCRIPTS: 0.16, ATTACHMENTS: 0.22, ARTIFACTS: 0.12}
 
 TOPOLOGY = Topology(
     streams=(INBOUND, TASKS, RESULTS, COMMANDS, DELIVERY, DEADLETTER, TURNS, AUDIT),

@@ -29,6 +29,8 @@ DELIVERY_ALL = f"{reg.DELIVERY_STATUS.namespace}.>"
 DEADLETTER_ALL = f"{reg.DEAD_LETTER.namespace}.>"
 KILL_ALL = reg.KILL.wildcard()
 TURNS_ALL = f"{reg.TURN.namespace}.>"
+#: Operators' events come under ``inbound.operator.``, and nothing else does.
+OPERATOR_NAMESPACE = "inbound.operator"
 AUDIT_ALL = f"{reg.AUDIT.namespace}.>"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")

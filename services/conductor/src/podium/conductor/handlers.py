@@ -107,6 +107,11 @@ class Conductor:
 
     async def handle(self, event: AnyEvent, delivery: Delivery) -> None:
         """Entry point for every conductor consumer."""
+        # Operators' events are believed only on their own subject (only the console may
+        # publish there), and nothing else is taken from it.
+        from_operator = delivery.subject.startswith(f"{subjects.OPERATOR_NAMESPACE}.")
+        if from_operator != isinstance(event, OperatorAnswer | OperatorKill | OperatorClose):
+            raise Reject(f"{event_type(event)} event on {delivery.subject}")
         match event:
             case InboundMessage():
                 await self.on_inbound(event, delivery)
@@ -131,12 +136,15 @@ class Conductor:
         attempt sends nothing twice. ``podium replay deadletter`` runs the turn
         again once the cause is fixed.
         """
-        if isinstance(event, TaskResult):
-            # No turn judged it, but the task is over all the same: count its state,
-            # cost and failure, so it no longer holds a slot or escapes the limits.
+        # The console lists the conversation among the escalations; and a result no turn
+        # judged still ends its task: its state, cost and failure are counted, so it no
+        # longer holds a slot or escapes the limits.
+        try:
             await self.conversations.mutate(
-                event.conversation_id, functools.partial(_account_only, event)
+                event.conversation_id, functools.partial(_dead_lettered, event, reason)
             )
+        except Exception as err:  # noqa: BLE001 - saving the record may be what failed
+            log.warning("could not mark the conversation escalated", extra={"error": repr(err)})
         operator = self.settings.operator_email
         self.own.escalations.labels("dead_letter", str(bool(operator)).lower()).inc()
         log.error(
@@ -230,6 +238,11 @@ class Conductor:
             conv.escalation = ""
             what = f"operator {event.operator} closed the conversation"
         for task_id in targets:
+            if conv.tasks[task_id].state == "needs_input":
+                # Nothing runs it now (it waits for a follow-up): over at once. The stored
+                # cancel keeps a worker from taking it up again.
+                conv.tasks[task_id].state = "cancelled"
+                conv.tasks[task_id].updated_at = utcnow()
             base = EventIds(
                 event_id=stable_id(event.event_id, "kill", task_id),
                 correlation_id=event.correlation_id,
@@ -297,6 +310,14 @@ class Conductor:
             raise Reject(f"result for unknown task {event.task_id}")
         failures_before = conv.failed_tasks
         _account(conv, event)
+        if conv.state == "closed":
+            # An operator closed the conversation: its tasks' last reports are kept, but
+            # no agent turn runs until someone writes again.
+            conv.notes = [*conv.notes, f"task {task.task_id} ended {event.status} (closed)"][-20:]
+            conv.handled = [*conv.handled, event.event_id][-MAX_HANDLED:]
+            conv.updated_at = utcnow()
+            await self._commit(conv, revision, Effects())
+            return
         context = f"Original request:\n{conv.original_request}"
         if event.status == "COMPLETE":
             rounds = self.settings.max_validation_rounds
@@ -670,9 +691,14 @@ def _account(conv: Conversation, event: TaskResult) -> None:
     conv.accounted = [*conv.accounted, event.event_id][-MAX_HANDLED:]
 
 
-def _account_only(event: TaskResult, conv: Conversation | None) -> Conversation | None:
-    if conv is None or event.task_id not in conv.tasks or event.event_id in conv.accounted:
+def _dead_lettered(event: AnyEvent, reason: str, conv: Conversation | None) -> Conversation | None:
+    """A conversation one of whose messages no turn could handle: escalated (and a result's
+    task accounted)."""
+    if conv is None:
         return None
-    _account(conv, event)
+    if isinstance(event, TaskResult) and event.task_id in conv.tasks:
+        _account(conv, event)  # counts its cost and failure once
+    conv.state = "escalated"
+    conv.escalation = f"a message was not handled: {reason}"[:2000]
     conv.updated_at = utcnow()
     return conv

@@ -58,7 +58,7 @@ class Operations:
             raise ActionError(422, "invalid", "the answer is empty")
         if len(text) > MAX_ANSWER:
             raise ActionError(413, "too_large", f"an answer is at most {MAX_ANSWER} characters")
-        event_id = _event_id("answer", operator, conversation, key)
+        event_id = _event_id("answer", operator, conversation, key, text)
         event = OperatorAnswer(
             event_id=event_id,
             correlation_id=event_id,
@@ -67,14 +67,16 @@ class Operations:
             text=text,
         )
         await publish(self.js, subjects.operator_command(conversation), event)
-        await self.audit(operator, "answer", conversation, target=conversation, detail=text)
+        await self.audit(
+            operator, "answer", conversation, target=conversation, detail=text, of=event_id
+        )
         return ActionResult(ok=True, event_id=event_id)
 
     async def close(self, operator: str, conversation: str, reason: str, key: str) -> ActionResult:
         """Close a conversation: its open tasks are killed, no turn runs until someone
         writes again."""
         self._conversation(conversation)
-        event_id = _event_id("close", operator, conversation, key)
+        event_id = _event_id("close", operator, conversation, key, reason)
         event = OperatorClose(
             event_id=event_id,
             correlation_id=event_id,
@@ -83,7 +85,9 @@ class Operations:
             reason=reason.strip()[:2000],
         )
         await publish(self.js, subjects.operator_command(conversation), event)
-        await self.audit(operator, "close", conversation, target=conversation, detail=reason)
+        await self.audit(
+            operator, "close", conversation, target=conversation, detail=reason, of=event_id
+        )
         return ActionResult(ok=True, event_id=event_id)
 
     async def kill(self, operator: str, task_id: str, reason: str, key: str) -> ActionResult:
@@ -93,7 +97,7 @@ class Operations:
             raise ActionError(404, "not_found", f"no task {task_id}")
         if conv.tasks[task_id].state in FINISHED:
             raise ActionError(409, "finished", f"task {task_id} is {conv.tasks[task_id].state}")
-        event_id = _event_id("kill", operator, task_id, key)
+        event_id = _event_id("kill", operator, task_id, key, reason)
         event = OperatorKill(
             event_id=event_id,
             correlation_id=event_id,
@@ -103,22 +107,28 @@ class Operations:
             reason=reason.strip()[:2000],
         )
         await publish(self.js, subjects.operator_command(conv.conversation_id), event)
-        await self.audit(operator, "kill", conv.conversation_id, target=task_id, detail=reason)
+        await self.audit(
+            operator, "kill", conv.conversation_id, target=task_id, detail=reason, of=event_id
+        )
         return ActionResult(ok=True, event_id=event_id)
 
-    async def replay(self, operator: str, seq: int) -> ActionResult:
+    async def replay(self, operator: str, seq: int, key: str) -> ActionResult:
         """Put dead letter ``seq`` through again (``podium replay deadletter SEQ``)."""
         letters = await replay.dead_letters(self.js, [seq])
         if not letters:
             raise ActionError(404, "not_found", f"no dead letter {seq}")
         _, letter = letters[0]
         again = replay.from_dead_letter(seq, letter)
+        if key:
+            # The same form (or Idempotency-Key) sent twice replays once.
+            again.headers[subjects.HDR_MSG_ID] = stable_id("operator-replay", str(seq), key)
         stored = await replay.publish(self.js, [again])
         detail = f"{again.source} -> {again.subject}"
-        await self.audit(operator, "replay", letter.conversation_id, target=str(seq), detail=detail)
-        return ActionResult(
-            ok=bool(stored), event_id=again.headers[subjects.HDR_MSG_ID], detail=detail
+        msg_id = again.headers[subjects.HDR_MSG_ID]
+        await self.audit(
+            operator, "replay", letter.conversation_id, target=str(seq), detail=detail, of=msg_id
         )
+        return ActionResult(ok=bool(stored), event_id=msg_id, detail=detail)
 
     async def audit(
         self,
@@ -128,9 +138,11 @@ class Operations:
         *,
         target: str = "",
         detail: str = "",
+        of: str = "",
     ) -> None:
-        """Keep what an operator did (``audit.<action>``)."""
-        event_id = new_id()
+        """Keep what an operator did (``audit.<action>``); ``of``: the action's event id,
+        so an action sent twice is recorded once."""
+        event_id = stable_id("audit", of) if of else new_id()
         event = OperatorAction(
             event_id=event_id,
             correlation_id=event_id,
@@ -152,6 +164,9 @@ class Operations:
             raise ActionError(404, "not_found", "no such conversation")
 
 
-def _event_id(action: str, operator: str, target: str, key: str) -> str:
-    """The action's event id: the same for the same form (or Idempotency-Key) sent twice."""
-    return stable_id("operator", action, operator, target, key) if key else new_id()
+def _event_id(action: str, operator: str, target: str, key: str, text: str) -> str:
+    """The action's event id: the same for the same form (or Idempotency-Key) sent twice
+    with the same text; a key reused with other text is another action."""
+    if not key:
+        return new_id()
+    return stable_id("operator", action, operator, target, key, text)

@@ -11,6 +11,11 @@
   keeps other sites' requests from carrying the cookie at all. A bearer token (the CLI)
   is not a cookie, so it needs none.
 - **Roles.** ``operator`` may act; ``viewer`` may only look.
+- **Ending sessions.** Signing out deletes the cookie; removing an operator, changing
+  their role or giving them a new token ends their sessions at once (the cookie names
+  the token it was opened with); a new session secret ends everyone's. A copied cookie
+  otherwise lasts until it expires (``PODIUM_CONSOLE_SESSION_TTL_S``): there is no
+  session store to revoke it from.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class Session(msgspec.Struct, frozen=True):
 
     operator: str
     role: Role
+    #: The operator's token as configured when signing in (:attr:`Operator.fingerprint`).
+    token: str
     expires: float
     csrf: str
 
@@ -50,6 +57,7 @@ class Sessions:
         session = Session(
             operator=operator.name,
             role=operator.role,
+            token=operator.fingerprint,
             expires=time.time() + self.ttl_s,
             csrf=secrets.token_urlsafe(24),
         )
@@ -59,6 +67,8 @@ class Sessions:
     def read(self, value: str, operators: dict[str, Operator]) -> Session | None:
         """The session a cookie holds, if it is ours, unexpired, and its operator still
         configured with the same role; else None."""
+        if not value.isascii():
+            return None  # not ours (and compare_digest takes no other text)
         payload, _, signature = value.partition(".")
         if not payload or not hmac.compare_digest(signature, self._sign(payload)):
             return None
@@ -67,7 +77,12 @@ class Sessions:
         except (msgspec.DecodeError, msgspec.ValidationError, binascii.Error, ValueError):
             return None
         operator = operators.get(session.operator)
-        if session.expires < time.time() or operator is None or operator.role != session.role:
+        if (
+            session.expires < time.time()
+            or operator is None
+            or operator.role != session.role
+            or operator.fingerprint != session.token
+        ):
             return None
         return session
 

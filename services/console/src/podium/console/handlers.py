@@ -14,6 +14,7 @@ other invisible control characters are shown as what they are (:func:`inert`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -22,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import jinja2
 import msgspec
@@ -52,7 +53,10 @@ from podium.contracts.state import ReplyView
 
 log = logging.getLogger(__name__)
 
-Access = Literal["page", "api", "action", "public"]
+#: New tokens waiting for their scrypt check beyond which sign-ins get a 429.
+MAX_WAITING_CHECKS = 16
+
+Access = Literal["page", "api", "action", "session", "public"]
 Handler = Callable[["Visit"], Awaitable[web.StreamResponse]]
 
 SECURITY_HEADERS = {
@@ -64,19 +68,26 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-#: Characters that reorder or hide text (bidi overrides and isolates, zero-width marks):
-#: shown as their code point, so a hostile message cannot disguise itself.
-_INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+#: Characters that reorder, hide or smuggle text: controls, format characters (bidi
+#: overrides and isolates, zero-width marks, tag characters), private-use and unassigned
+#: code points, line and paragraph separators — and variation selectors and the
+#: combining grapheme joiner, which change nothing a reader sees.
+_HIDDEN_CATEGORIES = {"Cc", "Cf", "Co", "Cn", "Cs", "Zl", "Zp"}
+_HIDDEN_MARKS = re.compile("[\u034f\u180b-\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef]")
 _JSON = msgspec.json.Encoder()
 
 
 def inert(value: object) -> Markup:
-    """Text as the pages show it: escaped, with invisible and bidi control characters
-    (and other controls) spelled out as ``⟦U+202E⟧``."""
+    """Text as the pages show it: escaped, with every character a reader could not see
+    (or that reorders what they see) spelled out as ``⟦U+202E⟧``, so a hostile message
+    cannot disguise itself or hide instructions meant for the agent."""
     text = "" if value is None else str(value)
-    shown = _INVISIBLE.sub(lambda m: f"⟦U+{ord(m.group()):04X}⟧", text)
     shown = "".join(
-        c if c in "\n\t" or unicodedata.category(c) != "Cc" else f"⟦U+{ord(c):04X}⟧" for c in shown
+        f"⟦U+{ord(c):04X}⟧"
+        if c not in "\n\t"
+        and (unicodedata.category(c) in _HIDDEN_CATEGORIES or _HIDDEN_MARKS.match(c))
+        else c
+        for c in text
     )
     return Markup.escape(shown)
 
@@ -124,13 +135,15 @@ class Console:
             undefined=jinja2.StrictUndefined,
         )
         self.templates.filters["inert"] = inert
+        self._checking = asyncio.Semaphore(2)
+        self._waiting = 0
 
     def routes(self) -> list[web.AbstractRouteDef]:
         """Every route, each with who may use it."""
         table: list[tuple[str, str, Access, Handler]] = [
             ("GET", "/login", "public", self.login_form),
             ("POST", "/login", "public", self.login),
-            ("POST", "/logout", "action", self.logout),
+            ("POST", "/logout", "session", self.logout),
             ("GET", "/", "page", self.conversations_page),
             ("GET", "/conversations/{conversation_id}", "page", self.conversation_page),
             ("GET", "/tasks", "page", self.tasks_page),
@@ -200,8 +213,8 @@ class Console:
         if access == "public":
             return Visit(request, "", "", None)
         bearer = request.headers.get("Authorization", "")
-        if bearer.startswith("Bearer ") and access != "page":
-            operator = self.tokens.check(bearer.removeprefix("Bearer ").strip())
+        if bearer.startswith("Bearer ") and access not in ("page", "session"):
+            operator = await self._check(bearer.removeprefix("Bearer ").strip())
             if operator is None:
                 raise ActionError(401, "unauthorized", "unknown token")
             self._may(operator.role, access)
@@ -212,9 +225,25 @@ class Console:
                 return None
             raise ActionError(401, "unauthorized", "sign in, or send an operator's token")
         self._may(session.role, access)
-        if access == "action" and not csrf_ok(session, await _csrf_of(request)):
+        if access in ("action", "session") and not csrf_ok(session, await _csrf_of(request)):
             raise ActionError(403, "csrf", "the form is stale or not from this console")
         return Visit(request, session.operator, session.role, session)
+
+    async def _check(self, token: str) -> Operator | None:
+        """The operator a token belongs to. A token seen before is known at once; a new
+        one costs scrypt (tens of milliseconds), done in a thread, a few at a time, so
+        guessing cannot stall the pages; too many waiting is a 429."""
+        known = self.tokens.known(token)
+        if known is not None:
+            return known
+        if self._checking.locked() and self._waiting >= MAX_WAITING_CHECKS:
+            raise ActionError(429, "busy", "too many sign-in attempts; try again shortly")
+        self._waiting += 1
+        try:
+            async with self._checking:
+                return await asyncio.to_thread(self.tokens.check, token)
+        finally:
+            self._waiting -= 1
 
     @staticmethod
     def _may(role: str, access: Access) -> None:
@@ -230,7 +259,7 @@ class Console:
     async def login(self, visit: Visit) -> web.StreamResponse:
         """Check a token; set the session cookie."""
         form = await visit.request.post()
-        operator: Operator | None = self.tokens.check(str(form.get("token", "")))
+        operator = await self._check(str(form.get("token", "")))
         if operator is None:
             self.metrics.signins.labels("refused").inc()
             log.warning("console sign-in refused")
@@ -313,12 +342,24 @@ class Console:
         self.metrics.live.inc()
         try:
             async with sse_response(visit.request, ping_interval=15) as stream:
-                while stream.is_connected():
-                    key = await queue.get()
-                    if not key:
-                        break  # the console is stopping
-                    if not wanted or key == wanted:
-                        await stream.send(json.dumps({"conversation": key}), event="change")
+                # The ping task ends when the page goes away: stop waiting then too.
+                gone = asyncio.ensure_future(stream.wait())
+                try:
+                    while stream.is_connected():
+                        change = asyncio.ensure_future(queue.get())
+                        await asyncio.wait({change, gone}, return_when=asyncio.FIRST_COMPLETED)
+                        if not change.done():
+                            change.cancel()
+                            break
+                        key = change.result()
+                        if not key:
+                            break  # the console is stopping
+                        if not wanted or key == wanted:
+                            await stream.send(json.dumps({"conversation": key}), event="change")
+                except ConnectionResetError:
+                    pass  # the page went away while it was being told
+                finally:
+                    gone.cancel()
                 return stream
         finally:
             self.metrics.live.dec()
@@ -356,7 +397,9 @@ class Console:
     async def replay_form(self, visit: Visit) -> web.StreamResponse:
         """Replay a dead letter; back to the list."""
         form = await visit.request.post()
-        await self.ops.replay(visit.operator, _seq(str(form.get("seq", ""))))
+        await self.ops.replay(
+            visit.operator, _seq(str(form.get("seq", ""))), str(form.get("nonce", ""))
+        )
         return web.HTTPSeeOther("/dead-letters")
 
     # --- the JSON API ---------------------------------------------------------
@@ -417,7 +460,9 @@ class Console:
 
     async def api_replay(self, visit: Visit) -> web.StreamResponse:
         """``POST /api/dead-letters/{seq}/replay``."""
-        result = await self.ops.replay(visit.operator, _seq(visit.request.match_info["seq"]))
+        result = await self.ops.replay(
+            visit.operator, _seq(visit.request.match_info["seq"]), _key(visit)
+        )
         return _json(result, status=202)
 
     async def openapi(self, visit: Visit) -> web.StreamResponse:
@@ -523,9 +568,17 @@ def _seq(text: str) -> int:
 
 
 def _local(values: Any, default: str = "/") -> str:
-    """Where to go after a form: a path of this console, never another site."""
+    """Where to go after a form: a path of this console, never another site.
+
+    Browsers and URL libraries drop tabs and newlines (``/\t/evil`` becomes ``//evil``)
+    and read ``\\`` as ``/``, so a target with any of them, or with a scheme or host,
+    is refused.
+    """
     target = str(values.get("next", "") or values.get("back", "") or default)
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+    if any(c.isspace() or unicodedata.category(c)[0] == "C" or c == "\\" for c in target):
+        return default
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
         return default
     return target
 

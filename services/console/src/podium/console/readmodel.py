@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 
 #: How far back spend by day goes.
 SPEND_DAYS = 30
+#: How long a timeline waits for the next stored event before showing what it has.
+STORED_WAIT_S = 5.0
 _CONVERSATION = msgspec.json.Decoder(Conversation)
 
 
@@ -112,14 +114,24 @@ class Index:
 
     async def _follow(self) -> None:
         while True:
+            watcher = None
             try:
                 kv = await self.js.key_value(streams.CONVERSATIONS.name)
                 watcher = await kv.watchall()
                 self.problem = ""
+                # A watch (again) starts with every conversation as it is now: what was
+                # deleted while it was cut off goes once that first read is complete.
+                seen: set[str] | None = set()
                 async for entry in watcher:
                     if entry is None:
+                        if seen is not None:
+                            for gone in set(self.conversations) - seen:
+                                self._apply(gone, None, KV_DEL)
+                            seen = None
                         self.loaded.set()
                         continue
+                    if seen is not None:
+                        seen.add(entry.key)
                     self._apply(entry.key, entry.value, entry.operation)
             except asyncio.CancelledError:
                 raise
@@ -127,6 +139,10 @@ class Index:
                 self.problem = f"cannot follow the conversations bucket: {err!r}"
                 log.warning("conversation watch failed", extra={"error": repr(err)})
                 await asyncio.sleep(2.0)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()  # type: ignore[no-untyped-call]
 
     def _apply(self, key: str, value: bytes | None, operation: str | None) -> None:
         if operation in (KV_DEL, KV_PURGE) or not value:
@@ -261,16 +277,20 @@ async def stored(js: JetStreamContext, stream: str, subject: str, limit: int) ->
     An ordered consumer reads them and goes; none is made when nothing is stored there.
     """
     info = await js.stream_info(stream, subjects_filter=subject)
-    total = sum((info.state.subjects or {}).values())
-    if not total:
+    if not sum((info.state.subjects or {}).values()):
         return []
     found: collections.deque[Msg] = collections.deque(maxlen=limit)
     sub = await js.subscribe(
         subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
     )
     try:
-        for _ in range(total):
-            msg = await sub.next_msg(timeout=5.0)
+        # Until nothing is pending: what was stored since the count above is read too.
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=STORED_WAIT_S)
+            except TimeoutError:
+                log.warning("stored events cut short", extra={"subject": subject})
+                break  # shown as far as it was read
             found.append(msg)
             if msg.metadata.num_pending == 0:
                 break
@@ -420,12 +440,21 @@ def _outbound(event: SendEmail | SendSms | ApiReply, replies: ReplyLookup) -> Ti
 
 
 class Spend:
-    """Turn and task costs by day, followed from TURNS and RESULTS."""
+    """Turn and task costs by day, followed from TURNS and RESULTS (each stored once)."""
 
     def __init__(self, js: JetStreamContext) -> None:
         self.js = js
-        self.by_day: dict[str, float] = collections.defaultdict(float)
-        self._seen: set[str] = set()
+        #: Per followed subject: cost by day (a feed that starts again starts from zero).
+        self._feeds: dict[str, dict[str, float]] = {}
+
+    @property
+    def by_day(self) -> dict[str, float]:
+        """Cost by day (UTC), both feeds together."""
+        total: dict[str, float] = collections.defaultdict(float)
+        for feed in self._feeds.values():
+            for day, usd in feed.items():
+                total[day] += usd
+        return total
 
     async def start(self, spawn: Spawn) -> None:
         """Follow both streams from :data:`SPEND_DAYS` ago."""
@@ -436,8 +465,11 @@ class Spend:
             spawn(self._follow(stream, subject), f"spend:{subject}")
 
     async def _follow(self, stream: str, subject: str) -> None:
-        since = datetime.now(UTC) - timedelta(days=SPEND_DAYS)
         while True:
+            sub = None
+            since = datetime.now(UTC) - timedelta(days=SPEND_DAYS)
+            feed: dict[str, float] = collections.defaultdict(float)
+            self._feeds[subject] = feed
             try:
                 sub = await self.js.subscribe(
                     subject,
@@ -451,24 +483,25 @@ class Spend:
                         msg = await sub.next_msg(timeout=30.0)
                     except TimeoutError:
                         continue
-                    self._count(msg)
+                    _count(feed, msg)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # noqa: BLE001 - follow again
                 log.warning("spend feed failed", extra={"error": repr(err)})
                 await asyncio.sleep(2.0)
+            finally:
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
 
-    def _count(self, msg: Msg) -> None:
-        try:
-            event = decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return
-        if not isinstance(event, TurnRecorded | TaskResult) or event.event_id in self._seen:
-            return
-        if len(self._seen) > 1_000_000:
-            self._seen.clear()
-        self._seen.add(event.event_id)
-        self.by_day[event.at.astimezone(UTC).date().isoformat()] += event.cost_usd
+
+def _count(feed: dict[str, float], msg: Msg) -> None:
+    try:
+        event = decode(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return
+    if isinstance(event, TurnRecorded | TaskResult):
+        feed[event.at.astimezone(UTC).date().isoformat()] += event.cost_usd
 
 
 def _start_at(since: datetime) -> ConsumerConfig:

@@ -16,15 +16,35 @@ function refresh() {
       shown = mine;
       const fresh = new DOMParser().parseFromString(html, "text/html").getElementById("main");
       const main = document.getElementById("main");
-      // Keep what an operator is typing.
-      const typing = document.activeElement && main.contains(document.activeElement)
-        && document.activeElement.tagName === "TEXTAREA" && document.activeElement.value;
-      if (fresh && !typing) {
-        main.replaceWith(fresh);
-        wire(fresh);
-      }
+      if (!fresh) return;
+      // Keep what an operator has typed (a draft answer, a reason), and where.
+      const drafts = new Map();
+      main.querySelectorAll("textarea, input[type=text], input[type=search]").forEach((field) => {
+        if (field.value) drafts.set(fieldKey(field), field.value);
+      });
+      const focused = document.activeElement && main.contains(document.activeElement)
+        ? fieldKey(document.activeElement) : null;
+      main.replaceWith(fresh);
+      fresh.querySelectorAll("textarea, input[type=text], input[type=search]").forEach((field) => {
+        const key = fieldKey(field);
+        if (drafts.has(key)) field.value = drafts.get(key);
+        if (key === focused) field.focus();
+      });
+      wire(fresh);
     })
     .catch(() => {});
+}
+
+// A form field's identity across refreshes: its form's action and hidden values, and
+// its name.
+function fieldKey(field) {
+  const form = field.form;
+  const hidden = form
+    ? Array.from(form.querySelectorAll("input[type=hidden]"))
+      .filter((h) => h.name !== "csrf" && h.name !== "nonce")
+      .map((h) => h.name + "=" + h.value).join("&")
+    : "";
+  return (form ? form.getAttribute("action") : "") + "?" + hidden + "#" + field.name;
 }
 
 function wire(root) {
