@@ -71,6 +71,24 @@ def test_up_then_demo_then_ctrl_c(tmp_path: Path) -> None:
         assert "← reply to ada@example.com" in demo.stdout
         assert "Subject: Re: Launch checklist" in demo.stdout
         assert (tmp_path / "home" / "outbox.jsonl").exists()
+
+        # The console runs too, and the operator verbs find it (and its token) through
+        # the home folder, with nothing to configure.
+        match = re.search(r"Console:\s+(http://127\.0\.0\.1:\d+)", text)
+        assert match, text
+        listed = subprocess.run(
+            [*PODIUM, "conversations", "--json", "--home", str(tmp_path / "home")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        (conversation,) = json.loads(listed.stdout)["conversations"]
+        assert conversation["channel"] == "email"
+        assert conversation["participants"] == ["ada@example.com"]
+        assert (tmp_path / "home" / "console-token").stat().st_mode & 0o077 == 0
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(timeout=30)

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import aiohttp
+import jsonschema
 import pytest
 from nats.js import JetStreamContext
 
@@ -33,8 +34,8 @@ from podium.console.handlers import _local, inert
 from podium.contracts import events, streams
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply
 from podium.testing.bus import quiescent
-from podium.testing.platform import ALL, OPERATOR_TOKEN, VIEWER_TOKEN, Platform
-from tests.conftest import user_env
+from podium.testing.platform import ALL, OPERATOR_TOKEN, TOKEN, VIEWER_TOKEN, Platform
+from tests.conftest import ROOT, user_env
 from tests.test_claude_e2e import is_worker, task_id_in
 
 pytestmark = pytest.mark.e2e
@@ -658,3 +659,45 @@ def test_an_inbound_message_cannot_pass_for_an_operator() -> None:
 
 def email_block_of(text: str) -> str:
     return email_block("mallory@example.com", "podium@example.com", "hi", text)
+
+
+async def test_both_apis_serve_their_document_and_answer_as_it_says(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    committed = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    platform = Platform(nats_server.url, tmp_path, services=ALL).start()
+    try:
+        await platform.ready()
+        async with aiohttp.ClientSession() as http:
+            for base in (platform.url, platform.console_url):
+                async with http.get(base + "/openapi.json") as resp:
+                    assert await resp.json() == committed
+        sent = await platform.send("Count the words in this sentence.")
+        await platform.wait_outbox(1)
+        conversation = sent["conversation_id"]
+        async with aiohttp.ClientSession() as http:
+            token = {"Authorization": f"Bearer {TOKEN}"}
+            async with http.get(
+                f"{platform.url}/v1/conversations/{conversation}", headers=token
+            ) as resp:
+                answers = [("/v1/conversations/{conversation_id}", "get", await resp.json())]
+        answers.append(("/v1/messages", "post", sent))
+        url = platform.console_url
+        for path, real in (
+            ("/api/conversations", "/api/conversations"),
+            ("/api/conversations/{conversation_id}", f"/api/conversations/{conversation}"),
+            ("/api/tasks", "/api/tasks"),
+            ("/api/escalations", "/api/escalations"),
+            ("/api/spend", "/api/spend"),
+            ("/api/dead-letters", "/api/dead-letters"),
+        ):
+            answers.append((path, "get", await api_get(url, real)))
+    finally:
+        platform.stop()
+    for path, method, body in answers:
+        responses = committed["paths"][path][method]["responses"]
+        ok = next(v for k, v in responses.items() if k.startswith("2"))
+        schema = {**ok["content"]["application/json"]["schema"], **committed}
+        jsonschema.validate(body, schema)  # the answer is what the document says
+    detail = answers[3][2]
+    assert [e["kind"] for e in detail["timeline"]][:2] == ["inbound", "turn"]
