@@ -49,6 +49,18 @@ async def publish(
     return ack
 
 
+async def publish_soon(
+    js: JetStreamContext, subject: str, event: Event, *, msg_id: str | None = None
+) -> asyncio.Future[PubAck]:
+    """Publish ``event`` durably without waiting: JetStream's acknowledgement comes in the
+    returned future (await it with a timeout; nats-py's ``publish_async``). For what
+    may be stored alongside other publishes rather than before them."""
+    future: asyncio.Future[PubAck] = await js.publish_async(
+        subject, encode(event), headers=headers_for(event, msg_id=msg_id)
+    )
+    return future
+
+
 #: The oldest nats-server Podium works with: the conductor rewinds a partition's
 #: consumers to their ack floor when it takes the partition over
 #: (``$JS.API.CONSUMER.RESET``, server 2.14), and INBOUND and RESULTS partition
