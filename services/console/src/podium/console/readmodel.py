@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -135,6 +136,8 @@ class Index:
                     self._apply(entry.key, entry.value, entry.operation)
             except asyncio.CancelledError:
                 raise
+            except ConnectionClosedError:
+                return  # the service is stopping
             except Exception as err:  # noqa: BLE001 - follow again; readiness says why
                 self.problem = f"cannot follow the conversations bucket: {err!r}"
                 log.warning("conversation watch failed", extra={"error": repr(err)})
@@ -486,6 +489,8 @@ class Spend:
                     _count(feed, msg)
             except asyncio.CancelledError:
                 raise
+            except ConnectionClosedError:
+                return  # the service is stopping
             except Exception as err:  # noqa: BLE001 - follow again
                 log.warning("spend feed failed", extra={"error": repr(err)})
                 await asyncio.sleep(2.0)
