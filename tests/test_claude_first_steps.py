@@ -126,11 +126,16 @@ def claude_platform(
     **per_service: str,
 ) -> Platform:
     """The services with the real CLI (``PODIUM_<ROLE>_CLAUDE_BIN`` may point one role at
-    its own copy of the CLI, which the test may take away)."""
+    its own copy of the CLI, which the test may take away).
+
+    Without spares: a spare started before the CLI was taken away would still serve the
+    first session (tests/test_spares.py); these tests are about starting one.
+    """
     return Platform(
         nats.url,
         root,
         env={
+            "PODIUM_AGENT_SPARES": "0",
             "PODIUM_AGENT": "claude",
             "PODIUM_CLAUDE_BIN": claude_bin,
             "ANTHROPIC_BASE_URL": api.base_url,

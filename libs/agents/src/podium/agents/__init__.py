@@ -41,7 +41,9 @@ Outcome = Literal[
     # The agent's process could not be started (the CLI is missing or not executable).
     "cannot_start",
 ]
-Mode = Literal["cold", "warm"]
+#: cold: a process started for the turn; warm: a live process answered it; spare: a
+#: process started ahead of time answered the first turn of its session.
+Mode = Literal["cold", "warm", "spare"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,10 @@ class AgentRuntime(Protocol):
 
     async def forget(self, key: str) -> None:
         """Drop any live state of ``key``'s session (another replica moved it on)."""
+
+    def keep_spares(self, template: AgentCall) -> None:
+        """Keep processes started ahead for new sessions shaped like ``template`` (its role,
+        system prompt and schema); a template that differs replaces the spares."""
 
     def live(self) -> int:
         """Live agent processes held now."""

@@ -96,6 +96,9 @@ class OfflineRuntime:
     async def forget(self, key: str) -> None:
         """Nothing is held between turns."""
 
+    def keep_spares(self, template: AgentCall) -> None:
+        """No processes to start ahead."""
+
     def live(self) -> int:
         """No processes."""
         return 0

@@ -193,6 +193,19 @@ class Agents:
         """The working directory of ``key``'s session: the same path on every replica."""
         return self._workdirs / key
 
+    def keep_spares(self, system_prompt: str, json_schema: str | None = None) -> None:
+        """Keep agent processes started ahead for new sessions of this role, with this
+        system prompt and schema (``PODIUM_AGENT_SPARES``; see ``podium.agents.claude``)."""
+        template = AgentCall(
+            role=self.role,
+            key=".spare",
+            prompt="",
+            workdir=self._workdirs / ".spare",
+            system_prompt=system_prompt,
+            json_schema=json_schema,
+        )
+        self.runtime.keep_spares(template)
+
     # --- a turn ------------------------------------------------------------
 
     async def run(self, call: AgentCall) -> AgentAnswer:

@@ -212,6 +212,17 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
             ge=0,
         ),
     ] = 8
+    agent_spares: Annotated[
+        int,
+        setting(
+            "Spare CLI processes kept started, each with its own fresh directory and session "
+            "id, for new conversations or tasks to adopt instead of waiting for a start-up "
+            "(about 0.5 s). They count against the memory budget. 0 = none; no spares "
+            "without a pool.",
+            ge=0,
+            le=16,
+        ),
+    ] = 1
     agent_idle_timeout_s: Annotated[
         float, setting("A warm session idle this long is closed.", gt=0)
     ] = 600.0

@@ -118,6 +118,8 @@ class ConductorService:
         self._ctx = ctx
         self._handler = conductor.handle
         self._conductor = conductor
+        # New conversations adopt a CLI started ahead instead of waiting for one.
+        self.agents.keep_spares(conductor.role_prompt, conductor.schema)
         self.partitions = PartitionManager(
             await Store.open(ctx.js, streams.CONDUCTORS.name, Lease),
             replica=self.agents.replica,

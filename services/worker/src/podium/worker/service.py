@@ -208,6 +208,8 @@ class WorkerService:
             metrics=ctx.metrics,
             own_metrics=own,
         )
+        # New tasks adopt a CLI started ahead instead of waiting for one.
+        self.agents.keep_spares(worker.role_prompt)
         self._kills = await ctx.nc.subscribe(subjects.KILL_ALL, cb=worker.on_kill)
         self.consumer = PullConsumer(
             ctx.nc,
