@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from podium.agents import AgentAnswer, AgentCall, sessions
-from podium.agents.claude import ClaudeRuntime
+from podium.agents.claude import SPARE_PREFIX, ClaudeRuntime
 from podium.agents.sessions import Agents
 from podium.common.config import AgentSettings
 from podium.common.kv import Store
@@ -85,7 +85,8 @@ async def api(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeAnthropic]:
 
 
 def processes_in(directory: Path) -> list[int]:
-    """Pids of live processes whose working directory is inside ``directory``."""
+    """Pids of live processes whose working directory is inside ``directory`` (a spare
+    waiting in its own directory there is no task's)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -94,7 +95,7 @@ def processes_in(directory: Path) -> list[int]:
             cwd = os.readlink(entry / "cwd")
         except OSError:
             continue
-        if cwd.startswith(str(directory)):
+        if cwd.startswith(str(directory)) and SPARE_PREFIX not in cwd:
             found.append(int(entry.name))
     return found
 

@@ -7,7 +7,6 @@ structured command format; the model is a scripted local Messages API server.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from podium.common.kv import Store
 from podium.contracts import streams
 from podium.contracts.state import Conversation
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply
+from tests.test_agent_sessions import processes_in
 from tests.test_claude_e2e import claude_platform, is_worker, task_id_in
 
 pytestmark = [pytest.mark.claude, pytest.mark.e2e]
@@ -39,18 +39,6 @@ async def conversation(js: JetStreamContext, conversation_id: str) -> Conversati
     found = await store.get(conversation_id)
     assert found is not None
     return found[0]
-
-
-def processes_in(directory: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.readlink(entry / "cwd").startswith(str(directory)):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 async def test_validation_sends_the_worker_back_then_accepts(

@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from podium.agents import AgentCall
-from podium.agents.claude import SPARE_PREFIX, ClaudeRuntime
+from podium.agents.claude import SPARE_PREFIX, ClaudeRuntime, project_dir_name
 from podium.agents.sessions import Agents
 from podium.common.config import AgentSettings
 from podium.common.metrics import Metrics
@@ -111,6 +111,14 @@ async def test_a_new_task_adopts_a_spare_and_its_session_lives_on(
         assert a.workdir("t1").is_dir() and not a.workdir("t1").is_symlink()
         assert (a.workdir("t1") / "inputs" / "brief.txt").read_text() == "the brief"
         assert spare_dir.is_symlink()
+        # Its transcript is looked for where the process files it (by the spare's name),
+        # so storing the session waits for the turn's line there, not for a timeout.
+        call = task(a, "t1", "", spare_session)
+        assert runtime_of(a).transcript_path(call, spare_session).parent.name == (
+            project_dir_name(spare_dir)
+        )
+        await a.settled("t1")
+        assert "TULIP" in runtime_of(a).transcript_path(call, spare_session).read_text()
         (a.workdir("t1") / "notes.txt").write_text("made on a")
         second = await a.run(task(a, "t1", "second turn", first.session_id))
         assert (second.ok, second.mode, second.session_id) == (True, "warm", spare_session)

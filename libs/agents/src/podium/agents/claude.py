@@ -140,6 +140,9 @@ class WarmSession:
     last_message: str = ""
     #: A spare adopted for a new session: its first turn paid no start-up.
     adopted: bool = False
+    #: Where an adopted spare files its transcript under ``projects/``: the CLI names
+    #: it by the directory it started in, the spare's ("" = the key's own).
+    project: str = ""
 
     @property
     def alive(self) -> bool:
@@ -305,7 +308,13 @@ class ClaudeRuntime:
     def transcript_path(self, call: AgentCall, session_id: str) -> Path:
         """The CLI's transcript of ``session_id`` (it names the project by the workdir)."""
         projects = self.config_dir(call) / "projects"
-        expected = projects / project_dir_name(call.workdir) / f"{session_id}.jsonl"
+        warm = self.pool.get(call.key)
+        project = (
+            warm.project
+            if warm is not None and warm.project and warm.session_id == session_id
+            else project_dir_name(call.workdir)
+        )
+        expected = projects / project / f"{session_id}.jsonl"
         if not expected.exists():
             # Should the CLI ever name project directories differently, find the file.
             found = next(iter(projects.glob(f"*/{session_id}.jsonl")), None)
@@ -651,6 +660,7 @@ class ClaudeRuntime:
                 continue
             adopted = spare.warm
             adopted.key, adopted.turns, adopted.adopted = call.key, 0, True
+            adopted.project = project_dir_name(spare.workdir)
             adopted.last_used = time.monotonic()
             self.pool[call.key] = adopted
             self._aliases[call.key] = (spare.workdir, spare.config)

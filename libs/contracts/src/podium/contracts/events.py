@@ -299,6 +299,9 @@ class TurnRecorded(Event, frozen=True, kw_only=True, tag="conductor.turn"):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    #: Why this turn began a new agent session (``turns``, ``input_tokens``,
+    #: ``session_lost``); empty when it went on with the conversation's session.
+    new_session: str = ""
 
 
 class OperatorAnswer(Event, frozen=True, kw_only=True, tag="operator.answer"):

@@ -41,6 +41,9 @@ MAX_OUTBOUND = 100
 #: Files kept for a conversation's tasks, and artifacts it may attach (the newest).
 MAX_MEDIA = 50
 MAX_ARTIFACTS = 200
+#: What the agent was last given, kept verbatim for a rotated session's summary.
+MAX_RECENT = 6
+MAX_RECENT_CHARS = 3000
 
 
 class TaskInfo(msgspec.Struct, kw_only=True):
@@ -56,6 +59,8 @@ class TaskInfo(msgspec.Struct, kw_only=True):
     updated_at: datetime = msgspec.field(default_factory=utcnow)
     #: What the task's turns cost so far, as its results reported.
     cost_usd: float = 0.0
+    #: The worker's question while it waits for an answer (``needs_input``).
+    question: str = ""
 
 
 #: Where a conversation stands for operators: ``escalated`` waits for an operator's
@@ -141,6 +146,13 @@ class Conversation(msgspec.Struct, kw_only=True):
     state: ConversationState = "open"
     #: Why it was last escalated (what the operator is asked to look at).
     escalation: str = ""
+    #: Turns of the current agent session, and the input tokens of its latest turn:
+    #: what decides when it is rotated (``PODIUM_ROTATE_*``).
+    session_turns: int = 0
+    session_input_tokens: int = 0
+    rotations: int = 0
+    #: The last few blocks the agent was given (messages, worker reports), verbatim.
+    recent: list[str] = []
 
 
 class TaskRecord(msgspec.Struct, kw_only=True):

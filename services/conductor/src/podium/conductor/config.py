@@ -130,6 +130,23 @@ class ConductorSettings(AgentSettings, frozen=True, kw_only=True):
             gt=0,
         ),
     ] = 5.0
+    rotate_turns: Annotated[
+        int,
+        setting(
+            "Turns after which a conversation's agent session is rotated: the next turn "
+            "starts a new session, seeded with a summary the platform writes from the "
+            "conversation record (0 = never by turns).",
+            ge=0,
+        ),
+    ] = 20
+    rotate_input_tokens: Annotated[
+        int,
+        setting(
+            "Input tokens of a turn (as the CLI reports them, cache reads included) past "
+            "which the session is rotated before the next turn (0 = never by size).",
+            ge=0,
+        ),
+    ] = 60000
     task_timeout_s: Annotated[
         float, setting("Deadline of a worker task; past it the worker kills it (FAILED).", gt=0)
     ] = 1800.0

@@ -39,7 +39,7 @@ from podium.conductor.prompts import (
     ROLE,
     artifact_facts,
     inbound_block,
-    lost_session_summary,
+    session_summary,
     system_block,
 )
 from podium.contracts import subjects
@@ -70,6 +70,8 @@ from podium.contracts.state import (
     MAX_ARTIFACTS,
     MAX_HANDLED,
     MAX_MEDIA,
+    MAX_RECENT,
+    MAX_RECENT_CHARS,
     MAX_REFERENCES,
     STATE_AFTER,
     Conversation,
@@ -406,8 +408,9 @@ class Conductor:
         conv.notes = []
         if failures_before is None:
             failures_before = conv.failed_tasks
-        answer = await self._ask(conv, prompt, delivery, trigger)
+        answer, new_session = await self._ask(conv, prompt, delivery, trigger)
         conv.spend_usd += answer.cost_usd
+        conv.recent = [*conv.recent, block[:MAX_RECENT_CHARS]][-MAX_RECENT:]
         effects = Effects()
         conv.session_id = answer.session_id
         log.debug("agent turn", extra={"prompt": prompt[:4000], "answer": answer.text[:4000]})
@@ -448,6 +451,7 @@ class Conductor:
                     parsed=parsed,
                     effects=effects,
                     started_at=started_at,
+                    new_session=new_session,
                 ),
             )
         )
@@ -470,8 +474,15 @@ class Conductor:
 
     async def _ask(
         self, conv: Conversation, prompt: str, delivery: Delivery, trigger: str
-    ) -> AgentAnswer:
-        """Run the agent; the answer if it succeeded.
+    ) -> tuple[AgentAnswer, str]:
+        """Run the agent; the answer if it succeeded, and why it began a new session
+        (empty if it went on with the conversation's).
+
+        A session past ``PODIUM_ROTATE_TURNS`` turns, or whose latest turn
+        took more than ``PODIUM_ROTATE_INPUT_TOKENS`` input tokens, is
+        rotated: this turn starts a new one, told first what the platform's record
+        says (:func:`session_summary`), so a turn's cost does not grow with the
+        conversation's age. Nothing is sent for it; the requester sees no difference.
 
         A failure raises ``Retry``: the turn is tried again (after
         ``PODIUM_TURN_RETRY_DELAY_S`` times the attempt), and after the last attempt the
@@ -488,6 +499,11 @@ class Conductor:
             timeout_s=self.settings.agent_timeout_s,
             json_schema=self.schema,
         )
+        new_session = self._rotation(conv) if call.session_id else ""
+        if new_session:
+            call = replace(
+                call, prompt=session_summary(conv, new_session) + prompt, session_id=None
+            )
         self.own.active_turns.inc()
         try:
             answer = await self.agents.run(call)
@@ -495,13 +511,33 @@ class Conductor:
                 # The session cannot be resumed anywhere: start a new one that is told
                 # what happened so far (logged and counted by the session keeper too).
                 log.warning("conductor session lost; starting afresh with a summary")
-                call = replace(call, prompt=lost_session_summary(conv) + prompt, session_id=None)
+                new_session = "session_lost"
+                call = replace(
+                    call, prompt=session_summary(conv, new_session) + prompt, session_id=None
+                )
                 answer = await self.agents.run(call)
         finally:
             self.own.active_turns.dec()
         self.own.turns.labels(trigger, answer.outcome).inc()
         if answer.ok:
-            return answer
+            if new_session in ("turns", "input_tokens"):
+                self.own.rotations.labels(new_session).inc()
+                log.info(
+                    "conductor session rotated",
+                    extra={
+                        "reason": new_session,
+                        "session_turns": conv.session_turns,
+                        "input_tokens": conv.session_input_tokens,
+                        "old_session_id": conv.session_id,
+                        "session_id": answer.session_id,
+                    },
+                )
+                conv.rotations += 1
+            conv.session_turns = 1 if new_session else conv.session_turns + 1
+            conv.session_input_tokens = (
+                answer.input_tokens + answer.cache_read_tokens + answer.cache_creation_tokens
+            )
+            return answer, new_session
         log.warning(
             "conductor turn failed",
             extra={"outcome": answer.outcome, "error": answer.error[:500]},
@@ -510,6 +546,15 @@ class Conductor:
         raise Retry(
             f"the conductor agent failed ({answer.outcome}): {answer.error[:500]}", delay_s=delay
         )
+
+    def _rotation(self, conv: Conversation) -> str:
+        """Why the conversation's session should be rotated before this turn, or ""."""
+        turns, tokens = self.settings.rotate_turns, self.settings.rotate_input_tokens
+        if turns and conv.session_turns >= turns:
+            return "turns"
+        if tokens and conv.session_input_tokens >= tokens:
+            return "input_tokens"
+        return ""
 
     async def _load(self, conversation_id: str) -> tuple[Conversation, int] | None:
         """The conversation and its revision, with any decisions a crash left unpublished
@@ -615,6 +660,7 @@ def _turn_record(
     parsed: cmds.Parsed,
     effects: Effects,
     started_at: float,
+    new_session: str = "",
 ) -> TurnRecorded:
     """What the turn was given and answered, for the console's timeline."""
     done: list[str] = []
@@ -647,6 +693,7 @@ def _turn_record(
         duration_ms=answer.duration_ms or int((time.time() - started_at) * 1000),
         input_tokens=answer.input_tokens,
         output_tokens=answer.output_tokens,
+        new_session=new_session,
         cost_usd=answer.cost_usd,
         # When it ran: before what it sent, in the timeline.
         at=datetime.fromtimestamp(started_at, UTC),
@@ -691,6 +738,11 @@ def _account(conv: Conversation, event: TaskResult) -> None:
         return
     task.state = STATE_AFTER[event.status]
     task.summary = event.summary[:500]
+    task.question = (
+        f"{event.summary}\n{event.details}".strip()[:MAX_RECENT_CHARS]
+        if task.state == "needs_input"
+        else ""
+    )
     task.updated_at = utcnow()
     if event.event_id not in conv.accounted:
         task.cost_usd += event.cost_usd

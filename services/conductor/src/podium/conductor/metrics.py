@@ -45,6 +45,13 @@ class ConductorMetrics:
             "Events already handled (redelivered or replayed), skipped without a turn",
             registry=registry,
         )
+        self.rotations = Counter(
+            f"{PREFIX}_conductor_session_rotations_total",
+            "Conversations' agent sessions rotated (a new one seeded with the platform's "
+            "summary), by what passed its bound: turns or input_tokens",
+            ["reason"],
+            registry=registry,
+        )
         self.active_turns = Gauge(
             f"{PREFIX}_conductor_active_turns",
             "Agent turns running now",

@@ -6,7 +6,7 @@ import json
 
 from podium.agents import protocol
 from podium.contracts.events import InboundMessage, Media, TaskResult
-from podium.contracts.state import FINISHED, Conversation
+from podium.contracts.state import FINISHED, MAX_RECENT_CHARS, Conversation
 
 ROLE = """\
 You are the conductor of Podium, an autonomous agent platform. People write to you by
@@ -133,15 +133,46 @@ def system_block(conv: Conversation) -> str:
     return "[SYSTEM]\n" + "\n".join(parts) + "\n---\n"
 
 
-def lost_session_summary(conv: Conversation) -> str:
-    """A restart prompt for a conversation whose agent session could not be resumed."""
-    tasks = "\n".join(
-        f"- {t.task_id}: {t.state}; {t.instructions[:200]}" for t in conv.tasks.values()
-    )
-    sent = len(conv.outbound)
-    return (
-        "[SYSTEM]\nYour earlier session for this conversation was lost; this is a summary.\n"
-        f"Original request:\n{conv.original_request}\n"
-        f"Tasks so far:\n{tasks or '- none'}\n"
-        f"Messages sent so far: {sent}\n---\n"
-    )
+#: Why a turn begins a new session, as the agent is told.
+NEW_SESSION_WHY = {
+    "session_lost": "Your earlier session for this conversation was lost",
+    "turns": "This conversation goes on in a new session (the old one grew long)",
+    "input_tokens": "This conversation goes on in a new session (the old one grew long)",
+}
+
+
+def session_summary(conv: Conversation, why: str) -> str:
+    """What a new session of a going conversation is told first, written by the
+    platform from the conversation record: the original request, every task and its
+    state (a waiting worker's question in full), what was sent, and the last few
+    blocks the agent was given, verbatim. Nothing the agent must act on is lost: open
+    tasks and pending questions are here, and the turn's own block follows."""
+    parts = [
+        f"[SYSTEM]\n{NEW_SESSION_WHY.get(why, NEW_SESSION_WHY['turns'])}; this summary, "
+        "written by the platform, is what you need from it. Carry on as before: the same "
+        "commands, the same tasks.",
+        f"Original request:\n{conv.original_request[:MAX_RECENT_CHARS]}",
+    ]
+    if conv.tasks:
+        parts.append("Tasks (all of this conversation's; ids as before):")
+        for t in conv.tasks.values():
+            line = f"- {t.task_id} ({t.state}): {' '.join(t.instructions.split())[:300]}"
+            if t.summary and t.state != "needs_input":
+                line += f"\n  Last report: {t.summary[:300]}"
+            if t.state == "needs_input":
+                question = t.question or t.summary
+                line += f"\n  Waiting for your answer (TELL_WORKER {t.task_id}): {question}"
+            parts.append(line)
+    else:
+        parts.append("Tasks: none so far.")
+    if conv.outbound:
+        parts.append(f"Messages sent in this conversation: {len(conv.outbound)}; the last:")
+        for out in conv.outbound[-3:]:
+            to = ", ".join(out.to)
+            parts.append(f"- {out.kind} to {to} at {out.at:%Y-%m-%d %H:%M}Z:\n{out.body[:1500]}")
+    else:
+        parts.append("Messages sent in this conversation: none yet.")
+    if conv.recent:
+        parts.append("What you were given last (oldest first, verbatim):")
+        parts += conv.recent
+    return "\n".join(parts) + "\n--- (end of the summary; this turn's input follows)\n"
