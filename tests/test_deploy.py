@@ -34,6 +34,7 @@ import yaml
 from compose_spec.compose_spec import PyOptions
 from prometheus_client.parser import text_string_to_metric_families
 
+from podium.agents.claude import SERVICE_RESERVE_MB
 from podium.cli.natsserver import NatsServer, free_port
 from podium.common.config import variables
 from podium.common.runtime import CLOSE_GRACE_S
@@ -214,6 +215,35 @@ def test_services_are_operable(rendered: dict[str, list[dict[str, Any]]], path: 
     job = find(objs, "Job", "podium-provision")
     assert container(job)["args"][0] == "provision"
     assert env_value(objs, job, "PODIUM_NATS_USER") == access.ADMIN
+
+
+def mebibytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (``4Gi``, ``512Mi``) in MiB."""
+    units = {"Gi": 1024, "Mi": 1, "G": 1000**3 / 1024**2, "M": 1000**2 / 1024**2}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity) // 1024**2
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_agent_memory_budgets_fit_the_limits(
+    rendered: dict[str, list[dict[str, Any]]], path: str
+) -> None:
+    # The agents' budget, and the service beside it, fit the container's memory limit
+    # (the service refuses to start otherwise), and it holds at least what the service
+    # runs at once with its spares.
+    objs = rendered[path]
+    for name in ("conductor", "worker"):
+        deployment = find(objs, "Deployment", name)
+        limit = mebibytes(container(deployment)["resources"]["limits"]["memory"])
+        budget = env_value(objs, deployment, "PODIUM_AGENT_MEMORY_BUDGET_MB")
+        assert budget is not None, f"{path}: {name} sets no agent memory budget"
+        assert 0 < int(budget) <= limit - SERVICE_RESERVE_MB, f"{path}: {name}"
+        defaults = SETTINGS[name]()
+        at_once = int(env_value(objs, deployment, "PODIUM_WORKER_SLOTS") or 1)
+        spares = getattr(defaults, "agent_spares", 0)
+        assert int(budget) >= getattr(defaults, "agent_process_mb", 0) * (at_once + spares)
 
 
 @pytest.mark.parametrize("path", OVERLAYS)

@@ -23,6 +23,9 @@ from podium.common.errors import ConfigError
 from podium.common.runtime import Spawn
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from podium.agents.memory import MemoryUse
     from podium.agents.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,10 @@ class AgentRuntime(Protocol):
     kind: str
     #: Who owns the runtime's long-lived loops (set by ``Agents.start``).
     spawn: Spawn
+    #: Told of each measurement of the runtime's processes, and of each live process it
+    #: let go to make room (why: memory, pool_full, idle, spare); set by ``Agents``.
+    on_memory: Callable[[MemoryUse], None]
+    on_evict: Callable[[str], None]
 
     async def check(self) -> str:
         """Check that agents can run; what runs them (for the log). At start, and again

@@ -44,14 +44,17 @@ import logging
 import os
 import re
 import shutil
+import statistics
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 from podium.agents import AgentAnswer, AgentCall, Mode, Outcome
+from podium.agents.memory import MB, MemoryUse, cgroup_memory_limit, tree_rss
 from podium.agents.sandbox import Sandbox, package_root
 from podium.common.config import AgentSettings, PermissionMode
 from podium.common.errors import AgentUnavailable
@@ -116,6 +119,18 @@ def resolve_claude_bin(configured: str) -> str:
 
 class CannotStart(Exception):
     """The CLI's process could not be started (becomes a ``cannot_start`` answer)."""
+
+
+class NoRoom(Exception):
+    """The memory budget has no room for another process (a ``busy`` answer)."""
+
+
+#: What the service itself needs beside its agents' budget, in a container's limit.
+SERVICE_RESERVE_MB = 256
+#: A process younger than this is still starting up: it counts at least the estimate.
+STARTING_S = 3.0
+#: How often live processes are measured (for the metrics and a budget outgrown).
+MEASURE_EVERY_S = 2.0
 
 
 def project_dir_name(workdir: Path) -> str:
@@ -240,6 +255,17 @@ class ClaudeRuntime:
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._problem = ""
+        #: Every live process started here, and when (one-shots and warm ones alike).
+        self._procs: dict[int, tuple[asyncio.subprocess.Process, float]] = {}
+        #: Held from the budget check until the new process is counted.
+        self._admission = asyncio.Lock()
+        self._freed = asyncio.Event()
+        self._per_process = settings.agent_process_mb * MB
+        self._rss: dict[int, int] = {}
+        self._memory = MemoryUse(budget=settings.agent_memory_budget_mb * MB)
+        #: Told of each measurement, and of each session evicted (why), by ``Agents``.
+        self.on_memory: Callable[[MemoryUse], None] = lambda use: None
+        self.on_evict: Callable[[str], None] = lambda reason: None
 
     # --- can it run at all -------------------------------------------------
 
@@ -286,9 +312,37 @@ class ClaudeRuntime:
                 f"the Claude Code CLI failed `--version` (exit status {proc.returncode}): "
                 f"{self._setting()}: {detail}"
             )
+        self._check_budget()
         # It runs (again): a problem seen at a spawn is over.
         self._problem = ""
         return f"{out.decode('utf-8', 'replace').strip()} at {self.bin}"
+
+    def _check_budget(self) -> None:
+        """A budget that cannot hold one process, or does not fit the container, is a
+        mistake to stop for, not to find out at the first turn."""
+        budget, one = self.settings.agent_memory_budget_mb, self.settings.agent_process_mb
+        if budget and budget < one:
+            raise AgentUnavailable(
+                f"PODIUM_AGENT_MEMORY_BUDGET_MB={budget} has no room for one agent process "
+                f"(PODIUM_AGENT_PROCESS_MB={one}): raise it, or set 0 for no budget"
+            )
+        limit = cgroup_memory_limit() // MB
+        if budget and limit and budget + SERVICE_RESERVE_MB > limit:
+            raise AgentUnavailable(
+                f"PODIUM_AGENT_MEMORY_BUDGET_MB={budget} does not fit this container's "
+                f"memory limit ({limit} MB) with {SERVICE_RESERVE_MB} MB for the service "
+                f"itself: at most {limit - SERVICE_RESERVE_MB}"
+            )
+        log.info(
+            "agent memory budget",
+            extra={
+                "budget_mb": budget or "none",
+                "process_mb": one,
+                # Turns beyond this many at once wait for room, whatever the concurrency.
+                "processes": budget // one if budget else "unbounded",
+                "container_limit_mb": limit or "none",
+            },
+        )
 
     def problem(self) -> str:
         """Why the last attempt to start the CLI failed ("" once one succeeds)."""
@@ -396,6 +450,23 @@ class ClaudeRuntime:
         return env
 
     async def _spawn(
+        self,
+        call: AgentCall,
+        session_id: str,
+        *,
+        resume: bool,
+        streaming: bool,
+        spare: bool = False,
+    ) -> asyncio.subprocess.Process:
+        """Start the CLI for ``call`` once the memory budget has room for it (raises
+        :class:`NoRoom` when it has none in time, or at once for a spare)."""
+        async with self._admission:
+            await self._room(call, spare=spare)
+            proc = await self._start(call, session_id, resume=resume, streaming=streaming)
+            self._procs[proc.pid] = (proc, time.monotonic())
+            return proc
+
+    async def _start(
         self, call: AgentCall, session_id: str, *, resume: bool, streaming: bool
     ) -> asyncio.subprocess.Process:
         call.workdir.mkdir(parents=True, exist_ok=True)
@@ -460,6 +531,10 @@ class ClaudeRuntime:
             return AgentAnswer(
                 text="", session_id=call.session_id or "", outcome="cannot_start", error=str(err)
             )
+        except NoRoom as err:
+            return AgentAnswer(
+                text="", session_id=call.session_id or "", outcome="busy", error=str(err)
+            )
 
     async def _run(self, call: AgentCall) -> AgentAnswer:
         async with self._lock(call.key):
@@ -488,6 +563,7 @@ class ClaudeRuntime:
                 return False
             log.info("evicting warm session", extra={"key": idle, "reason": "pool full"})
             await self._drop(idle)
+            self.on_evict("pool_full")
         return True
 
     async def _start_warm(self, call: AgentCall) -> WarmSession | None:
@@ -533,6 +609,7 @@ class ClaudeRuntime:
         finally:
             warm.busy = False
             warm.last_used = time.monotonic()
+            self._tally()
         if result is None:
             self.pool.pop(call.key, None)
             with contextlib.suppress(TimeoutError):
@@ -578,8 +655,11 @@ class ClaudeRuntime:
         except BaseException:
             await kill_group(proc)
             raise
+        finally:
+            self._freed.set()
         # Tools it started in the background must not outlive the turn.
         await kill_group(proc, grace_s=0)
+        self._tally()
         return parse_result(stdout, stderr, proc.returncode, session_id, _ms(started))
 
     # --- the pool ----------------------------------------------------------
@@ -588,6 +668,8 @@ class ClaudeRuntime:
         warm = self.pool.pop(key, None)
         if warm is not None:
             await warm.close(grace_s=0.5)
+            self._freed.set()
+            self._tally()
         for link in self._aliases.pop(key, ()):
             if link.is_symlink():
                 link.unlink()
@@ -621,9 +703,11 @@ class ClaudeRuntime:
             )
             session_id = str(uuid.uuid4())
             try:
-                proc = await self._spawn(call, session_id, resume=False, streaming=True)
+                proc = await self._spawn(call, session_id, resume=False, streaming=True, spare=True)
             except CannotStart:
                 return  # reported by _spawn (readiness says why); tried again on next use
+            except NoRoom:
+                return  # spares only take free room; tried again when there is some
             log_path = self.stderr_log(call)
             warm = WarmSession(name, session_id, proc, log_path.open("rb"))
             spare = Spare(warm, call.workdir, self.config_dir(call), log_path, _profile(template))
@@ -692,6 +776,8 @@ class ClaudeRuntime:
     async def _discard(self, spare: Spare, why: str) -> None:
         log.info("spare dropped", extra={"spare": spare.warm.key, "reason": why})
         await spare.warm.close(grace_s=0.5)
+        self._freed.set()
+        self._tally()
         for path in (spare.workdir, spare.config):
             if path.is_symlink():
                 path.unlink()
@@ -753,17 +839,129 @@ class ClaudeRuntime:
             self._reaper = self.spawn(self._reap(), "claude-idle-reaper")
 
     async def _reap(self) -> None:
-        """Close warm sessions idle longer than ``PODIUM_AGENT_IDLE_TIMEOUT_S``."""
+        """Close warm sessions idle longer than ``PODIUM_AGENT_IDLE_TIMEOUT_S``; measure
+        the processes (a budget outgrown by a turn's tools evicts idle ones); start
+        spares that did not fit before."""
         idle_s = self.settings.agent_idle_timeout_s
+        reaped = time.monotonic()
         while True:
-            await asyncio.sleep(min(idle_s / 4, 10.0))
+            await asyncio.sleep(min(idle_s / 4, MEASURE_EVERY_S))
             now = time.monotonic()
-            for key, warm in list(self.pool.items()):
-                lock = self._lock(key)
-                if not warm.busy and not lock.locked() and now - warm.last_used > idle_s:
-                    log.info("closing idle warm session", extra={"key": key})
-                    async with lock:
-                        await self._drop(key)
+            if now - reaped >= min(idle_s / 4, 10.0):
+                reaped = now
+                for key, warm in list(self.pool.items()):
+                    lock = self._lock(key)
+                    if not warm.busy and not lock.locked() and now - warm.last_used > idle_s:
+                        log.info("closing idle warm session", extra={"key": key})
+                        async with lock:
+                            await self._drop(key)
+                        self.on_evict("idle")
+            if not self._admission.locked():
+                async with self._admission:
+                    await self._shed(self._measure())
+            if len(self.spares) < self.settings.agent_spares:
+                self._refill()
+
+    # --- memory --------------------------------------------------------------
+
+    def _measure(self) -> MemoryUse:
+        """Measure every live process's tree (one pass over the process table)."""
+        for pid, (proc, _) in list(self._procs.items()):
+            if proc.returncode is not None:
+                del self._procs[pid]
+        self._rss = tree_rss(self._procs)
+        now = time.monotonic()
+        settled = [
+            self._rss[pid]
+            for pid, (_, at) in self._procs.items()
+            if pid in self._rss and now - at > STARTING_S
+        ]
+        if settled:
+            # What the next process is expected to take: what these really take.
+            self._per_process = int(statistics.median(settled))
+        return self._tally()
+
+    def _tally(self) -> MemoryUse:
+        """The processes by state, at their last measured size (no new measurement)."""
+        now = time.monotonic()
+        states = {w.proc.pid: ("busy" if w.busy else "idle") for w in self.pool.values()}
+        states |= {s.warm.proc.pid: "spare" for s in self.spares}
+        used: dict[str, int] = {}
+        count: dict[str, int] = {}
+        for pid, (proc, at) in self._procs.items():
+            if proc.returncode is not None:
+                continue
+            size = self._rss.get(pid, 0)
+            if now - at <= STARTING_S:
+                size = max(size, self._per_process)  # still growing as it starts
+            state = states.get(pid, "busy")  # one-shots, and processes being started
+            used[state] = used.get(state, 0) + size
+            count[state] = count.get(state, 0) + 1
+        self._memory = MemoryUse(
+            budget=self.settings.agent_memory_budget_mb * MB,
+            used=used,
+            processes=count,
+            per_process=self._per_process,
+        )
+        self.on_memory(self._memory)
+        return self._memory
+
+    def memory(self) -> MemoryUse:
+        """The agent processes as last measured."""
+        return self._memory
+
+    async def _room(self, call: AgentCall, *, spare: bool) -> None:
+        """Wait until the budget has room for one more process: drop spares, then evict
+        the least recently used idle session, then wait for a turn to end (up to the
+        call's time limit). A spare only takes room that is free."""
+        budget = self.settings.agent_memory_budget_mb * MB
+        if not budget:
+            return
+        deadline = time.monotonic() + call.timeout_s
+        while True:
+            use = self._measure()
+            if use.total + use.per_process <= budget:
+                return
+            if spare:
+                raise NoRoom("no room for a spare")
+            if await self._shed(use, need=use.per_process):
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NoRoom(
+                    f"the agent memory budget (PODIUM_AGENT_MEMORY_BUDGET_MB="
+                    f"{budget // MB}) is taken by {sum(use.processes.values())} busy "
+                    f"processes ({use.total // MB} MB); no room for another within "
+                    f"{call.timeout_s:g}s"
+                )
+            self._freed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(0.5, left)):
+                    await self._freed.wait()
+
+    async def _shed(self, use: MemoryUse, need: int = 0) -> bool:
+        """Free one process if the budget is outgrown (or lacks ``need``): a spare first
+        (remade later), else the least recently used idle session. Whether one went."""
+        budget = self.settings.agent_memory_budget_mb * MB
+        if not budget or use.total + need <= budget:
+            return False
+        if self.spares:
+            await self._discard(self.spares.pop(), "memory budget")
+            self.on_evict("spare")
+            return True
+        idle = next(
+            (k for k, w in self.pool.items() if not w.busy and not self._lock(k).locked()),
+            None,
+        )
+        if idle is None:
+            return False
+        log.info(
+            "evicting warm session",
+            extra={"key": idle, "reason": "memory budget", "used_mb": use.total // MB},
+        )
+        await self._drop(idle)
+        self.on_evict("memory")
+        return True
 
     async def close(self) -> None:
         """Close every warm session (service shutdown)."""

@@ -23,9 +23,11 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from podium.agents import AgentAnswer, AgentCall
+from podium.agents.memory import MemoryUse
 from podium.agents.protocol import Block, parse_blocks
 from podium.common.runtime import Spawn, detached
 from podium.contracts.ids import reply_subject
@@ -39,6 +41,9 @@ class OfflineRuntime:
     def __init__(self, sessions_dir: Path, *, delay_s: float = 0.0) -> None:
         #: Unused: the offline agent has no loops of its own.
         self.spawn: Spawn = detached
+        #: Unused too: no processes to measure or evict.
+        self.on_memory: Callable[[MemoryUse], None] = lambda use: None
+        self.on_evict: Callable[[str], None] = lambda reason: None
         self.sessions_dir = sessions_dir
         self.delay_s = delay_s
 

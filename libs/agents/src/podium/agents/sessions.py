@@ -54,6 +54,7 @@ from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
 from podium.agents import AgentAnswer, AgentCall, AgentRuntime, Role
+from podium.agents.memory import MB, STATES, MemoryUse
 from podium.common.backoff import backoff
 from podium.common.config import AgentSettings
 from podium.common.errors import AgentUnavailable, Conflict
@@ -140,6 +141,13 @@ class Agents:
         ``spawn``: who owns the long-lived loops (the service's ``Context.spawn``).
         """
         self.runtime.spawn = spawn
+        self.runtime.on_memory = self._observe_memory
+        self.runtime.on_evict = lambda reason: self.metrics.agent_evictions.labels(
+            self.role, reason
+        ).inc()
+        self.metrics.agent_memory_budget.labels(self.role).set(
+            self.settings.agent_memory_budget_mb * MB
+        )
         self._watch = spawn(self._recheck(), f"agent-check:{self.role}")
         if self.js is None:
             return
@@ -553,6 +561,13 @@ class Agents:
             log.warning("could not release a session lease", extra={"session": name}, exc_info=True)
 
     # --- metrics -----------------------------------------------------------
+
+    def _observe_memory(self, use: MemoryUse) -> None:
+        m, role = self.metrics, self.role
+        m.agent_memory_budget.labels(role).set(use.budget)
+        for state in STATES:
+            m.agent_memory_used.labels(role, state).set(use.used.get(state, 0))
+            m.agent_processes.labels(role, state).set(use.processes.get(state, 0))
 
     def _observe(self, answer: AgentAnswer) -> None:
         if answer.outcome == "cannot_start":

@@ -207,11 +207,31 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
     agent_pool_size: Annotated[
         int,
         setting(
-            "Warm sessions kept as live CLI processes (about 175 MB each); the least recently "
-            "used is evicted. 0 = spawn the CLI for every turn.",
+            "At most this many warm sessions kept as live CLI processes (the memory budget "
+            "usually decides first); the least recently used idle one is evicted. 0 = spawn "
+            "the CLI for every turn.",
             ge=0,
         ),
-    ] = 8
+    ] = 32
+    agent_memory_budget_mb: Annotated[
+        int,
+        setting(
+            "Memory this service's agent processes may take together (MB; each process "
+            "tree's resident memory, measured): warm sessions, spares and turns all fit in "
+            "it. Past it the least recently used idle session is evicted, and a turn waits "
+            "for room (up to its time limit) whatever the concurrency. 0 = no budget. Must "
+            "fit the container's memory limit, with room for the service itself.",
+            ge=0,
+        ),
+    ] = 2048
+    agent_process_mb: Annotated[
+        int,
+        setting(
+            "What one more agent process is expected to take (MB) until one has been "
+            "measured here; then the largest measured figure is used.",
+            ge=16,
+        ),
+    ] = 256
     agent_spares: Annotated[
         int,
         setting(

@@ -140,8 +140,36 @@ class Metrics:
         )
         self.agent_live = Gauge(
             f"{PREFIX}_agent_live_processes",
-            "Agent processes kept alive (warm sessions)",
+            "Agent processes kept alive (warm sessions and spares)",
             ["role"],
+            registry=registry,
+        )
+        self.agent_memory_budget = Gauge(
+            f"{PREFIX}_agent_memory_budget_bytes",
+            "Memory the service's agent processes may take (PODIUM_AGENT_MEMORY_BUDGET_MB; "
+            "0 = no budget)",
+            ["role"],
+            registry=registry,
+        )
+        self.agent_memory_used = Gauge(
+            f"{PREFIX}_agent_memory_used_bytes",
+            "Resident memory of the agent processes' trees, measured, by state (busy: "
+            "answering a turn, idle: a warm session waiting, spare: started ahead)",
+            ["role", "state"],
+            registry=registry,
+        )
+        self.agent_processes = Gauge(
+            f"{PREFIX}_agent_processes",
+            "Agent processes alive now, by state (busy, idle, spare)",
+            ["role", "state"],
+            registry=registry,
+        )
+        self.agent_evictions = Counter(
+            f"{PREFIX}_agent_evictions_total",
+            "Live agent processes let go to make room, by reason: memory (the budget), "
+            "pool_full (PODIUM_AGENT_POOL_SIZE), idle (PODIUM_AGENT_IDLE_TIMEOUT_S), spare "
+            "(a spare dropped for the budget)",
+            ["role", "reason"],
             registry=registry,
         )
         self.blocked = Counter(
