@@ -128,7 +128,9 @@ async def test_a_new_task_adopts_a_spare_and_its_session_lives_on(
 
     finally:
         await a.close()
-    assert not list(a.workdir("t1").parent.glob(f"{SPARE_PREFIX}*"))  # spares cleaned up
+    # Spares cleaned up: their directories, links and logs.
+    assert not list(a.workdir("t1").parent.glob(f"{SPARE_PREFIX}*"))
+    assert not list((tmp_path / "replica-a").rglob(f"{SPARE_PREFIX}*"))
 
     # After a restart (a new runtime over the same directories; the transcript is still
     # filed under the spare's directory name): resumed.

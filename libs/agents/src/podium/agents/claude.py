@@ -250,8 +250,9 @@ class ClaudeRuntime:
         self._template: AgentCall | None = None
         self._filling: asyncio.Task[None] | None = None
         self._cleaned: set[Path] = set()
-        #: Adopted spares' old paths (links now), by key: removed with the process.
-        self._aliases: dict[str, tuple[Path, Path]] = {}
+        #: Adopted spares' old paths (links now) and stderr logs (the process keeps
+        #: writing there), by key: removed with the process.
+        self._aliases: dict[str, tuple[Path, ...]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._problem = ""
@@ -670,9 +671,9 @@ class ClaudeRuntime:
             await warm.close(grace_s=0.5)
             self._freed.set()
             self._tally()
-        for link in self._aliases.pop(key, ()):
-            if link.is_symlink():
-                link.unlink()
+        for path in self._aliases.pop(key, ()):
+            if path.is_symlink() or path.is_file():
+                path.unlink(missing_ok=True)
 
     # --- spares --------------------------------------------------------------
 
@@ -747,7 +748,7 @@ class ClaudeRuntime:
             adopted.project = project_dir_name(spare.workdir)
             adopted.last_used = time.monotonic()
             self.pool[call.key] = adopted
-            self._aliases[call.key] = (spare.workdir, spare.config)
+            self._aliases[call.key] = (spare.workdir, spare.config, spare.stderr_log)
             log.info("spare adopted", extra={"key": call.key, "session_id": adopted.session_id})
         self._refill()
         return adopted
