@@ -9,7 +9,7 @@ never run more than two processes, and all four are answered.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import psutil
@@ -163,6 +163,43 @@ async def test_concurrency_cannot_start_more_processes_than_the_budget_holds(
     # The last two waited for the first two to finish, whose sessions then made room.
     assert 'podium_agent_evictions_total{reason="memory",role="worker"} 2.0' in scraped
     assert sorted(c.last_user_text for c in api.main_calls[1:]) == [f"turn {n}" for n in range(4)]
+
+
+async def test_a_full_budget_of_idle_sessions_still_gets_its_spare(
+    api: FakeAnthropic, claude_bin: str, tmp_path: Path, one_process_mb: int
+) -> None:
+    # Idle sessions fill the budget in a busy service: the next new conversation must
+    # still find a spare, so the refill evicts the least recently used idle session.
+    config = settings(
+        claude_bin, tmp_path, agent_spares=1,
+        agent_memory_budget_mb=one_process_mb * 5 // 2, agent_process_mb=one_process_mb,
+    )  # fmt: skip
+    agents = Agents(
+        ClaudeRuntime(config, tmp_path / "budgeted"), role="worker", settings=config,
+        metrics=Metrics(CollectorRegistry(), "worker"),
+    )  # fmt: skip
+    await agents.start()
+    runtime = runtime_of(agents)
+    try:
+        for n in range(3):
+            agents.keep_spares("You are a test agent.")
+            await until(lambda: bool(runtime.spares), "a spare")
+            answer = await agents.run(call(tmp_path, f"s{n}", f"new {n}"))
+            assert (answer.ok, answer.mode) == (True, "spare"), answer.error
+        await until(lambda: bool(runtime.spares), "a spare with the budget full")
+        # Room for two and a half: the last session and the spare; the others went.
+        assert list(runtime.pool) == ["s2"]
+        scraped = generate_latest(agents.metrics.registry).decode()
+    finally:
+        await agents.close()
+    assert sample(scraped, 'podium_agent_evictions_total{reason="memory",role="worker"}') == 2
+
+
+async def until(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
 
 
 async def test_a_budget_that_cannot_hold_one_process_stops_the_service(

@@ -263,6 +263,7 @@ class ClaudeRuntime:
         self._freed = asyncio.Event()
         self._per_process = settings.agent_process_mb * MB
         self._rss: dict[int, int] = {}
+        self._spare_blocked = False
         self._memory = MemoryUse(budget=settings.agent_memory_budget_mb * MB)
         #: Told of each measurement, and of each session evicted (why), by ``Agents``.
         self.on_memory: Callable[[MemoryUse], None] = lambda use: None
@@ -707,8 +708,13 @@ class ClaudeRuntime:
                 proc = await self._spawn(call, session_id, resume=False, streaming=True, spare=True)
             except CannotStart:
                 return  # reported by _spawn (readiness says why); tried again on next use
-            except NoRoom:
-                return  # spares only take free room; tried again when there is some
+            except NoRoom as err:
+                # Every process is busy: tried again as turns end (the reaper's round).
+                if not self._spare_blocked:
+                    log.info("spare not started", extra={"reason": str(err)})
+                self._spare_blocked = True
+                return
+            self._spare_blocked = False
             log_path = self.stderr_log(call)
             warm = WarmSession(name, session_id, proc, log_path.open("rb"))
             spare = Spare(warm, call.workdir, self.config_dir(call), log_path, _profile(template))
@@ -912,9 +918,11 @@ class ClaudeRuntime:
         return self._memory
 
     async def _room(self, call: AgentCall, *, spare: bool) -> None:
-        """Wait until the budget has room for one more process: drop spares, then evict
-        the least recently used idle session, then wait for a turn to end (up to the
-        call's time limit). A spare only takes room that is free."""
+        """Wait until the budget has room for one more process: evict the least recently
+        used idle session, then drop a spare, then wait for a turn to end (up to the
+        call's time limit). A spare may evict idle sessions too (the next new
+        conversation or task needs it more than an idle one needs its process, which
+        resumes cold) but waits for no turn, and takes no other spare's place."""
         budget = self.settings.agent_memory_budget_mb * MB
         if not budget:
             return
@@ -923,10 +931,13 @@ class ClaudeRuntime:
             use = self._measure()
             if use.total + use.per_process <= budget:
                 return
-            if spare:
-                raise NoRoom("no room for a spare")
-            if await self._shed(use, need=use.per_process):
+            if await self._shed(use, need=use.per_process, spares=not spare):
                 continue
+            if spare:
+                raise NoRoom(
+                    f"no room for a spare: {sum(use.processes.values())} agent processes, "
+                    f"all busy, take {use.total // MB} MB of the {budget // MB} MB budget"
+                )
             left = deadline - time.monotonic()
             if left <= 0:
                 raise NoRoom(
@@ -940,29 +951,29 @@ class ClaudeRuntime:
                 async with asyncio.timeout(min(0.5, left)):
                     await self._freed.wait()
 
-    async def _shed(self, use: MemoryUse, need: int = 0) -> bool:
-        """Free one process if the budget is outgrown (or lacks ``need``): a spare first
-        (remade later), else the least recently used idle session. Whether one went."""
+    async def _shed(self, use: MemoryUse, need: int = 0, *, spares: bool = True) -> bool:
+        """Free one process if the budget is outgrown (or lacks ``need``): the least
+        recently used idle session, else (if ``spares``) a spare. Whether one went."""
         budget = self.settings.agent_memory_budget_mb * MB
         if not budget or use.total + need <= budget:
             return False
-        if self.spares:
-            await self._discard(self.spares.pop(), "memory budget")
-            self.on_evict("spare")
-            return True
         idle = next(
             (k for k, w in self.pool.items() if not w.busy and not self._lock(k).locked()),
             None,
         )
-        if idle is None:
-            return False
-        log.info(
-            "evicting warm session",
-            extra={"key": idle, "reason": "memory budget", "used_mb": use.total // MB},
-        )
-        await self._drop(idle)
-        self.on_evict("memory")
-        return True
+        if idle is not None:
+            log.info(
+                "evicting warm session",
+                extra={"key": idle, "reason": "memory budget", "used_mb": use.total // MB},
+            )
+            await self._drop(idle)
+            self.on_evict("memory")
+            return True
+        if spares and self.spares:
+            await self._discard(self.spares.pop(), "memory budget")
+            self.on_evict("spare")
+            return True
+        return False
 
     async def close(self) -> None:
         """Close every warm session (service shutdown)."""
