@@ -8,11 +8,14 @@ really writes the worker's file.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from pathlib import Path
 
 import pytest
 from nats.js import JetStreamContext
+from prometheus_client.parser import text_string_to_metric_families
 
 from podium.cli.natsserver import NatsServer
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply
@@ -53,6 +56,27 @@ def claude_platform(
     ).start()
 
 
+async def metric(platform: Platform, service: str, name: str) -> dict[str, float]:
+    """A service's samples of ``name`` by their ``mode`` or ``state`` label (non-zero)."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(await platform.metrics(service)):
+        for sample in family.samples:
+            if sample.name == name and sample.value:
+                label = sample.labels.get("mode") or sample.labels.get("state", "")
+                found[label] = found.get(label, 0) + sample.value
+    return found
+
+
+async def until_metric(
+    platform: Platform, service: str, name: str, label: str, value: float
+) -> None:
+    """Wait until a service's ``name{mode|state=label}`` reads ``value``."""
+    deadline = time.monotonic() + 30
+    while (await metric(platform, service, name)).get(label) != value:
+        assert time.monotonic() < deadline, f"{service}: {name}{{{label}}} never {value}"
+        await asyncio.sleep(0.1)
+
+
 async def test_full_loop_with_the_real_cli(
     nats_server: NatsServer, js: JetStreamContext, tmp_path: Path, claude_bin: str
 ) -> None:
@@ -74,10 +98,21 @@ async def test_full_loop_with_the_real_cli(
         platform = claude_platform(nats_server, tmp_path, api, claude_bin)
         try:
             await platform.ready()
+            # Each agent service has a spare started (a new conversation and a new task
+            # will adopt one instead of waiting for a start-up).
+            for service in ("conductor", "worker"):
+                await until_metric(platform, service, "podium_agent_processes", "spare", 1)
             sent = await platform.send("Please create hello.txt with the word hello in it.")
             (reply,) = await platform.wait_outbox(1)
+            adopted = {
+                service: await metric(platform, service, "podium_agent_turn_seconds_count")
+                for service in ("conductor", "worker")
+            }
         finally:
             platform.stop()
+    # The conversation's first turn and the task's ran on spares; the conductor's second
+    # turn on the same process, warm.
+    assert adopted == {"conductor": {"spare": 1, "warm": 1}, "worker": {"spare": 1}}
     assert reply["channel"] == "api"
     assert reply["conversation_id"] == sent["conversation_id"]
     assert reply["body"] == "Done: hello.txt contains hello."

@@ -362,21 +362,24 @@ class ClaudeRuntime:
         return self.config_root / "stderr" / call.role / f"{call.key}.log"
 
     def transcript_path(self, call: AgentCall, session_id: str) -> Path:
-        """The CLI's transcript of ``session_id`` (it names the project by the workdir)."""
+        """The CLI's transcript of ``session_id`` (it names the project by the workdir).
+
+        An adopted spare's CLI names it by the directory it started in, the spare's, or
+        by the key's when it read its working directory only after the adoption renamed
+        it (it does so lazily, early in its start-up): whichever holds the file.
+        """
         projects = self.config_dir(call) / "projects"
+        names = [project_dir_name(call.workdir)]
         warm = self.pool.get(call.key)
-        project = (
-            warm.project
-            if warm is not None and warm.project and warm.session_id == session_id
-            else project_dir_name(call.workdir)
-        )
-        expected = projects / project / f"{session_id}.jsonl"
-        if not expected.exists():
-            # Should the CLI ever name project directories differently, find the file.
-            found = next(iter(projects.glob(f"*/{session_id}.jsonl")), None)
-            if found is not None:
-                return found
-        return expected
+        if warm is not None and warm.project and warm.session_id == session_id:
+            names.insert(0, warm.project)
+        candidates = [projects / name / f"{session_id}.jsonl" for name in names]
+        for path in candidates:
+            if path.exists():
+                return path
+        # Should the CLI ever name project directories differently, find the file.
+        found = next(iter(projects.glob(f"*/{session_id}.jsonl")), None)
+        return found if found is not None else candidates[0]
 
     # --- the command line --------------------------------------------------
 
@@ -688,6 +691,7 @@ class ClaudeRuntime:
             for spare in stale:
                 self.spawn(self._discard(spare, "made for other settings"), "claude-spare-drop")
         self._template = template
+        self._start_reaper()  # measures, and retries spares that found no room
         self._refill()
 
     def _refill(self) -> None:
@@ -722,6 +726,7 @@ class ClaudeRuntime:
                 await self._discard(spare, "settings changed while it started")
                 continue
             self.spares.append(spare)
+            self._tally()
             log.info("spare started", extra={"spare": name, "session_id": session_id})
 
     async def _adopt(self, call: AgentCall) -> WarmSession | None:
@@ -828,7 +833,7 @@ class ClaudeRuntime:
         """
         warm = self.pool.get(call.key)
         if warm is not None and warm.last_message:
-            await _flushed(self.transcript_path(call, session_id), warm.last_message)
+            await _flushed(lambda: self.transcript_path(call, session_id), warm.last_message)
 
     async def forget(self, key: str) -> None:
         """Close ``key``'s warm process: its in-memory history is no longer current."""
@@ -989,18 +994,19 @@ class ClaudeRuntime:
         )
 
 
-async def _flushed(path: Path, message_uuid: str, timeout_s: float = 5.0) -> None:
-    """Wait until the transcript at ``path`` holds the message ``message_uuid``."""
+async def _flushed(where: Callable[[], Path], message_uuid: str, timeout_s: float = 5.0) -> None:
+    """Wait until the transcript holds the message ``message_uuid`` (``where`` says where
+    it is, looked up again each time: the file may not exist yet when this starts)."""
     if not message_uuid:
         return
     needle = message_uuid.encode()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
-            if needle in await asyncio.to_thread(_tail_bytes, path, 1 << 20):
+            if needle in await asyncio.to_thread(_tail_bytes, where(), 1 << 20):
                 return
         await asyncio.sleep(0.01)
-    log.warning("transcript not flushed in time", extra={"path": str(path)})
+    log.warning("transcript not flushed in time", extra={"path": str(where())})
 
 
 def _tail_bytes(path: Path, size: int) -> bytes:
