@@ -160,6 +160,16 @@ ALERTS: tuple[Alert, ...] = (
         "label of podium_agent_turns_total).",
     ),
     Alert(
+        "PodiumAgentMemoryShort",
+        'sum by (role) (rate(podium_agent_evictions_total{reason="memory"}[15m])) * 60 > 1',
+        "15m",
+        "warning",
+        "{{ $labels.role }} evicts {{ $value }} warm sessions a minute for memory",
+        "The agents' memory budget (PODIUM_AGENT_MEMORY_BUDGET_MB) is too small for the "
+        "sessions in use: evicted sessions resume cold (a CLI start-up each), and turns may "
+        "wait for room. Raise the budget with the container's memory limit, or add replicas.",
+    ),
+    Alert(
         "PodiumNotifierSendFailures",
         "sum by (channel, transport) "
         '(increase(podium_notifier_sends_total{outcome=~"failed|ambiguous"}[15m])) > 0',
@@ -441,6 +451,36 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                     ("sum(podium_worker_slots_busy)", "busy"),
                     ("sum(podium_worker_slots)", "slots"),
                 ),
+            ),
+            Panel(
+                "Agent memory, by role: used (measured) and budget",
+                (
+                    ("sum by (role) (podium_agent_memory_used_bytes)", "{{role}} used"),
+                    ("sum by (role) (podium_agent_memory_budget_bytes)", "{{role}} budget"),
+                ),
+                "bytes",
+            ),
+            Panel(
+                "Agent processes let go, by role and reason",
+                (
+                    (
+                        "sum by (role, reason) "
+                        "(rate(podium_agent_evictions_total[$__rate_interval]))",
+                        "{{role}} {{reason}}",
+                    ),
+                ),
+                "ops",
+            ),
+            Panel(
+                "Conductor sessions rotated",
+                (
+                    (
+                        "sum by (reason) "
+                        "(rate(podium_conductor_session_rotations_total[$__rate_interval]))",
+                        "{{reason}}",
+                    ),
+                ),
+                "ops",
             ),
         ),
     ),

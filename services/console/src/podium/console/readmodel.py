@@ -373,6 +373,8 @@ def describe(event: AnyEvent, replies: ReplyLookup) -> TimelineEntry | None:
                     "duration": f"{event.duration_ms} ms",
                     "tokens": f"{event.input_tokens} in, {event.output_tokens} out",
                     "cost": f"${event.cost_usd:.4f}",
+                    # A rotated (or lost) session: this turn began a new one.
+                    **({"new session": event.new_session} if event.new_session else {}),
                 },
                 items=[
                     *event.commands,
