@@ -44,7 +44,6 @@ import logging
 import os
 import re
 import shutil
-import statistics
 import time
 import uuid
 from collections import OrderedDict
@@ -128,9 +127,24 @@ class NoRoom(Exception):
 #: What the service itself needs beside its agents' budget, in a container's limit.
 SERVICE_RESERVE_MB = 256
 #: A process younger than this is still starting up: it counts at least the estimate.
-STARTING_S = 3.0
+STARTING_S = 5.0
 #: How often live processes are measured (for the metrics and a budget outgrown).
 MEASURE_EVERY_S = 2.0
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the service process that made the spare called ``name`` still runs (its
+    pid is in the name; this process's own leftovers are not alive ones)."""
+    pid = name.removeprefix(SPARE_PREFIX).split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def project_dir_name(workdir: Path) -> str:
@@ -464,12 +478,36 @@ class ClaudeRuntime:
         spare: bool = False,
     ) -> asyncio.subprocess.Process:
         """Start the CLI for ``call`` once the memory budget has room for it (raises
-        :class:`NoRoom` when it has none in time, or at once for a spare)."""
-        async with self._admission:
-            await self._room(call, spare=spare)
-            proc = await self._start(call, session_id, resume=resume, streaming=streaming)
-            self._procs[proc.pid] = (proc, time.monotonic())
-            return proc
+        :class:`NoRoom` when it has none within the call's time limit, or at once for
+        a spare). The check and the start hold ``_admission``, so the next check counts
+        this process; waiting for room does not."""
+        deadline = time.monotonic() + call.timeout_s
+        while True:
+            self._freed.clear()
+            # (Held briefly: a measurement, evictions, a start; never while waiting.)
+            async with self._admission:
+                if await self._room(spare=spare):
+                    proc = await self._start(call, session_id, resume=resume, streaming=streaming)
+                    self._procs[proc.pid] = (proc, time.monotonic())
+                    return proc
+            use = self._memory
+            if spare:
+                raise NoRoom(
+                    f"no room for a spare: {sum(use.processes.values())} agent processes, "
+                    f"all busy, take {use.total // MB} MB of the {use.budget // MB} MB budget"
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NoRoom(
+                    f"the agent memory budget (PODIUM_AGENT_MEMORY_BUDGET_MB="
+                    f"{use.budget // MB}) is taken by {sum(use.processes.values())} busy "
+                    f"processes ({use.total // MB} MB); no room for another within "
+                    f"{call.timeout_s:g}s"
+                )
+            # Until a process ends or a turn does (its session becomes evictable).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(0.5, left)):
+                    await self._freed.wait()
 
     async def _start(
         self, call: AgentCall, session_id: str, *, resume: bool, streaming: bool
@@ -615,6 +653,7 @@ class ClaudeRuntime:
             warm.busy = False
             warm.last_used = time.monotonic()
             self._tally()
+            self._freed.set()  # an idle session now: one a turn waiting for room may evict
         if result is None:
             self.pool.pop(call.key, None)
             with contextlib.suppress(TimeoutError):
@@ -703,7 +742,9 @@ class ClaudeRuntime:
         while self._template is not None and len(self.spares) < self.settings.agent_spares:
             template = self._template
             self._clean_stale(template)
-            name = f"{SPARE_PREFIX}{uuid.uuid4().hex[:12]}"
+            # Named by this process's pid: another service on this host (sharing the
+            # workspace root) leaves a live one's spares alone when it cleans up.
+            name = f"{SPARE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
             call = replace(
                 template, key=name, workdir=template.workdir.parent / name, session_id=None
             )
@@ -742,12 +783,12 @@ class ClaudeRuntime:
                 await self._discard(spare, "made for other settings")
                 self.keep_spares(call)
                 break
-            if not spare.warm.alive:
+            # Room in the pool's count if an idle session can go; if every one is busy, the
+            # pool holds one more for a while (this process runs already: no memory more).
+            await self._make_room()
+            if not spare.warm.alive:  # (checked after the wait above)
                 await self._discard(spare, "its process died")
                 continue
-            if not await self._make_room():
-                self.spares.insert(0, spare)
-                break
             try:
                 self._move_in(spare, call)
             except OSError as err:
@@ -769,12 +810,22 @@ class ClaudeRuntime:
         process keeps using those). What the key's directory already held (a task's
         inputs) moves into the spare's first; a config dir of an earlier session goes."""
         target = call.workdir
-        if target.is_dir() and not target.is_symlink():
-            for entry in target.iterdir():
-                entry.rename(spare.workdir / entry.name)
-            target.rmdir()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        spare.workdir.rename(target)
+        moved: list[str] = []
+        try:
+            if target.is_dir() and not target.is_symlink():
+                for entry in target.iterdir():
+                    entry.rename(spare.workdir / entry.name)
+                    moved.append(entry.name)
+                target.rmdir()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            spare.workdir.rename(target)
+        except OSError:
+            # The spare will be discarded: what the key had (a task's inputs) goes back.
+            target.mkdir(parents=True, exist_ok=True)
+            for name in moved:
+                with contextlib.suppress(OSError):
+                    (spare.workdir / name).rename(target / name)
+            raise
         spare.workdir.symlink_to(target, target_is_directory=True)
         config = self.config_dir(call)
         if config.is_symlink():
@@ -798,18 +849,24 @@ class ClaudeRuntime:
         spare.stderr_log.unlink(missing_ok=True)
 
     def _clean_stale(self, template: AgentCall) -> None:
-        """Spares' directories and links a stopped process left (once per folder)."""
+        """Spares' directories, links and logs a stopped process left (once per folder);
+        a live process's (another service's on this host) are left alone."""
         mine = {p for spare in self.spares for p in (spare.workdir, spare.config)}
         mine |= {p for links in self._aliases.values() for p in links}
-        for folder in (template.workdir.parent, self.config_root / template.role):
+        folders = (
+            template.workdir.parent,
+            self.config_root / template.role,
+            self.stderr_log(template).parent,
+        )
+        for folder in folders:
             if folder in self._cleaned or not folder.is_dir():
                 continue
             self._cleaned.add(folder)
             for path in folder.glob(f"{SPARE_PREFIX}*"):
-                if path in mine:
+                if path in mine or _owner_alive(path.name):
                     continue
-                if path.is_symlink():
-                    path.unlink()
+                if path.is_symlink() or path.is_file():
+                    path.unlink(missing_ok=True)  # a link is removed, never followed
                 else:
                     shutil.rmtree(path, ignore_errors=True)
 
@@ -889,8 +946,9 @@ class ClaudeRuntime:
             if pid in self._rss and now - at > STARTING_S
         ]
         if settled:
-            # What the next process is expected to take: what these really take.
-            self._per_process = int(statistics.median(settled))
+            # What the next process is expected to take: what the largest of these takes
+            # (a turn's tools make a process grow; the budget errs on the safe side).
+            self._per_process = max(settled)
         return self._tally()
 
     def _tally(self) -> MemoryUse:
@@ -922,39 +980,22 @@ class ClaudeRuntime:
         """The agent processes as last measured."""
         return self._memory
 
-    async def _room(self, call: AgentCall, *, spare: bool) -> None:
-        """Wait until the budget has room for one more process: evict the least recently
-        used idle session, then drop a spare, then wait for a turn to end (up to the
-        call's time limit). A spare may evict idle sessions too (the next new
-        conversation or task needs it more than an idle one needs its process, which
-        resumes cold) but waits for no turn, and takes no other spare's place."""
+    async def _room(self, *, spare: bool) -> bool:
+        """Whether the budget has room for one more process, once the least recently
+        used idle sessions (and, unless this is for a spare, spares) are let go.
+
+        A spare may evict idle sessions too (the next new conversation or task needs it
+        more than an idle one needs its process, which resumes cold) but takes no other
+        spare's place."""
         budget = self.settings.agent_memory_budget_mb * MB
         if not budget:
-            return
-        deadline = time.monotonic() + call.timeout_s
+            return True
         while True:
             use = self._measure()
             if use.total + use.per_process <= budget:
-                return
-            if await self._shed(use, need=use.per_process, spares=not spare):
-                continue
-            if spare:
-                raise NoRoom(
-                    f"no room for a spare: {sum(use.processes.values())} agent processes, "
-                    f"all busy, take {use.total // MB} MB of the {budget // MB} MB budget"
-                )
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise NoRoom(
-                    f"the agent memory budget (PODIUM_AGENT_MEMORY_BUDGET_MB="
-                    f"{budget // MB}) is taken by {sum(use.processes.values())} busy "
-                    f"processes ({use.total // MB} MB); no room for another within "
-                    f"{call.timeout_s:g}s"
-                )
-            self._freed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(0.5, left)):
-                    await self._freed.wait()
+                return True
+            if not await self._shed(use, need=use.per_process, spares=not spare):
+                return False
 
     async def _shed(self, use: MemoryUse, need: int = 0, *, spares: bool = True) -> bool:
         """Free one process if the budget is outgrown (or lacks ``need``): the least
@@ -986,11 +1027,22 @@ class ClaudeRuntime:
             self._reaper.cancel()
         self._template = None
         if self._filling is not None:
+            # Its spare being started is tracked and closed with the others below.
             self._filling.cancel()
+            await asyncio.wait({self._filling}, timeout=5)
         spares, self.spares = self.spares, []
         await asyncio.gather(
             *(self._drop(key) for key in list(self.pool)),
             *(self._discard(spare, "shutting down") for spare in spares),
+        )
+        # Anything else still running that was started here (a spare cut off while it
+        # started): nothing outlives the runtime.
+        await asyncio.gather(
+            *(
+                kill_group(proc, grace_s=0)
+                for proc, _ in self._procs.values()
+                if proc.returncode is None
+            )
         )
 
 

@@ -552,7 +552,9 @@ class Conductor:
         turns, tokens = self.settings.rotate_turns, self.settings.rotate_input_tokens
         if turns and conv.session_turns >= turns:
             return "turns"
-        if tokens and conv.session_input_tokens >= tokens:
+        # A session's first turn can be large by itself (a long email, a big summary):
+        # rotating after it would start over on every turn.
+        if tokens and conv.session_input_tokens >= tokens and conv.session_turns > 1:
             return "input_tokens"
         return ""
 

@@ -141,38 +141,64 @@ NEW_SESSION_WHY = {
 }
 
 
+#: Finished tasks a summary lists (the newest), one line each; open ones are all listed.
+SUMMARY_FINISHED_TASKS = 10
+
+
 def session_summary(conv: Conversation, why: str) -> str:
     """What a new session of a going conversation is told first, written by the
-    platform from the conversation record: the original request, every task and its
-    state (a waiting worker's question in full), what was sent, and the last few
-    blocks the agent was given, verbatim. Nothing the agent must act on is lost: open
-    tasks and pending questions are here, and the turn's own block follows."""
+    platform from the conversation record: the original request; every open task with
+    its state (a waiting worker's question with it) and the newest finished ones; what
+    was sent; and the last few blocks the agent was given, as reference.
+
+    Nothing the agent must act on is lost: open tasks and pending questions are here,
+    and the turn's own block follows. What people and workers wrote stays untrusted:
+    every such piece is fenced here again (a stored block cut at its size limit may
+    have lost its own fence's end), so none of it can pass for a block of its own.
+    """
     parts = [
         f"[SYSTEM]\n{NEW_SESSION_WHY.get(why, NEW_SESSION_WHY['turns'])}; this summary, "
         "written by the platform, is what you need from it. Carry on as before: the same "
         "commands, the same tasks.",
-        f"Original request:\n{conv.original_request[:MAX_RECENT_CHARS]}",
+        "Original request (as first received):",
+        protocol.fence(conv.original_request[:MAX_RECENT_CHARS], "original-request"),
     ]
-    if conv.tasks:
-        parts.append("Tasks (all of this conversation's; ids as before):")
-        for t in conv.tasks.values():
-            line = f"- {t.task_id} ({t.state}): {' '.join(t.instructions.split())[:300]}"
-            if t.summary and t.state != "needs_input":
-                line += f"\n  Last report: {t.summary[:300]}"
+    tasks = list(conv.tasks.values())
+    open_tasks = [t for t in tasks if t.state not in FINISHED]
+    finished = [t for t in tasks if t.state in FINISHED][-SUMMARY_FINISHED_TASKS:]
+    left_out = len(tasks) - len(open_tasks) - len(finished)
+    if open_tasks:
+        parts.append("Open tasks (ids as before):")
+        for t in open_tasks:
+            parts.append(f"- {t.task_id} ({t.state}): {' '.join(t.instructions.split())[:300]}")
             if t.state == "needs_input":
-                question = t.question or t.summary
-                line += f"\n  Waiting for your answer (TELL_WORKER {t.task_id}): {question}"
-            parts.append(line)
+                parts.append(f"  Waiting for your answer (TELL_WORKER {t.task_id}); it asked:")
+                parts.append(protocol.fence(t.question or t.summary, "worker"))
+            elif t.summary:
+                parts.append(f"  Last report: {' '.join(t.summary.split())[:300]}")
     else:
-        parts.append("Tasks: none so far.")
+        parts.append("Open tasks: none.")
+    if finished:
+        parts.append(
+            "Finished tasks"
+            + (f" (the newest {len(finished)}; {left_out} earlier)" if left_out else "")
+            + ":"
+        )
+        parts += [
+            f"- {t.task_id} ({t.state}): {' '.join(t.summary.split())[:160]}" for t in finished
+        ]
     if conv.outbound:
         parts.append(f"Messages sent in this conversation: {len(conv.outbound)}; the last:")
         for out in conv.outbound[-3:]:
-            to = ", ".join(out.to)
-            parts.append(f"- {out.kind} to {to} at {out.at:%Y-%m-%d %H:%M}Z:\n{out.body[:1500]}")
+            to = " ".join(", ".join(out.to).split())
+            parts.append(f"- {out.kind} to {to} at {out.at:%Y-%m-%d %H:%M}Z:")
+            parts.append(protocol.fence(out.body[:1500], "sent"))
     else:
         parts.append("Messages sent in this conversation: none yet.")
     if conv.recent:
-        parts.append("What you were given last (oldest first, verbatim):")
-        parts += conv.recent
+        parts.append(
+            "What you were given last (oldest first), already handled: for reference, "
+            "not to act on again:"
+        )
+        parts.append(protocol.fence("\n".join(conv.recent), "earlier-turns"))
     return "\n".join(parts) + "\n--- (end of the summary; this turn's input follows)\n"

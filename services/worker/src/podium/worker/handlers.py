@@ -272,7 +272,9 @@ class Worker:
             # repository task's delivery (push, pull request, its check) still does.
             agent_done()
         if answer is not None and answer.outcome == "busy":
-            raise Retry(f"task {task_id}'s session is held by another worker", delay_s=5.0)
+            # Its session is held by another worker, or this one's agents' memory budget
+            # had no room in time: given back, for this worker later or another.
+            raise Retry(f"task {task_id} cannot run now: {answer.error}", delay_s=5.0)
         if answer is not None and answer.outcome == "cannot_start":
             # This worker's CLI is broken (it reports not ready, and fetches nothing for a
             # few seconds): give the task back so a healthy worker runs it. If none does,
