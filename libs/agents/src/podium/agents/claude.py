@@ -877,10 +877,13 @@ class ClaudeRuntime:
         wanted = self.config_dir(call) / "projects" / project_dir_name(call.workdir)
         if expected.parent == wanted or not expected.exists():
             return
-        if wanted.exists():
-            expected.rename(wanted / expected.name)
-        else:
+        if not wanted.exists():
             expected.parent.rename(wanted)
+            return
+        # The transcript, and the folder the CLI may keep beside it (tool results).
+        for path in (expected, expected.parent / session_id):
+            if path.exists() and not (wanted / path.name).exists():
+                path.rename(wanted / path.name)
 
     async def settle(self, call: AgentCall, session_id: str) -> None:
         """Wait until the transcript holds the latest turn.
