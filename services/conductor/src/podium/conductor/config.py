@@ -48,7 +48,13 @@ class ConductorSettings(AgentSettings, frozen=True, kw_only=True):
     )
 
     concurrency: Annotated[
-        int, setting("Conversations whose turns may run at the same time.", ge=1, le=1024)
+        int,
+        setting(
+            "Conversations whose turns may run at the same time (agent processes beyond "
+            "what PODIUM_AGENT_MEMORY_BUDGET_MB holds wait for room).",
+            ge=1,
+            le=1024,
+        ),
     ] = 32
     operator_email: Annotated[
         str, setting("Where escalations go (a human operator); empty = log them only.")

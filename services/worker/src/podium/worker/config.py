@@ -14,7 +14,13 @@ class WorkerSettings(AgentSettings, frozen=True, kw_only=True):
     ROLE: ClassVar[str] = "worker"
 
     worker_slots: Annotated[
-        int, setting("Tasks this worker runs at once (each is one agent process).", ge=1, le=256)
+        int,
+        setting(
+            "Tasks this worker runs at once (each is one agent process; beyond what "
+            "PODIUM_AGENT_MEMORY_BUDGET_MB holds, a task waits for room).",
+            ge=1,
+            le=256,
+        ),
     ] = 4
     default_task_timeout_s: Annotated[
         float, setting("Deadline of a task that does not carry its own.", gt=0)
