@@ -186,6 +186,28 @@ async def test_a_new_task_or_conversation_adopts_a_spare_and_its_session_lives_o
         assert (b.workdir("t1") / "notes.txt").read_text() == "made on a"
 
 
+async def test_stale_spares_are_cleaned_up_but_a_live_services_are_not(
+    api: FakeAnthropic, claude_bin: str, tmp_path: Path
+) -> None:
+    # Left by a service that died (a pid no process has), and by one that runs (pid 1)
+    # sharing this workspace root on the same host.
+    tasks = tmp_path / "workspaces" / "tasks"
+    dead, live = tasks / f"{SPARE_PREFIX}4194301-0abc", tasks / f"{SPARE_PREFIX}1-0abc"
+    for path in (dead, live):
+        path.mkdir(parents=True)
+    (tasks / "t9").mkdir()
+    (tasks / f"{SPARE_PREFIX}4194301-link").symlink_to(tasks / "t9")
+    agents = replica(claude_bin, tmp_path, None, "a")
+    await agents.start()
+    try:
+        await spare_ready(agents)
+    finally:
+        await agents.close()
+    assert not dead.exists() and live.is_dir()
+    assert not (tasks / f"{SPARE_PREFIX}4194301-link").is_symlink()
+    assert (tasks / "t9").is_dir()  # a link is removed, never followed
+
+
 async def test_a_spare_whose_process_died_is_replaced_not_handed_out(
     api: FakeAnthropic, claude_bin: str, tmp_path: Path
 ) -> None:
