@@ -29,16 +29,15 @@ from podium.agents import AgentCall
 from podium.agents.claude import ClaudeRuntime
 from podium.common.config import AgentSettings
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply
+from podium.testing.claude import claude_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def claude_bin() -> str:
-    """The CLI to measure."""
-    found = os.environ.get("PODIUM_CLAUDE_BIN") or str(
-        ROOT / "tools" / "claude" / "node_modules" / ".bin" / "claude"
-    )
-    if not Path(found).exists() and shutil.which(found) is None:
+    """The CLI to measure (``PODIUM_CLAUDE_BIN``, else the pinned one)."""
+    found = claude_binary()
+    if found is None:
         sys.exit("the Claude Code CLI is missing: run `make setup` (npm ci in tools/claude)")
     return found
 

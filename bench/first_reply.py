@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -56,6 +55,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from podium.cli.natsserver import NatsServer
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply
+from podium.testing.claude import claude_binary
 from podium.testing.platform import Platform
 from podium.testing.smtp import SmtpServer
 
@@ -70,11 +70,9 @@ AGENT_SERVICES = ("conductor", "worker")
 
 
 def claude_bin() -> str:
-    """The CLI to measure."""
-    found = os.environ.get("PODIUM_CLAUDE_BIN") or str(
-        ROOT / "tools" / "claude" / "node_modules" / ".bin" / "claude"
-    )
-    if not Path(found).exists() and shutil.which(found) is None:
+    """The CLI to measure (``PODIUM_CLAUDE_BIN``, else the pinned one)."""
+    found = claude_binary()
+    if found is None:
         sys.exit("the Claude Code CLI is missing: run `make setup` (npm ci in tools/claude)")
     return found
 

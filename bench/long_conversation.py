@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -55,6 +54,7 @@ from podium.common.config import env_names
 from podium.conductor.config import ConductorSettings
 from podium.conductor.prompts import ROLE
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply, Usage
+from podium.testing.claude import claude_binary
 from podium.testing.platform import Platform
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,11 +74,9 @@ TURN_TIMEOUT_S = 240.0
 
 
 def claude_bin() -> str:
-    """The CLI to run the conductor with."""
-    found = os.environ.get("PODIUM_CLAUDE_BIN") or str(
-        ROOT / "tools" / "claude" / "node_modules" / ".bin" / "claude"
-    )
-    if not Path(found).exists() and shutil.which(found) is None:
+    """The CLI to measure (``PODIUM_CLAUDE_BIN``, else the pinned one)."""
+    found = claude_binary()
+    if found is None:
         sys.exit("the Claude Code CLI is missing: run `make setup` (npm ci in tools/claude)")
     return found
 

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from podium.cli.natsserver import NatsServer, free_port, wait_for_port
 from podium.common.provision import provision
 from podium.contracts import access
+from podium.testing.claude import claude_binary
 from podium.testing.smtp import SmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,17 +107,6 @@ async def admin_js(secure_nats: NatsServer) -> AsyncIterator[JetStreamContext]:
         yield context
     finally:
         await client.close()
-
-
-def claude_binary() -> str | None:
-    """The Claude Code CLI installed by the test setup (tools/claude), if any."""
-    configured = os.environ.get("PODIUM_CLAUDE_BIN")
-    if configured:
-        return configured
-    local = ROOT / "tools" / "claude" / "node_modules" / ".bin" / "claude"
-    if local.exists():
-        return str(local)
-    return shutil.which("claude")
 
 
 @pytest.fixture

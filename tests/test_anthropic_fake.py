@@ -22,7 +22,7 @@ from podium.testing.anthropic import (
     rules,
     script,
 )
-from tests.conftest import claude_binary
+from podium.testing.claude import claude_binary
 
 CLAUDE_BIN = claude_binary() or "claude"
 

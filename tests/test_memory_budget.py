@@ -9,7 +9,7 @@ and a half never runs more than two of four turns at once, and all four are answ
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -25,6 +25,7 @@ from podium.common.config import AgentSettings
 from podium.common.errors import AgentUnavailable
 from podium.common.metrics import Metrics
 from podium.testing.anthropic import FakeAnthropic, MessagesCall, Reply
+from tests.test_spares import runtime_of, until
 
 pytestmark = pytest.mark.claude
 
@@ -81,11 +82,6 @@ def agents_with_budget(claude_bin: str, tmp_path: Path, one_mb: int) -> Agents:
         settings=config,
         metrics=Metrics(CollectorRegistry(), "worker"),
     )
-
-
-def runtime_of(agents: Agents) -> ClaudeRuntime:
-    assert isinstance(agents.runtime, ClaudeRuntime)
-    return agents.runtime
 
 
 def fit_budget(runtime: ClaudeRuntime) -> int:
@@ -210,13 +206,6 @@ async def test_a_full_budget_of_idle_sessions_still_gets_its_spare(
     finally:
         await agents.close()
     assert sample(scraped, 'podium_agent_evictions_total{reason="memory",role="worker"}') == 2
-
-
-async def until(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_budget_that_cannot_hold_one_process_stops_the_service(
